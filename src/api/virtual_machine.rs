@@ -1,0 +1,147 @@
+//! `VirtualMachine`: one VM instantiated from a Template.
+
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use super::condition::{Condition, conditions_schema};
+
+/// A virtual machine made from a Template in the same namespace: its disks become PVCs (a
+/// clone per VM, or the persistent image's own PVC under an exclusive claim) and, while it runs,
+/// a launcher Pod mounts them.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "vmkeep.io",
+    version = "v1alpha1",
+    kind = "VirtualMachine",
+    namespaced,
+    status = "VirtualMachineStatus",
+    shortname = "vmkvm",
+    category = "vmkeep",
+    derive = "PartialEq",
+    doc = "A virtual machine made from a Template: per-VM clones of non-persistent images, an exclusive claim on persistent ones, and a launcher Pod while it runs.",
+    printcolumn(
+        name = "Template",
+        type_ = "string",
+        json_path = ".spec.templateRef.name"
+    ),
+    printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[serde(rename_all = "camelCase")]
+pub struct VirtualMachineSpec {
+    /// The Template this VM is made from, in the same namespace. Read once, when the VM is
+    /// first provisioned.
+    pub template_ref: TemplateRef,
+    /// `Always` (default): the launcher Pod runs. `Halted`: powered off; the launcher Pod is
+    /// removed, disks and persistent-image claims are kept.
+    #[serde(default)]
+    pub run_strategy: RunStrategy,
+    /// What to do when a persistent image of the Template is held by another VM: `Reject`
+    /// (default; phase `Rejected`, reason `ImageInUse`) or `Wait` (stay `Pending` and take the
+    /// image, first come first served, once it is free).
+    #[serde(default)]
+    pub on_image_conflict: OnImageConflict,
+}
+
+/// A reference to a Template in the same namespace.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+pub struct TemplateRef {
+    /// The Template's name.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+}
+
+/// Whether the VM runs.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum RunStrategy {
+    /// The launcher Pod runs.
+    #[default]
+    Always,
+    /// Powered off: no launcher Pod; disks and claims are kept.
+    Halted,
+}
+
+/// What a VM does when a persistent image it needs is held by another VM.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum OnImageConflict {
+    /// Give up: phase `Rejected` until the spec changes or the VM is recreated.
+    #[default]
+    Reject,
+    /// Queue for the image, in creation order.
+    Wait,
+}
+
+/// The lifecycle phase of a VirtualMachine.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum VirtualMachinePhase {
+    /// Waiting for its Template, an Image, or a busy persistent image (see the conditions).
+    #[default]
+    Pending,
+    /// Creating its disks and claims.
+    Provisioning,
+    /// Disks ready; the launcher Pod is not running yet.
+    Starting,
+    /// The launcher Pod runs.
+    Running,
+    /// `runStrategy: Halted`: no launcher Pod, disks and claims kept.
+    Stopped,
+    /// A persistent image it needs is held by another VM (`onImageConflict: Reject`).
+    Rejected,
+    /// The spec can never work (see the conditions).
+    Failed,
+    /// Deleted; releasing its launcher Pod and claims.
+    Terminating,
+}
+
+/// One disk of a VM as resolved from its Template.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct VirtualMachineDiskStatus {
+    /// The disk's name in the Template.
+    pub name: String,
+    /// The Image it comes from; absent for a volatile blank disk.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    /// Whether the disk is the persistent image's own PVC (held under a claim).
+    #[serde(default)]
+    pub persistent: bool,
+    /// The PVC that backs the disk.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pvc_name: Option<String>,
+    /// The PVC's phase (`Pending`, `Bound`, `Lost`), or `Missing` before it exists.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<String>,
+}
+
+/// The observed state of a VirtualMachine.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct VirtualMachineStatus {
+    /// `Pending`, `Provisioning`, `Starting`, `Running`, `Stopped`, `Rejected`, `Failed` or
+    /// `Terminating`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<VirtualMachinePhase>,
+    /// The disks, resolved from the Template when the VM was first provisioned.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub disks: Vec<VirtualMachineDiskStatus>,
+    /// The name of the launcher Pod while it exists.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub launcher_pod: Option<String>,
+    /// The `metadata.generation` this status was computed from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// `ImagesClaimed`, `DisksReady` and `Ready`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(schema_with = "conditions_schema")]
+    pub conditions: Vec<Condition>,
+}

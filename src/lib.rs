@@ -1,0 +1,15 @@
+//! vmkeep: VM disk images on Kubernetes with OpenNebula's persistence model.
+//!
+//! - [`api`]: the custom resource types (`Image`, `Template`, `VirtualMachine`).
+//! - [`operator`]: `vmkeep run`: connect, wait for the CRDs, serve health and metrics, run the
+//!   controllers, stop cleanly on SIGTERM.
+//! - [`controller`]: the reconcilers and what they share.
+//! - [`health`], [`metrics`], [`telemetry`]: the operator's HTTP endpoints, Prometheus
+//!   metrics and logging.
+
+pub mod api;
+pub mod controller;
+pub mod health;
+pub mod metrics;
+pub mod operator;
+pub mod telemetry;

@@ -1,0 +1,97 @@
+//! Prometheus metrics, served on `/metrics`.
+
+use prometheus_client::{
+    encoding::{EncodeLabelSet, text::encode},
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
+    registry::Registry,
+};
+
+/// Labels of per-reconcile metrics.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReconcileLabels {
+    /// The kind reconciled (`Image`, `Template`, `VirtualMachine`).
+    pub kind: &'static str,
+}
+
+/// Labels of failed reconciles: the kind and the error's stable reason.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FailureLabels {
+    pub kind: &'static str,
+    pub reason: &'static str,
+}
+
+/// Labels of API writes made by the operator.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WriteLabels {
+    /// The resource written (`PersistentVolumeClaim`, `Image` status, ...).
+    pub resource: &'static str,
+    /// `create`, `patch`, `update` or `delete`.
+    pub verb: &'static str,
+}
+
+/// Every metric the operator exports, registered once.
+pub struct Metrics {
+    registry: Registry,
+    /// 1 once the CRDs are established and the controllers run.
+    pub ready: Gauge,
+    pub reconciliations: Family<ReconcileLabels, Counter>,
+    pub failures: Family<FailureLabels, Counter>,
+    pub reconcile_duration: Family<ReconcileLabels, Histogram>,
+    pub api_writes: Family<WriteLabels, Counter>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("vmkeep");
+        let ready = Gauge::default();
+        registry.register(
+            "ready",
+            "1 once the CRDs are established and the controllers run",
+            ready.clone(),
+        );
+        let reconciliations = Family::<ReconcileLabels, Counter>::default();
+        registry.register(
+            "reconciliations",
+            "Reconciles started",
+            reconciliations.clone(),
+        );
+        let failures = Family::<FailureLabels, Counter>::default();
+        registry.register(
+            "reconcile_failures",
+            "Reconciles that failed, by reason",
+            failures.clone(),
+        );
+        let reconcile_duration = Family::<ReconcileLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new([0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0])
+        });
+        registry.register(
+            "reconcile_duration_seconds",
+            "How long reconciles take",
+            reconcile_duration.clone(),
+        );
+        let api_writes = Family::<WriteLabels, Counter>::default();
+        registry.register(
+            "api_writes",
+            "Write requests the operator sent to the API server",
+            api_writes.clone(),
+        );
+        Self {
+            registry,
+            ready,
+            reconciliations,
+            failures,
+            reconcile_duration,
+            api_writes,
+        }
+    }
+}
+
+impl Metrics {
+    /// The OpenMetrics text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = encode(&mut out, &self.registry);
+        out
+    }
+}

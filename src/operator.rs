@@ -1,0 +1,106 @@
+//! `vmkeep run`: the operator process.
+//!
+//! Order of events: bind the HTTP endpoints (so liveness answers at once), connect to the
+//! cluster with the usual kubeconfig rules, wait until every vmkeep CRD is established (not a
+//! crash loop when they are missing), report ready, run the controllers, and on SIGTERM or
+//! SIGINT stop them and exit 0.
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use anyhow::Context as _;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::{
+    Api, Client, ResourceExt,
+    runtime::wait::{await_condition, conditions::is_crd_established},
+};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::{api, controller, health, metrics::Metrics};
+
+/// Settings of `vmkeep run`.
+#[derive(Clone, Debug)]
+pub struct RunOptions {
+    /// Where `/healthz`, `/readyz` and `/metrics` are served.
+    pub http_addr: SocketAddr,
+}
+
+/// Runs the operator until SIGTERM or SIGINT.
+pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
+    let shutdown = CancellationToken::new();
+    tokio::spawn(cancel_on_signal(shutdown.clone()));
+
+    let metrics = Arc::new(Metrics::default());
+    let health = health::HealthState::new(metrics.clone());
+    let (addr, server) = health::serve(
+        opts.http_addr,
+        health.clone(),
+        shutdown.clone().cancelled_owned(),
+    )
+    .await
+    .with_context(|| format!("cannot listen on {}", opts.http_addr))?;
+    info!(%addr, "serving /healthz, /readyz and /metrics");
+    let server = tokio::spawn(server);
+
+    let client = Client::try_default()
+        .await
+        .context("cannot build a Kubernetes client (KUBECONFIG, ~/.kube/config or in-cluster)")?;
+
+    let established = tokio::select! {
+        () = wait_for_crds(&client) => true,
+        () = shutdown.cancelled() => false,
+    };
+    if established {
+        health.set_ready(true);
+        info!("vmkeep is ready");
+        let ctx = Arc::new(controller::Context { client, metrics });
+        controller::run(ctx, shutdown.clone()).await;
+    }
+    health.set_ready(false);
+    server
+        .await
+        .context("the HTTP server task failed")?
+        .context("the HTTP server failed")?;
+    info!("stopped");
+    Ok(())
+}
+
+/// Waits until every CRD of [`api::crds`] exists and is established, logging what it waits for.
+async fn wait_for_crds(client: &Client) {
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    for crd in api::crds() {
+        let name = crd.name_any();
+        loop {
+            let wait = await_condition(crds.clone(), &name, is_crd_established());
+            match tokio::time::timeout(Duration::from_secs(15), wait).await {
+                Ok(Ok(_)) => break,
+                Ok(Err(error)) => {
+                    warn!(crd = %name, %error, "cannot watch the CRD; retrying");
+                    tokio::time::sleep(Duration::from_secs(5)).await;
+                }
+                Err(_) => info!(
+                    crd = %name,
+                    "waiting for the CRD to be established (install: kubectl apply --server-side -f crds/)"
+                ),
+            }
+        }
+        info!(crd = %name, "CRD established");
+    }
+}
+
+async fn cancel_on_signal(shutdown: CancellationToken) {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(term) => term,
+        Err(error) => {
+            warn!(%error, "cannot listen for SIGTERM; only SIGINT stops the operator");
+            let _ = tokio::signal::ctrl_c().await;
+            shutdown.cancel();
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => info!("SIGTERM: shutting down"),
+        _ = tokio::signal::ctrl_c() => info!("SIGINT: shutting down"),
+    }
+    shutdown.cancel();
+}
