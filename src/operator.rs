@@ -11,7 +11,7 @@ use anyhow::Context as _;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::{
     Api, Client, ResourceExt,
-    runtime::wait::{await_condition, conditions::is_crd_established},
+    runtime::wait::{Condition as _, await_condition, conditions::is_crd_established},
 };
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -65,12 +65,21 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Waits until every CRD of [`api::crds`] exists and is established, logging what it waits for.
+/// Waits until every CRD of [`api::crds`] exists and is established, saying what it waits for
+/// at once and then every 15 seconds.
 async fn wait_for_crds(client: &Client) {
     let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
     for crd in api::crds() {
         let name = crd.name_any();
+        let established =
+            |crd: Option<&CustomResourceDefinition>| is_crd_established().matches_object(crd);
+        if let Ok(current) = crds.get_opt(&name).await
+            && established(current.as_ref())
+        {
+            continue;
+        }
         loop {
+            info!(crd = %name, "waiting for the CRD to be established (install: kubectl apply --server-side -f crds/)");
             let wait = await_condition(crds.clone(), &name, is_crd_established());
             match tokio::time::timeout(Duration::from_secs(15), wait).await {
                 Ok(Ok(_)) => break,
@@ -78,10 +87,7 @@ async fn wait_for_crds(client: &Client) {
                     warn!(crd = %name, %error, "cannot watch the CRD; retrying");
                     tokio::time::sleep(Duration::from_secs(5)).await;
                 }
-                Err(_) => info!(
-                    crd = %name,
-                    "waiting for the CRD to be established (install: kubectl apply --server-side -f crds/)"
-                ),
+                Err(_) => {}
             }
         }
         info!(crd = %name, "CRD established");

@@ -36,3 +36,214 @@ pub fn crd_yaml(crd: &CustomResourceDefinition) -> Result<String, serde_yaml::Er
         serde_yaml::to_string(crd)?
     ))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde::Deserialize;
+    use serde_json::Value;
+
+    fn schema(crd: &CustomResourceDefinition) -> Value {
+        serde_json::to_value(
+            crd.spec.versions[0]
+                .schema
+                .as_ref()
+                .unwrap()
+                .open_api_v3_schema
+                .as_ref()
+                .unwrap(),
+        )
+        .unwrap()
+    }
+
+    fn at<'a>(value: &'a Value, path: &str) -> &'a Value {
+        path.split('.').fold(value, |v, key| &v[key])
+    }
+
+    #[test]
+    fn every_kind_is_in_the_vmkeep_category_with_a_status_subresource() {
+        for crd in crds() {
+            let name = crd.metadata.name.clone().unwrap();
+            assert_eq!(crd.spec.group, "vmkeep.io");
+            assert_eq!(crd.spec.scope, "Namespaced", "{name}");
+            assert_eq!(
+                crd.spec.names.categories.as_deref(),
+                Some(&["vmkeep".to_owned()][..]),
+                "{name}"
+            );
+            let version = &crd.spec.versions[0];
+            assert_eq!(version.name, "v1alpha1");
+            assert!(
+                version
+                    .subresources
+                    .as_ref()
+                    .and_then(|s| s.status.as_ref())
+                    .is_some(),
+                "{name}"
+            );
+        }
+    }
+
+    #[test]
+    fn short_names_do_not_collide_with_kubevirt_or_harvester() {
+        let taken = [
+            "vm",
+            "vmi",
+            "vms",
+            "vmis",
+            "vmimage",
+            "vmimages",
+            "vmim",
+            "vmsnapshot",
+            "dv",
+            "img",
+        ];
+        for crd in crds() {
+            for short in crd.spec.names.short_names.unwrap_or_default() {
+                assert!(
+                    !taken.contains(&short.as_str()),
+                    "{short} is taken by another project"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn printer_columns_are_the_contracts() {
+        let columns = |crd: CustomResourceDefinition| -> Vec<String> {
+            crd.spec.versions[0]
+                .additional_printer_columns
+                .clone()
+                .unwrap_or_default()
+                .into_iter()
+                .map(|c| c.name.to_uppercase())
+                .collect()
+        };
+        assert_eq!(
+            columns(Image::crd()),
+            ["TYPE", "PERSISTENT", "PHASE", "VMS", "CAPACITY", "AGE"]
+        );
+        assert_eq!(
+            columns(VirtualMachine::crd()),
+            ["TEMPLATE", "PHASE", "READY", "AGE"]
+        );
+    }
+
+    #[test]
+    fn enums_are_string_enums_with_defaults() {
+        let image = schema(&Image::crd());
+        let spec = at(&image, "properties.spec.properties");
+        assert_eq!(
+            spec["type"]["enum"],
+            serde_json::json!(["OS", "CDROM", "DATABLOCK"])
+        );
+        assert_eq!(spec["type"]["default"], "OS");
+        assert_eq!(
+            spec["volumeMode"]["enum"],
+            serde_json::json!(["Filesystem", "Block"])
+        );
+        assert_eq!(spec["persistent"]["default"], false);
+        let vm = schema(&VirtualMachine::crd());
+        let spec = at(&vm, "properties.spec.properties");
+        assert_eq!(
+            spec["runStrategy"]["enum"],
+            serde_json::json!(["Always", "Halted"])
+        );
+        assert_eq!(
+            spec["onImageConflict"]["enum"],
+            serde_json::json!(["Reject", "Wait"])
+        );
+        let phase = at(&vm, "properties.status.properties.phase");
+        assert_eq!(phase["enum"].as_array().unwrap().len(), 8);
+    }
+
+    #[test]
+    fn conditions_and_disks_are_lists_keyed_by_name() {
+        for crd in crds() {
+            let conditions = at(&schema(&crd), "properties.status.properties.conditions").clone();
+            assert_eq!(conditions["x-kubernetes-list-type"], "map");
+            assert_eq!(
+                conditions["x-kubernetes-list-map-keys"],
+                serde_json::json!(["type"])
+            );
+            let required = &conditions["items"]["required"];
+            for field in ["type", "status", "reason", "message", "lastTransitionTime"] {
+                assert!(
+                    required.as_array().unwrap().contains(&field.into()),
+                    "{field} not required"
+                );
+            }
+        }
+        let disks = at(
+            &schema(&Template::crd()),
+            "properties.spec.properties.disks",
+        )
+        .clone();
+        assert_eq!(
+            disks["x-kubernetes-list-map-keys"],
+            serde_json::json!(["name"])
+        );
+        assert_eq!(
+            disks["items"]["properties"]["name"]["pattern"],
+            "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+        );
+        assert_eq!(disks["items"]["properties"]["name"]["maxLength"], 63);
+    }
+
+    #[test]
+    fn an_image_source_names_exactly_one_kind() {
+        let image = schema(&Image::crd());
+        let one_of = at(&image, "properties.spec.properties.source.oneOf")
+            .as_array()
+            .unwrap()
+            .clone();
+        let kinds: Vec<&str> = one_of
+            .iter()
+            .map(|s| s["required"][0].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            kinds,
+            ["blank", "pvc", "image", "http", "virtualMachineDisk"]
+        );
+        assert_eq!(at(&image, "required"), &serde_json::json!(["spec"]));
+        assert!(
+            at(&image, "properties.spec.required")
+                .as_array()
+                .unwrap()
+                .contains(&"source".into())
+        );
+    }
+
+    #[test]
+    fn the_examples_parse_into_the_api_types() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples");
+        let mut kinds = Vec::new();
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let text = std::fs::read_to_string(entry.unwrap().path()).unwrap();
+            for doc in serde_yaml::Deserializer::from_str(&text) {
+                let value = Value::deserialize(doc).unwrap();
+                let kind = value["kind"].as_str().unwrap().to_owned();
+                match kind.as_str() {
+                    "Image" => drop(serde_json::from_value::<Image>(value).unwrap()),
+                    "Template" => drop(serde_json::from_value::<Template>(value).unwrap()),
+                    "VirtualMachine" => {
+                        drop(serde_json::from_value::<VirtualMachine>(value).unwrap())
+                    }
+                    other => panic!("unexpected kind {other}"),
+                }
+                kinds.push(kind);
+            }
+        }
+        kinds.sort();
+        assert_eq!(
+            kinds,
+            [
+                "Image",
+                "Image",
+                "Template",
+                "VirtualMachine",
+                "VirtualMachine"
+            ]
+        );
+    }
+}

@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# Runs vmkeep.
+#
+#   hack/run.sh [KUBECONFIG]   build vmkeep, install its CRDs and start the operator in the
+#                              background against that cluster, or against the local control
+#                              plane (started on demand) when none is given; prints the
+#                              kubeconfig path to use with kubectl
+#   hack/run.sh stop           stop the operator and the local control plane
+set -euo pipefail
+cd "$(dirname "$0")/.."
+CACHE=${VMKEEP_CACHE:-$HOME/.cache/vmkeep}
+RUN=$CACHE/run
+HTTP_ADDR=${VMKEEP_HTTP_ADDR:-127.0.0.1:18080}
+
+stop_operator() {
+  if [[ -f $RUN/vmkeep.pid ]]; then
+    kill "$(cat "$RUN/vmkeep.pid")" 2>/dev/null || true
+    rm -f "$RUN/vmkeep.pid"
+  fi
+}
+
+if [[ ${1:-} == stop ]]; then
+  stop_operator
+  bash hack/cluster.sh down
+  exit 0
+fi
+
+if [[ -n ${1:-} ]]; then
+  kubeconfig=$(realpath "$1")
+else
+  kubeconfig=$(bash hack/cluster.sh up)
+fi
+kubectl="$(bash hack/cluster.sh tools)/kubectl"
+
+command -v cargo >/dev/null || { echo "cargo not found: install Rust (>= 1.89) with rustup" >&2; exit 1; }
+cargo build --locked --quiet --bin vmkeep
+"$kubectl" --kubeconfig "$kubeconfig" apply --server-side -f crds/ >/dev/null
+
+stop_operator
+mkdir -p "$RUN"
+KUBECONFIG=$kubeconfig nohup setsid target/debug/vmkeep run --http-addr "$HTTP_ADDR" >"$RUN/vmkeep.log" 2>&1 </dev/null &
+echo $! >"$RUN/vmkeep.pid"
+for _ in $(seq 1 100); do
+  if curl -fsS --max-time 1 "http://$HTTP_ADDR/readyz" >/dev/null 2>&1; then
+    cat >&2 <<MSG
+vmkeep is running (pid $(cat "$RUN/vmkeep.pid"), log $RUN/vmkeep.log, metrics http://$HTTP_ADDR/metrics).
+Try it:
+  export KUBECONFIG=$kubeconfig PATH=$(dirname "$kubectl"):\$PATH
+  kubectl apply -f examples/ && kubectl get vmkeep
+Stop it: hack/run.sh stop
+MSG
+    echo "$kubeconfig"
+    exit 0
+  fi
+  kill -0 "$(cat "$RUN/vmkeep.pid")" 2>/dev/null || break
+  sleep 0.3
+done
+tail -20 "$RUN/vmkeep.log" >&2
+echo "vmkeep did not become ready (log: $RUN/vmkeep.log)" >&2
+exit 1

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Runs every test: unit tests, the CRD drift test, and the tests against a real API server.
+# The API-server tests use the local control plane (started here, stopped afterwards if this
+# script started it) unless VMKEEP_TEST_KUBECONFIG names another cluster (kind, k3d, a real one).
+# Extra arguments go to `cargo test` (e.g. `hack/test.sh --test foundation`).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+command -v cargo >/dev/null || { echo "cargo not found: install Rust (>= 1.89) with rustup" >&2; exit 1; }
+
+if [[ -z ${VMKEEP_TEST_KUBECONFIG:-} ]]; then
+  if ! bash hack/cluster.sh status; then
+    trap 'bash hack/cluster.sh down' EXIT
+  fi
+  bash hack/cluster.sh up >/dev/null
+  echo "testing against the local control plane"
+else
+  echo "testing against the cluster of $VMKEEP_TEST_KUBECONFIG"
+fi
+bash hack/cluster.sh tools >/dev/null # kubectl for the tests
+
+cargo test --locked "$@"

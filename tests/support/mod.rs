@@ -1,0 +1,255 @@
+//! What the tests against a real API server share: the cluster (the local control plane by
+//! default, or any cluster named by `VMKEEP_TEST_KUBECONFIG`), kubectl, a namespace per test, the
+//! operator process, and waiting on conditions with deadlines.
+#![allow(dead_code)] // each test binary uses a different part of this module
+
+use std::{
+    io::{Read, Write},
+    net::{SocketAddr, TcpListener, TcpStream},
+    path::{Path, PathBuf},
+    process::{Child, Command, ExitStatus, Output, Stdio},
+    sync::OnceLock,
+    time::{Duration, Instant},
+};
+
+use kube::{
+    Client, Config,
+    config::{KubeConfigOptions, Kubeconfig},
+};
+
+/// The repository's root.
+pub fn repo() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn hack(args: &[&str]) -> String {
+    let out = Command::new("bash")
+        .arg(repo().join("hack/cluster.sh"))
+        .args(args)
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("cannot run hack/cluster.sh");
+    assert!(
+        out.status.success(),
+        "hack/cluster.sh {} failed",
+        args.join(" ")
+    );
+    String::from_utf8(out.stdout)
+        .expect("utf-8")
+        .trim()
+        .lines()
+        .last()
+        .unwrap_or_default()
+        .to_owned()
+}
+
+/// The kubeconfig of the cluster under test: `VMKEEP_TEST_KUBECONFIG` when set, else the local
+/// control plane, started on first use (`hack/cluster.sh up`, idempotent).
+pub fn kubeconfig() -> &'static Path {
+    static PATH: OnceLock<PathBuf> = OnceLock::new();
+    PATH.get_or_init(|| match std::env::var_os("VMKEEP_TEST_KUBECONFIG") {
+        Some(path) if !path.is_empty() => PathBuf::from(path),
+        _ => PathBuf::from(hack(&["up"])),
+    })
+}
+
+/// Whether the tests run on the local control plane (which they may reshape freely).
+pub fn is_local_cluster() -> bool {
+    std::env::var_os("VMKEEP_TEST_KUBECONFIG").is_none_or(|p| p.is_empty())
+}
+
+/// The kubectl the tests use: `VMKEEP_KUBECTL` or the one `hack/cluster.sh tools` installs.
+pub fn kubectl_path() -> &'static Path {
+    static PATH: OnceLock<PathBuf> = OnceLock::new();
+    PATH.get_or_init(|| match std::env::var_os("VMKEEP_KUBECTL") {
+        Some(path) if !path.is_empty() => PathBuf::from(path),
+        _ => PathBuf::from(hack(&["tools"])).join("kubectl"),
+    })
+}
+
+/// Runs kubectl against the cluster under test with `stdin` as its input.
+pub fn kubectl(args: &[&str], stdin: Option<&str>) -> Output {
+    let mut child = Command::new(kubectl_path())
+        .env("KUBECONFIG", kubeconfig())
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("cannot start kubectl");
+    let mut input = child.stdin.take().expect("stdin");
+    input
+        .write_all(stdin.unwrap_or_default().as_bytes())
+        .expect("write to kubectl");
+    drop(input);
+    child.wait_with_output().expect("kubectl")
+}
+
+/// Runs kubectl and panics with its output unless it succeeds; returns stdout.
+pub fn kubectl_ok(args: &[&str], stdin: Option<&str>) -> String {
+    let out = kubectl(args, stdin);
+    assert!(
+        out.status.success(),
+        "kubectl {} failed:\n{}{}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A client for the cluster under test.
+pub async fn client() -> Client {
+    let kubeconfig = Kubeconfig::read_from(kubeconfig()).expect("read the kubeconfig");
+    let config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+        .await
+        .expect("kubeconfig");
+    Client::try_from(config).expect("client")
+}
+
+/// Installs (or updates) the committed CRDs and waits until they are established.
+pub fn install_crds() {
+    let crds = repo().join("crds");
+    kubectl_ok(
+        &[
+            "apply",
+            "--server-side",
+            "--force-conflicts",
+            "-f",
+            crds.to_str().unwrap(),
+        ],
+        None,
+    );
+    kubectl_ok(
+        &[
+            "wait",
+            "--for=condition=Established",
+            "--timeout=60s",
+            "-f",
+            crds.to_str().unwrap(),
+        ],
+        None,
+    );
+}
+
+/// A namespace of its own for one test, deleted (in the background) when dropped.
+pub struct TestNamespace {
+    pub name: String,
+}
+
+impl TestNamespace {
+    pub fn new(test: &str) -> Self {
+        let nonce = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("clock")
+            .subsec_nanos();
+        let name = format!("vmkeep-test-{test}-{nonce:x}");
+        kubectl_ok(&["create", "namespace", &name], None);
+        Self { name }
+    }
+}
+
+impl Drop for TestNamespace {
+    fn drop(&mut self) {
+        let _ = kubectl(&["delete", "namespace", &self.name, "--wait=false"], None);
+    }
+}
+
+/// Polls `check` until it returns `Some`, or panics with `what` after `timeout`.
+pub async fn wait_for<T>(
+    what: &str,
+    timeout: Duration,
+    mut check: impl AsyncFnMut() -> Option<T>,
+) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// A free port on 127.0.0.1.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+/// A plain HTTP GET; returns the status code and body, or `None` when nothing answers.
+pub fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    let status = response.split_whitespace().nth(1)?.parse().ok()?;
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    Some((status, body))
+}
+
+/// A `vmkeep run` process against the cluster under test; killed when dropped. Its log is
+/// `target/e2e-logs/<name>.log`.
+pub struct Operator {
+    child: Child,
+    pub http: SocketAddr,
+    pub log: PathBuf,
+}
+
+impl Operator {
+    pub fn start(name: &str) -> Self {
+        let http: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+        let logs = repo().join("target/e2e-logs");
+        std::fs::create_dir_all(&logs).expect("log folder");
+        let log = logs.join(format!("{name}.log"));
+        let file = std::fs::File::create(&log).expect("log file");
+        let child = Command::new(env!("CARGO_BIN_EXE_vmkeep"))
+            .args(["run", "--http-addr", &http.to_string()])
+            .env("KUBECONFIG", kubeconfig())
+            .env("RUST_LOG", "info,vmkeep=debug")
+            .stdout(file.try_clone().expect("log file"))
+            .stderr(file)
+            .spawn()
+            .expect("cannot start vmkeep");
+        Self { child, http, log }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The process's exit status if it has exited.
+    pub fn exited(&mut self) -> Option<ExitStatus> {
+        self.child.try_wait().expect("try_wait")
+    }
+
+    /// Sends SIGTERM, as the kubelet does on Pod deletion.
+    pub fn terminate(&self) {
+        let ok = Command::new("kill")
+            .args(["-TERM", &self.pid().to_string()])
+            .status()
+            .expect("kill");
+        assert!(ok.success(), "kill -TERM failed");
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Operator {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
