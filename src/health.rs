@@ -9,9 +9,7 @@ use std::{
     },
 };
 
-use axum::{
-    Router, extract::State, http::StatusCode, http::header, response::IntoResponse, routing::get,
-};
+use axum::{Router, extract::State, http::StatusCode, http::header, response::IntoResponse, routing::get};
 use tokio::net::TcpListener;
 
 use crate::metrics::Metrics;
@@ -25,10 +23,7 @@ pub struct HealthState {
 
 impl HealthState {
     pub fn new(metrics: Arc<Metrics>) -> Self {
-        Self {
-            ready: Arc::default(),
-            metrics,
-        }
+        Self { ready: Arc::default(), metrics }
     }
 
     pub fn set_ready(&self, ready: bool) {
@@ -53,21 +48,12 @@ async fn readyz(State(state): State<HealthState>) -> impl IntoResponse {
     if state.is_ready() {
         (StatusCode::OK, "ready")
     } else {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "waiting for the vmkeep CRDs to be established",
-        )
+        (StatusCode::SERVICE_UNAVAILABLE, "waiting for the vmkeep CRDs to be established")
     }
 }
 
 async fn metrics(State(state): State<HealthState>) -> impl IntoResponse {
-    (
-        [(
-            header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        state.metrics.render(),
-    )
+    ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], state.metrics.render())
 }
 
 /// Binds `addr` (so a port conflict fails at start) and returns the server future, which runs

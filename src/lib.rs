@@ -8,8 +8,11 @@
 //!   metrics and logging.
 
 pub mod api;
+pub mod claim;
 pub mod controller;
 pub mod health;
+pub mod launcher;
 pub mod metrics;
 pub mod operator;
+pub mod plan;
 pub mod telemetry;

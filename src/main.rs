@@ -4,14 +4,10 @@ use std::{net::SocketAddr, path::PathBuf};
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use vmkeep::{api, operator, telemetry};
+use vmkeep::{api, controller, launcher, operator, telemetry};
 
 #[derive(Parser)]
-#[command(
-    name = "vmkeep",
-    version,
-    about = "VM disk images on Kubernetes, persistent or cloned per VM"
-)]
+#[command(name = "vmkeep", version, about = "VM disk images on Kubernetes, persistent or cloned per VM")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -27,6 +23,25 @@ enum Command {
         /// Log format.
         #[arg(long, env = "VMKEEP_LOG_FORMAT", value_enum, default_value_t)]
         log_format: telemetry::LogFormat,
+        /// The container image of launcher Pods (runs `vmkeep launch`).
+        #[arg(long, env = "VMKEEP_LAUNCHER_IMAGE", default_value = concat!("vmkeep:", env!("CARGO_PKG_VERSION")))]
+        launcher_image: String,
+        /// The access mode of the PVCs vmkeep creates; ReadWriteOncePod needs Kubernetes >= 1.27.
+        #[arg(long, env = "VMKEEP_PVC_ACCESS_MODE", default_value = "ReadWriteOnce",
+              value_parser = ["ReadWriteOnce", "ReadWriteOncePod"])]
+        pvc_access_mode: String,
+        /// How many objects of each kind are reconciled at once.
+        #[arg(long, env = "VMKEEP_CONCURRENCY", default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..))]
+        concurrency: u16,
+    },
+    /// Inside a launcher Pod: hold the VM's disks (checking each is there) until SIGTERM.
+    Launch {
+        /// The VirtualMachine's name.
+        #[arg(long)]
+        vm: String,
+        /// A disk as NAME=PATH (a mounted folder or a block device); repeat per disk.
+        #[arg(long = "disk", value_parser = parse_disk)]
+        disks: Vec<(String, PathBuf)>,
     },
     /// Print every CRD as YAML (or write one file per CRD into a folder).
     Crd {
@@ -39,12 +54,14 @@ enum Command {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
-        Command::Run {
-            http_addr,
-            log_format,
-        } => {
+        Command::Run { http_addr, log_format, launcher_image, pvc_access_mode, concurrency } => {
             telemetry::init(log_format);
-            operator::run(operator::RunOptions { http_addr }).await
+            let settings = controller::Settings { launcher_image, access_mode: pvc_access_mode, concurrency };
+            operator::run(operator::RunOptions { http_addr, settings }).await
+        }
+        Command::Launch { vm, disks } => {
+            telemetry::init(telemetry::LogFormat::Text);
+            launcher::run(&vm, &disks).await
         }
         Command::Crd { dir } => write_crds(dir),
     }
@@ -56,11 +73,15 @@ fn write_crds(dir: Option<PathBuf>) -> anyhow::Result<()> {
         match &dir {
             Some(dir) => {
                 let path = dir.join(api::crd_file_name(&crd));
-                std::fs::write(&path, yaml)
-                    .with_context(|| format!("cannot write {}", path.display()))?;
+                std::fs::write(&path, yaml).with_context(|| format!("cannot write {}", path.display()))?;
             }
             None => print!("---\n{yaml}"),
         }
     }
     Ok(())
+}
+
+fn parse_disk(arg: &str) -> Result<(String, PathBuf), String> {
+    let (name, path) = arg.split_once('=').ok_or("expected NAME=PATH")?;
+    Ok((name.to_owned(), PathBuf::from(path)))
 }

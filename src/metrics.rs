@@ -44,45 +44,18 @@ impl Default for Metrics {
     fn default() -> Self {
         let mut registry = Registry::with_prefix("vmkeep");
         let ready = Gauge::default();
-        registry.register(
-            "ready",
-            "1 once the CRDs are established and the controllers run",
-            ready.clone(),
-        );
+        registry.register("ready", "1 once the CRDs are established and the controllers run", ready.clone());
         let reconciliations = Family::<ReconcileLabels, Counter>::default();
-        registry.register(
-            "reconciliations",
-            "Reconciles started",
-            reconciliations.clone(),
-        );
+        registry.register("reconciliations", "Reconciles started", reconciliations.clone());
         let failures = Family::<FailureLabels, Counter>::default();
-        registry.register(
-            "reconcile_failures",
-            "Reconciles that failed, by reason",
-            failures.clone(),
-        );
+        registry.register("reconcile_failures", "Reconciles that failed, by reason", failures.clone());
         let reconcile_duration = Family::<ReconcileLabels, Histogram>::new_with_constructor(|| {
             Histogram::new([0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0])
         });
-        registry.register(
-            "reconcile_duration_seconds",
-            "How long reconciles take",
-            reconcile_duration.clone(),
-        );
+        registry.register("reconcile_duration_seconds", "How long reconciles take", reconcile_duration.clone());
         let api_writes = Family::<WriteLabels, Counter>::default();
-        registry.register(
-            "api_writes",
-            "Write requests the operator sent to the API server",
-            api_writes.clone(),
-        );
-        Self {
-            registry,
-            ready,
-            reconciliations,
-            failures,
-            reconcile_duration,
-            api_writes,
-        }
+        registry.register("api_writes", "Write requests the operator sent to the API server", api_writes.clone());
+        Self { registry, ready, reconciliations, failures, reconcile_duration, api_writes }
     }
 }
 

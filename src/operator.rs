@@ -23,6 +23,7 @@ use crate::{api, controller, health, metrics::Metrics};
 pub struct RunOptions {
     /// Where `/healthz`, `/readyz` and `/metrics` are served.
     pub http_addr: SocketAddr,
+    pub settings: controller::Settings,
 }
 
 /// Runs the operator until SIGTERM or SIGINT.
@@ -32,13 +33,9 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
 
     let metrics = Arc::new(Metrics::default());
     let health = health::HealthState::new(metrics.clone());
-    let (addr, server) = health::serve(
-        opts.http_addr,
-        health.clone(),
-        shutdown.clone().cancelled_owned(),
-    )
-    .await
-    .with_context(|| format!("cannot listen on {}", opts.http_addr))?;
+    let (addr, server) = health::serve(opts.http_addr, health.clone(), shutdown.clone().cancelled_owned())
+        .await
+        .with_context(|| format!("cannot listen on {}", opts.http_addr))?;
     info!(%addr, "serving /healthz, /readyz and /metrics");
     let server = tokio::spawn(server);
 
@@ -53,14 +50,10 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     if established {
         health.set_ready(true);
         info!("vmkeep is ready");
-        let ctx = Arc::new(controller::Context { client, metrics });
-        controller::run(ctx, shutdown.clone()).await;
+        controller::run(client, metrics, opts.settings, shutdown.clone()).await;
     }
     health.set_ready(false);
-    server
-        .await
-        .context("the HTTP server task failed")?
-        .context("the HTTP server failed")?;
+    server.await.context("the HTTP server task failed")?.context("the HTTP server failed")?;
     info!("stopped");
     Ok(())
 }
@@ -71,8 +64,7 @@ async fn wait_for_crds(client: &Client) {
     let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
     for crd in api::crds() {
         let name = crd.name_any();
-        let established =
-            |crd: Option<&CustomResourceDefinition>| is_crd_established().matches_object(crd);
+        let established = |crd: Option<&CustomResourceDefinition>| is_crd_established().matches_object(crd);
         if let Ok(current) = crds.get_opt(&name).await
             && established(current.as_ref())
         {

@@ -16,13 +16,7 @@ fn committed_crds_match_the_api_types() {
     }
     let present: BTreeSet<String> = std::fs::read_dir(&dir)
         .expect("crds/ exists")
-        .map(|entry| {
-            entry
-                .expect("entry")
-                .file_name()
-                .to_string_lossy()
-                .into_owned()
-        })
+        .map(|entry| entry.expect("entry").file_name().to_string_lossy().into_owned())
         .collect();
     assert_eq!(present, expected, "{fix} (stray or missing files)");
 }

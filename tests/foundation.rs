@@ -23,36 +23,20 @@ static CRDS: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
 /// whether the CRDs are now absent.
 fn remove_crds_if_harmless() -> bool {
     let out = kubectl(
-        &[
-            "get",
-            "vmkeep",
-            "--all-namespaces",
-            "-o",
-            r#"jsonpath={range .items[*]}{.metadata.namespace}{"\n"}{end}"#,
-        ],
+        &["get", "vmkeep", "--all-namespaces", "-o", r#"jsonpath={range .items[*]}{.metadata.namespace}{"\n"}{end}"#],
         None,
     );
     if !out.status.success() {
         return true; // no vmkeep resource types: the CRDs are absent already
     }
-    let foreign = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .any(|ns| !ns.is_empty() && !ns.starts_with("vmkeep-test-"));
+    let foreign =
+        String::from_utf8_lossy(&out.stdout).lines().any(|ns| !ns.is_empty() && !ns.starts_with("vmkeep-test-"));
     if foreign && !is_local_cluster() {
         eprintln!("vmkeep objects exist outside the test namespaces: keeping the CRDs");
         return false;
     }
     let crds = repo().join("crds");
-    kubectl_ok(
-        &[
-            "delete",
-            "-f",
-            crds.to_str().unwrap(),
-            "--wait=true",
-            "--timeout=120s",
-        ],
-        None,
-    );
+    kubectl_ok(&["delete", "-f", crds.to_str().unwrap(), "--wait=true", "--timeout=120s"], None);
     true
 }
 
@@ -63,22 +47,16 @@ async fn operator_waits_for_its_crds_serves_health_and_stops_on_sigterm() {
     let mut operator = Operator::start("lifecycle");
     let http = operator.http;
 
-    wait_for(
-        "/healthz to answer 200",
-        Duration::from_secs(30),
-        async || (http_get(http, "/healthz")?.0 == 200).then_some(()),
-    )
+    wait_for("/healthz to answer 200", Duration::from_secs(30), async || {
+        (http_get(http, "/healthz")?.0 == 200).then_some(())
+    })
     .await;
 
     if crds_absent {
         // Without its CRDs the operator stays up and not ready, instead of crash-looping.
         let until = Instant::now() + Duration::from_secs(3);
         while Instant::now() < until {
-            assert!(
-                operator.exited().is_none(),
-                "vmkeep exited without its CRDs:\n{}",
-                operator.log_text()
-            );
+            assert!(operator.exited().is_none(), "vmkeep exited without its CRDs:\n{}", operator.log_text());
             let (status, body) = http_get(http, "/readyz").expect("/readyz answers");
             assert_eq!(status, 503, "ready without CRDs: {body}");
             tokio::time::sleep(Duration::from_millis(250)).await;
@@ -91,28 +69,17 @@ async fn operator_waits_for_its_crds_serves_health_and_stops_on_sigterm() {
         install_crds();
     }
 
-    wait_for(
-        "/readyz to answer 200",
-        Duration::from_secs(60),
-        async || (http_get(http, "/readyz")?.0 == 200).then_some(()),
-    )
+    wait_for("/readyz to answer 200", Duration::from_secs(60), async || {
+        (http_get(http, "/readyz")?.0 == 200).then_some(())
+    })
     .await;
     let (status, metrics) = http_get(http, "/metrics").expect("/metrics answers");
     assert_eq!(status, 200);
     assert!(metrics.contains("vmkeep_ready 1"), "metrics:\n{metrics}");
 
     operator.terminate();
-    let exit = wait_for(
-        "vmkeep to exit after SIGTERM",
-        Duration::from_secs(20),
-        async || operator.exited(),
-    )
-    .await;
-    assert!(
-        exit.success(),
-        "vmkeep exited with {exit} after SIGTERM:\n{}",
-        operator.log_text()
-    );
+    let exit = wait_for("vmkeep to exit after SIGTERM", Duration::from_secs(20), async || operator.exited()).await;
+    assert!(exit.success(), "vmkeep exited with {exit} after SIGTERM:\n{}", operator.log_text());
 }
 
 #[tokio::test]
@@ -121,10 +88,7 @@ async fn examples_are_accepted_listed_and_explained() {
     install_crds();
     let ns = TestNamespace::new("examples");
     let examples = repo().join("examples");
-    kubectl_ok(
-        &["apply", "-n", &ns.name, "-f", examples.to_str().unwrap()],
-        None,
-    );
+    kubectl_ok(&["apply", "-n", &ns.name, "-f", examples.to_str().unwrap()], None);
 
     let listed = kubectl_ok(&["get", "vmkeep", "-n", &ns.name, "-o", "name"], None);
     let mut names: Vec<&str> = listed.lines().collect();
@@ -141,15 +105,11 @@ async fn examples_are_accepted_listed_and_explained() {
     );
 
     // The API server publishes the CRD's OpenAPI a moment after it is established.
-    let explained = wait_for(
-        "kubectl explain to show the field's doc",
-        Duration::from_secs(60),
-        async || {
-            let out = kubectl(&["explain", "images.spec.persistent"], None);
-            let text = String::from_utf8_lossy(&out.stdout).into_owned();
-            text.contains("at most one VirtualMachine").then_some(text)
-        },
-    )
+    let explained = wait_for("kubectl explain to show the field's doc", Duration::from_secs(60), async || {
+        let out = kubectl(&["explain", "images.spec.persistent"], None);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        text.contains("at most one VirtualMachine").then_some(text)
+    })
     .await;
     assert!(explained.contains("<boolean>"), "{explained}");
 }
@@ -173,33 +133,16 @@ spec: {templateRef: {name: small}}
     kubectl_ok(&["apply", "-n", &ns.name, "-f", "-"], Some(minimal));
 
     let client = client().await;
-    let image = Api::<Image>::namespaced(client.clone(), &ns.name)
-        .get("minimal")
-        .await
-        .expect("get image");
+    let image = Api::<Image>::namespaced(client.clone(), &ns.name).get("minimal").await.expect("get image");
     assert!(!image.spec.persistent);
     assert!(!image.spec.disabled);
     assert_eq!(image.spec.r#type, ImageType::Os);
     assert_eq!(image.spec.volume_mode, VolumeMode::Filesystem);
-    let vm = Api::<VirtualMachine>::namespaced(client, &ns.name)
-        .get("minimal")
-        .await
-        .expect("get vm");
+    let vm = Api::<VirtualMachine>::namespaced(client, &ns.name).get("minimal").await.expect("get vm");
     assert_eq!(vm.spec.run_strategy, RunStrategy::Always);
     assert_eq!(vm.spec.on_image_conflict, OnImageConflict::Reject);
     // The defaults are written into the stored object, as GitOps diffs expect.
-    let stored = kubectl_ok(
-        &[
-            "get",
-            "image",
-            "minimal",
-            "-n",
-            &ns.name,
-            "-o",
-            "jsonpath={.spec.type}",
-        ],
-        None,
-    );
+    let stored = kubectl_ok(&["get", "image", "minimal", "-n", &ns.name, "-o", "jsonpath={.spec.type}"], None);
     assert_eq!(stored, "OS");
 }
 
@@ -257,10 +200,7 @@ async fn schema_rejects_invalid_objects_with_its_message() {
         let out = kubectl(&["apply", "-n", &ns.name, "-f", "-"], Some(&wrong));
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "accepted:\n{wrong}");
-        assert!(
-            stderr.contains(message),
-            "for\n{wrong}expected {message:?}, got:\n{stderr}"
-        );
+        assert!(stderr.contains(message), "for\n{wrong}expected {message:?}, got:\n{stderr}");
 
         let right = format!("apiVersion: vmkeep.io/v1alpha1\n{right}\n");
         kubectl_ok(&["apply", "-n", &ns.name, "-f", "-"], Some(&right));

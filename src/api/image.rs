@@ -21,19 +21,11 @@ use super::condition::{Condition, conditions_schema};
     derive = "PartialEq",
     doc = "A disk image that VirtualMachines use through Templates: persistent (one VM at a time holds it, changes survive) or not (each VM gets its own clone).",
     printcolumn(name = "Type", type_ = "string", json_path = ".spec.type"),
-    printcolumn(
-        name = "Persistent",
-        type_ = "boolean",
-        json_path = ".status.persistent"
-    ),
+    printcolumn(name = "Persistent", type_ = "boolean", json_path = ".status.persistent"),
     printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
     printcolumn(name = "VMs", type_ = "integer", json_path = ".status.runningVMs"),
     printcolumn(name = "Capacity", type_ = "string", json_path = ".status.capacity"),
-    printcolumn(
-        name = "Age",
-        type_ = "date",
-        json_path = ".metadata.creationTimestamp"
-    )
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
 )]
 #[serde(rename_all = "camelCase")]
 pub struct ImageSpec {
@@ -240,11 +232,7 @@ pub struct ImageStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub capacity: Option<Quantity>,
     /// How many VirtualMachines use this image now.
-    #[serde(
-        default,
-        rename = "runningVMs",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(default, rename = "runningVMs", skip_serializing_if = "Option::is_none")]
     pub running_vms: Option<i32>,
     /// The sorted names of the VirtualMachines that use this image.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

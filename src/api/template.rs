@@ -25,11 +25,7 @@ use super::condition::{Condition, conditions_schema};
     printcolumn(name = "CPU", type_ = "integer", json_path = ".spec.cpu"),
     printcolumn(name = "Memory", type_ = "string", json_path = ".spec.memory"),
     printcolumn(name = "Instances", type_ = "integer", json_path = ".status.instances"),
-    printcolumn(
-        name = "Age",
-        type_ = "date",
-        json_path = ".metadata.creationTimestamp"
-    )
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
 )]
 #[serde(rename_all = "camelCase")]
 pub struct TemplateSpec {
@@ -54,10 +50,7 @@ pub struct TemplateSpec {
 pub struct TemplateDisk {
     /// The disk's name: a DNS label (lower-case letters, digits and `-`), unique within the
     /// Template. The VM's PVC for it is `<vm>-<name>`.
-    #[schemars(
-        length(min = 1, max = 63),
-        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
-    )]
+    #[schemars(length(min = 1, max = 63), regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"))]
     pub name: String,
     /// The name of an Image in the same namespace.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -115,9 +108,6 @@ pub struct TemplateStatus {
 fn disks_schema(generator: &mut schemars::SchemaGenerator) -> schemars::Schema {
     let mut schema = generator.subschema_for::<Vec<TemplateDisk>>();
     schema.insert("x-kubernetes-list-type".into(), "map".into());
-    schema.insert(
-        "x-kubernetes-list-map-keys".into(),
-        serde_json::json!(["name"]),
-    );
+    schema.insert("x-kubernetes-list-map-keys".into(), serde_json::json!(["name"]));
     schema
 }

@@ -1,5 +1,6 @@
 //! `VirtualMachine`: one VM instantiated from a Template.
 
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -20,22 +21,10 @@ use super::condition::{Condition, conditions_schema};
     category = "vmkeep",
     derive = "PartialEq",
     doc = "A virtual machine made from a Template: per-VM clones of non-persistent images, an exclusive claim on persistent ones, and a launcher Pod while it runs.",
-    printcolumn(
-        name = "Template",
-        type_ = "string",
-        json_path = ".spec.templateRef.name"
-    ),
+    printcolumn(name = "Template", type_ = "string", json_path = ".spec.templateRef.name"),
     printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
-    printcolumn(
-        name = "Ready",
-        type_ = "string",
-        json_path = ".status.conditions[?(@.type==\"Ready\")].status"
-    ),
-    printcolumn(
-        name = "Age",
-        type_ = "date",
-        json_path = ".metadata.creationTimestamp"
-    )
+    printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status"),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
 )]
 #[serde(rename_all = "camelCase")]
 pub struct VirtualMachineSpec {
@@ -121,6 +110,12 @@ pub struct VirtualMachineDiskStatus {
     /// The PVC's phase (`Pending`, `Bound`, `Lost`), or `Missing` before it exists.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub phase: Option<String>,
+    /// The size of the VM's own PVC (a clone or a volatile disk); absent for a persistent image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size: Option<Quantity>,
+    /// Whether the disk is attached read-only (CDROM images).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub read_only: bool,
 }
 
 /// The observed state of a VirtualMachine.
@@ -134,6 +129,12 @@ pub struct VirtualMachineStatus {
     /// The disks, resolved from the Template when the VM was first provisioned.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub disks: Vec<VirtualMachineDiskStatus>,
+    /// Virtual CPU cores, copied from the Template when the VM was first provisioned.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu: Option<i32>,
+    /// Memory, copied from the Template when the VM was first provisioned.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<Quantity>,
     /// The name of the launcher Pod while it exists.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub launcher_pod: Option<String>,

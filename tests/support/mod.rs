@@ -29,18 +29,8 @@ fn hack(args: &[&str]) -> String {
         .stderr(Stdio::inherit())
         .output()
         .expect("cannot run hack/cluster.sh");
-    assert!(
-        out.status.success(),
-        "hack/cluster.sh {} failed",
-        args.join(" ")
-    );
-    String::from_utf8(out.stdout)
-        .expect("utf-8")
-        .trim()
-        .lines()
-        .last()
-        .unwrap_or_default()
-        .to_owned()
+    assert!(out.status.success(), "hack/cluster.sh {} failed", args.join(" "));
+    String::from_utf8(out.stdout).expect("utf-8").trim().lines().last().unwrap_or_default().to_owned()
 }
 
 /// The kubeconfig of the cluster under test: `VMKEEP_TEST_KUBECONFIG` when set, else the local
@@ -78,9 +68,7 @@ pub fn kubectl(args: &[&str], stdin: Option<&str>) -> Output {
         .spawn()
         .expect("cannot start kubectl");
     let mut input = child.stdin.take().expect("stdin");
-    input
-        .write_all(stdin.unwrap_or_default().as_bytes())
-        .expect("write to kubectl");
+    input.write_all(stdin.unwrap_or_default().as_bytes()).expect("write to kubectl");
     drop(input);
     child.wait_with_output().expect("kubectl")
 }
@@ -101,35 +89,15 @@ pub fn kubectl_ok(args: &[&str], stdin: Option<&str>) -> String {
 /// A client for the cluster under test.
 pub async fn client() -> Client {
     let kubeconfig = Kubeconfig::read_from(kubeconfig()).expect("read the kubeconfig");
-    let config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
-        .await
-        .expect("kubeconfig");
+    let config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default()).await.expect("kubeconfig");
     Client::try_from(config).expect("client")
 }
 
 /// Installs (or updates) the committed CRDs and waits until they are established.
 pub fn install_crds() {
     let crds = repo().join("crds");
-    kubectl_ok(
-        &[
-            "apply",
-            "--server-side",
-            "--force-conflicts",
-            "-f",
-            crds.to_str().unwrap(),
-        ],
-        None,
-    );
-    kubectl_ok(
-        &[
-            "wait",
-            "--for=condition=Established",
-            "--timeout=60s",
-            "-f",
-            crds.to_str().unwrap(),
-        ],
-        None,
-    );
+    kubectl_ok(&["apply", "--server-side", "--force-conflicts", "-f", crds.to_str().unwrap()], None);
+    kubectl_ok(&["wait", "--for=condition=Established", "--timeout=60s", "-f", crds.to_str().unwrap()], None);
 }
 
 /// A namespace of its own for one test, deleted (in the background) when dropped.
@@ -139,10 +107,7 @@ pub struct TestNamespace {
 
 impl TestNamespace {
     pub fn new(test: &str) -> Self {
-        let nonce = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .expect("clock")
-            .subsec_nanos();
+        let nonce = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").subsec_nanos();
         let name = format!("vmkeep-test-{test}-{nonce:x}");
         kubectl_ok(&["create", "namespace", &name], None);
         Self { name }
@@ -156,31 +121,20 @@ impl Drop for TestNamespace {
 }
 
 /// Polls `check` until it returns `Some`, or panics with `what` after `timeout`.
-pub async fn wait_for<T>(
-    what: &str,
-    timeout: Duration,
-    mut check: impl AsyncFnMut() -> Option<T>,
-) -> T {
+pub async fn wait_for<T>(what: &str, timeout: Duration, mut check: impl AsyncFnMut() -> Option<T>) -> T {
     let deadline = Instant::now() + timeout;
     loop {
         if let Some(value) = check().await {
             return value;
         }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {timeout:?} waiting for {what}"
-        );
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 
 /// A free port on 127.0.0.1.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
+    TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
 }
 
 /// A plain HTTP GET; returns the status code and body, or `None` when nothing answers.
@@ -191,10 +145,7 @@ pub fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
     let mut response = String::new();
     stream.read_to_string(&mut response).ok()?;
     let status = response.split_whitespace().nth(1)?.parse().ok()?;
-    let body = response
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
+    let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
     Some((status, body))
 }
 
@@ -235,10 +186,7 @@ impl Operator {
 
     /// Sends SIGTERM, as the kubelet does on Pod deletion.
     pub fn terminate(&self) {
-        let ok = Command::new("kill")
-            .args(["-TERM", &self.pid().to_string()])
-            .status()
-            .expect("kill");
+        let ok = Command::new("kill").args(["-TERM", &self.pid().to_string()]).status().expect("kill");
         assert!(ok.success(), "kill -TERM failed");
     }
 

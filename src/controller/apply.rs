@@ -1,0 +1,154 @@
+//! The writes every controller makes, in one place: status (server-side apply, only when it
+//! changed), finalizers (optimistic, resourceVersion-checked), children (create, telling ours
+//! from someone else's), and Events. Each write is counted in `vmkeep_api_writes`.
+
+use std::fmt::Debug;
+
+use k8s_openapi::NamespaceResourceScope;
+use kube::{
+    Api, Resource, ResourceExt,
+    api::{DeleteParams, Patch, PatchParams, PostParams},
+    runtime::events::{Event, EventType},
+};
+use serde::{Serialize, de::DeserializeOwned};
+use serde_json::json;
+use tracing::warn;
+
+use super::{Context, Error};
+use crate::plan::{names, virtual_machine::Child};
+
+/// Whether `obj` is controlled by the owner with `owner_uid`.
+pub fn owned_by(meta: &kube::api::ObjectMeta, owner_uid: &str) -> bool {
+    meta.owner_references.iter().flatten().any(|o| o.controller == Some(true) && o.uid == owner_uid)
+}
+
+/// A child as a VM plan sees it.
+pub fn child_state<K: Resource>(obj: Option<&K>, owner_uid: &str, phase: impl Fn(&K) -> Option<String>) -> Child {
+    match obj {
+        None => Child::Missing,
+        Some(o) if owned_by(o.meta(), owner_uid) => {
+            Child::Ours { phase: phase(o), deleting: o.meta().deletion_timestamp.is_some() }
+        }
+        Some(_) => Child::Foreign,
+    }
+}
+
+/// Writes `status` with server-side apply when it differs from `current`.
+pub async fn status<K, S>(ctx: &Context, obj: &K, current: Option<&S>, status: &S) -> Result<(), Error>
+where
+    K: Resource<DynamicType = (), Scope = NamespaceResourceScope> + Clone + DeserializeOwned + Debug,
+    S: Serialize + PartialEq,
+{
+    if current == Some(status) {
+        return Ok(());
+    }
+    let namespace = obj.namespace().ok_or(Error::MissingNamespace)?;
+    let api: Api<K> = Api::namespaced(ctx.client.clone(), &namespace);
+    let body = json!({
+        "apiVersion": K::api_version(&()),
+        "kind": K::kind(&()),
+        "status": status,
+    });
+    ctx.wrote(leak_kind::<K>(), "patch-status");
+    api.patch_status(&obj.name_any(), &PatchParams::apply(names::FIELD_MANAGER).force(), &Patch::Apply(&body)).await?;
+    Ok(())
+}
+
+/// Sets the finalizers of `obj` to `finalizers`, failing with a conflict if `obj` changed since
+/// it was read (so a finalizer is never added to, or removed from, a stale view).
+async fn set_finalizers<K>(ctx: &Context, obj: &K, finalizers: Vec<String>) -> Result<(), Error>
+where
+    K: Resource<DynamicType = (), Scope = NamespaceResourceScope> + Clone + DeserializeOwned + Debug,
+{
+    let namespace = obj.namespace().ok_or(Error::MissingNamespace)?;
+    let api: Api<K> = Api::namespaced(ctx.client.clone(), &namespace);
+    let body = json!({"metadata": {"finalizers": finalizers, "resourceVersion": obj.resource_version()}});
+    ctx.wrote(leak_kind::<K>(), "patch-finalizers");
+    match api.patch(&obj.name_any(), &PatchParams::default(), &Patch::Merge(&body)).await {
+        Ok(_) => Ok(()),
+        // Already gone: nothing left to finalize.
+        Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+pub async fn add_finalizer<K>(ctx: &Context, obj: &K, finalizer: &str) -> Result<(), Error>
+where
+    K: Resource<DynamicType = (), Scope = NamespaceResourceScope> + Clone + DeserializeOwned + Debug,
+{
+    if obj.finalizers().iter().any(|f| f == finalizer) {
+        return Ok(());
+    }
+    let mut finalizers = obj.finalizers().to_vec();
+    finalizers.push(finalizer.to_owned());
+    set_finalizers(ctx, obj, finalizers).await
+}
+
+pub async fn remove_finalizer<K>(ctx: &Context, obj: &K, finalizer: &str) -> Result<(), Error>
+where
+    K: Resource<DynamicType = (), Scope = NamespaceResourceScope> + Clone + DeserializeOwned + Debug,
+{
+    if !obj.finalizers().iter().any(|f| f == finalizer) {
+        return Ok(());
+    }
+    let finalizers = obj.finalizers().iter().filter(|f| *f != finalizer).cloned().collect();
+    set_finalizers(ctx, obj, finalizers).await
+}
+
+/// Creates a child; when its name is taken, reads what is there and says whose it is.
+pub async fn create_child<K>(ctx: &Context, api: &Api<K>, child: &K, owner_uid: &str) -> Result<bool, Error>
+where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Serialize + Debug,
+{
+    ctx.wrote(leak_kind::<K>(), "create");
+    let params = PostParams { field_manager: Some(names::FIELD_MANAGER.into()), ..Default::default() };
+    match api.create(&params, child).await {
+        Ok(_) => Ok(true),
+        Err(kube::Error::Api(e)) if e.code == 409 => {
+            let existing = api.get_opt(&child.name_any()).await?;
+            Ok(existing.is_some_and(|o| owned_by(o.meta(), owner_uid)))
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Deletes a child, if it is still there.
+pub async fn delete_child<K>(ctx: &Context, api: &Api<K>, name: &str) -> Result<(), Error>
+where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug,
+{
+    ctx.wrote(leak_kind::<K>(), "delete");
+    match api.delete(name, &DeleteParams::background()).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Publishes an Event about `obj` (logged, not fatal, when it fails).
+pub async fn event<K: Resource<DynamicType = ()>>(ctx: &Context, obj: &K, warning: bool, reason: &str, note: String) {
+    let event = Event {
+        type_: if warning { EventType::Warning } else { EventType::Normal },
+        reason: reason.to_owned(),
+        note: Some(note),
+        action: "Reconcile".into(),
+        secondary: None,
+    };
+    ctx.wrote("Event", "create");
+    if let Err(error) = ctx.recorder.publish(&event, &obj.object_ref(&())).await {
+        warn!(%error, reason, "cannot publish an Event");
+    }
+}
+
+/// The kind as a `'static` label for metrics.
+fn leak_kind<K: Resource<DynamicType = ()>>() -> &'static str {
+    match K::kind(&()).as_ref() {
+        "VirtualMachine" => "VirtualMachine",
+        "Image" => "Image",
+        "Template" => "Template",
+        "PersistentVolumeClaim" => "PersistentVolumeClaim",
+        "Pod" => "Pod",
+        "Lease" => "Lease",
+        _ => "Other",
+    }
+}

@@ -1,0 +1,289 @@
+//! What an Image should be: its PVC, the persistence mode in force, its phase and conditions,
+//! and whether its deletion may go ahead. Plain data in, plain data out.
+
+use k8s_openapi::apimachinery::pkg::{api::resource::Quantity, apis::meta::v1::Time};
+use kube::ResourceExt;
+
+use super::{
+    conditions::{Cond, merge},
+    names, quantity,
+};
+use crate::api::{
+    Image, ImageStatus,
+    image::{ClaimHolder, ImagePhase, VolumeMode},
+};
+
+pub const READY: &str = "Ready";
+pub const IN_USE: &str = "InUse";
+pub const PERSISTENCE_CHANGE_PENDING: &str = "PersistenceChangePending";
+
+/// The PVC behind an image, as observed.
+#[derive(Clone, Debug, PartialEq)]
+pub enum ImagePvc {
+    Missing,
+    /// It exists; `ours` when vmkeep created it for this Image (controller reference).
+    Present {
+        ours: bool,
+        phase: Option<String>,
+        capacity: Option<Quantity>,
+    },
+}
+
+/// What the Image controller observed about one Image.
+#[derive(Clone, Debug)]
+pub struct ImageObservation<'a> {
+    pub image: &'a Image,
+    pub pvc: ImagePvc,
+    /// For `source.image`: the source Image, if it exists.
+    pub source_image: Option<&'a Image>,
+    /// The VirtualMachines using this image now, sorted.
+    pub consumers: Vec<String>,
+    /// The holder of the claim Lease, if any.
+    pub claim: Option<ClaimHolder>,
+}
+
+/// A PVC to create for an image.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PvcRequest {
+    pub name: String,
+    pub size: Quantity,
+    pub storage_class: Option<String>,
+    pub volume_mode: VolumeMode,
+    /// Clone from this PVC (same namespace).
+    pub clone_from: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Finalizer {
+    Add,
+    Keep,
+    /// Deletion may go ahead: nothing uses the image any more.
+    Remove,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct ImagePlan {
+    pub create_pvc: Option<PvcRequest>,
+    pub finalizer: Finalizer,
+    pub status: ImageStatus,
+}
+
+/// Where the image's PVC comes from, or why it cannot be had yet.
+enum Source {
+    /// The PVC to use, and the request to create it when it is missing (None: adopt only).
+    Pvc {
+        name: String,
+        create: Option<PvcRequest>,
+    },
+    Blocked {
+        phase: ImagePhase,
+        reason: &'static str,
+        message: String,
+    },
+}
+
+fn source(obs: &ImageObservation) -> Source {
+    let image = obs.image;
+    let spec = &image.spec;
+    let own_pvc = names::image_pvc(&image.name_any());
+    let src = &spec.source;
+    let kinds = [
+        src.blank.is_some(),
+        src.pvc.is_some(),
+        src.image.is_some(),
+        src.http.is_some(),
+        src.virtual_machine_disk.is_some(),
+    ];
+    if kinds.iter().filter(|k| **k).count() != 1 {
+        return Source::Blocked {
+            phase: ImagePhase::Error,
+            reason: "InvalidSource",
+            message: "spec.source must name exactly one of blank, pvc, image, http, virtualMachineDisk".into(),
+        };
+    }
+    if src.blank.is_some() {
+        let Some(size) = spec.size.clone() else {
+            return Source::Blocked {
+                phase: ImagePhase::Error,
+                reason: "MissingSize",
+                message: "spec.size is required for a blank image".into(),
+            };
+        };
+        if quantity::bytes(&size).is_none_or(|b| b == 0) {
+            return Source::Blocked {
+                phase: ImagePhase::Error,
+                reason: "InvalidSize",
+                message: format!("spec.size {} is not a positive size", size.0),
+            };
+        }
+        let create = PvcRequest {
+            name: own_pvc.clone(),
+            size,
+            storage_class: spec.storage_class_name.clone(),
+            volume_mode: spec.volume_mode,
+            clone_from: None,
+        };
+        return Source::Pvc { name: own_pvc, create: Some(create) };
+    }
+    if let Some(pvc) = &src.pvc {
+        return Source::Pvc { name: pvc.name.clone(), create: None };
+    }
+    if let Some(from) = &src.image {
+        let Some(source) = obs.source_image else {
+            return Source::Blocked {
+                phase: ImagePhase::Pending,
+                reason: "SourceNotFound",
+                message: format!("source image {} does not exist", from.name),
+            };
+        };
+        let status = source.status.clone().unwrap_or_default();
+        if let Some(holder) = &status.claimed_by {
+            return Source::Blocked {
+                phase: ImagePhase::Pending,
+                reason: "SourceInUse",
+                message: format!(
+                    "source image {} is persistent and held by VirtualMachine {}; it is cloned once released",
+                    from.name, holder.name
+                ),
+            };
+        }
+        let ready = matches!(status.phase, Some(ImagePhase::Ready | ImagePhase::Used | ImagePhase::Disabled));
+        let (true, Some(source_pvc)) = (ready, status.pvc_name) else {
+            return Source::Blocked {
+                phase: ImagePhase::Pending,
+                reason: "SourceNotReady",
+                message: format!("source image {} is not ready", from.name),
+            };
+        };
+        let size = match (&spec.size, &status.capacity) {
+            (Some(a), Some(b)) => quantity::max(a, b),
+            (Some(a), None) | (None, Some(a)) => a.clone(),
+            (None, None) => {
+                return Source::Blocked {
+                    phase: ImagePhase::Pending,
+                    reason: "SourceNotReady",
+                    message: format!("source image {} has no capacity yet", from.name),
+                };
+            }
+        };
+        let create = PvcRequest {
+            name: own_pvc.clone(),
+            size,
+            storage_class: spec.storage_class_name.clone().or_else(|| source.spec.storage_class_name.clone()),
+            volume_mode: spec.volume_mode,
+            clone_from: Some(source_pvc),
+        };
+        return Source::Pvc { name: own_pvc, create: Some(create) };
+    }
+    Source::Blocked {
+        phase: ImagePhase::Pending,
+        reason: "SourceNotSupported",
+        message: "http and virtualMachineDisk sources are not supported yet".into(),
+    }
+}
+
+/// Decides an Image's PVC, finalizer and status.
+pub fn plan(obs: &ImageObservation, now: &Time) -> ImagePlan {
+    let image = obs.image;
+    let previous = image.status.clone().unwrap_or_default();
+    let in_use = !obs.consumers.is_empty() || obs.claim.is_some();
+    let deleting = image.metadata.deletion_timestamp.is_some();
+    let has_finalizer = image.finalizers().iter().any(|f| f == names::IMAGE_FINALIZER);
+    let finalizer = match (deleting, has_finalizer, in_use) {
+        (true, true, false) => Finalizer::Remove,
+        (false, false, _) => Finalizer::Add,
+        _ => Finalizer::Keep,
+    };
+
+    // The persistence mode in force changes only while nothing uses the image.
+    let in_force = match previous.persistent {
+        Some(current) if in_use => current,
+        _ => image.spec.persistent,
+    };
+    let change_pending = in_force != image.spec.persistent;
+
+    let mut create_pvc = None;
+    let mut pvc_name = None;
+    let mut capacity = None;
+    let (phase, ready) = match source(obs) {
+        Source::Blocked { phase, reason, message } => (phase, Cond::new(READY, false, reason, message)),
+        Source::Pvc { name, create } => match (&obs.pvc, create) {
+            (ImagePvc::Present { ours: false, .. }, Some(_)) => (
+                ImagePhase::Error,
+                Cond::new(
+                    READY,
+                    false,
+                    "NameConflict",
+                    format!("PersistentVolumeClaim {name} exists and is not this image's; vmkeep leaves it alone"),
+                ),
+            ),
+            (ImagePvc::Missing, None) => (
+                ImagePhase::Pending,
+                Cond::new(READY, false, "PvcNotFound", format!("PersistentVolumeClaim {name} does not exist")),
+            ),
+            (ImagePvc::Missing, Some(request)) => {
+                let cloning = request.clone_from.is_some();
+                capacity = Some(request.size.clone());
+                create_pvc = (!deleting).then_some(request);
+                pvc_name = Some(name);
+                if cloning {
+                    (ImagePhase::Cloning, Cond::new(READY, false, "Cloning", "cloning the source image"))
+                } else {
+                    (ImagePhase::Pending, Cond::new(READY, false, "Provisioning", "creating the image's PVC"))
+                }
+            }
+            (ImagePvc::Present { phase, capacity: observed, .. }, request) => {
+                capacity = observed.clone().or_else(|| request.as_ref().map(|r| r.size.clone()));
+                pvc_name = Some(name.clone());
+                let cloning = request.as_ref().is_some_and(|r| r.clone_from.is_some());
+                let bound = phase.as_deref() == Some("Bound");
+                if phase.as_deref() == Some("Lost") {
+                    let message = format!("PersistentVolumeClaim {name} lost its volume");
+                    (ImagePhase::Error, Cond::new(READY, false, "PvcLost", message))
+                } else if cloning && !bound {
+                    (ImagePhase::Cloning, Cond::new(READY, false, "Cloning", "cloning the source image"))
+                } else {
+                    // Binding is left to the scheduler (WaitForFirstConsumer classes bind late).
+                    (ImagePhase::Ready, Cond::new(READY, true, "PvcReady", format!("PersistentVolumeClaim {name}")))
+                }
+            }
+        },
+    };
+    let phase = match phase {
+        _ if deleting => ImagePhase::Deleting,
+        ImagePhase::Ready if image.spec.disabled => ImagePhase::Disabled,
+        ImagePhase::Ready if in_force && obs.claim.is_some() => ImagePhase::UsedPersistent,
+        ImagePhase::Ready if !obs.consumers.is_empty() => ImagePhase::Used,
+        other => other,
+    };
+
+    let in_use_cond = if in_use {
+        Cond::new(IN_USE, true, "InUse", format!("used by VirtualMachine {}", obs.consumers.join(", ")))
+    } else {
+        Cond::new(IN_USE, false, "Unused", "no VirtualMachine uses this image")
+    };
+    let pending_cond = if change_pending {
+        Cond::new(
+            PERSISTENCE_CHANGE_PENDING,
+            true,
+            "InUse",
+            format!("persistent: {} applies once no VirtualMachine uses the image", image.spec.persistent),
+        )
+    } else {
+        Cond::new(PERSISTENCE_CHANGE_PENDING, false, "Applied", "spec.persistent is in force")
+    };
+    let generation = image.metadata.generation;
+    let status = ImageStatus {
+        phase: Some(phase),
+        persistent: Some(in_force),
+        pvc_name,
+        capacity,
+        running_vms: Some(i32::try_from(obs.consumers.len()).unwrap_or(i32::MAX)),
+        consumers: obs.consumers.clone(),
+        claimed_by: obs.claim.clone(),
+        progress: None,
+        observed_generation: generation,
+        conditions: merge(&previous.conditions, vec![ready, in_use_cond, pending_cond], generation, now),
+    };
+    ImagePlan { create_pvc, finalizer, status }
+}

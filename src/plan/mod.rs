@@ -1,0 +1,10 @@
+//! The decisions, as plain functions of plain data: no client, no clock, no randomness. The
+//! controllers observe, call these, and apply what they return.
+
+pub mod build;
+pub mod conditions;
+pub mod image;
+pub mod names;
+pub mod quantity;
+pub mod template;
+pub mod virtual_machine;

@@ -1,0 +1,67 @@
+//! Every name and label vmkeep gives to what it creates: one place, so that the controllers,
+//! the tests and users agree.
+
+/// The label every object vmkeep creates carries.
+pub const MANAGED_BY: &str = "app.kubernetes.io/managed-by";
+/// Its value.
+pub const MANAGER: &str = "vmkeep";
+/// The label selector of everything vmkeep creates.
+pub const MANAGED_SELECTOR: &str = "app.kubernetes.io/managed-by=vmkeep";
+/// The label naming the VirtualMachine a PVC or Pod belongs to.
+pub const VM_LABEL: &str = "vmkeep.io/virtual-machine";
+/// The annotation naming the Image of a claim Lease or PVC (names can exceed a label's 63).
+pub const IMAGE_ANNOTATION: &str = "vmkeep.io/image";
+/// The annotation naming the VirtualMachine that holds a claim Lease.
+pub const HOLDER_ANNOTATION: &str = "vmkeep.io/virtual-machine";
+/// The field manager of every write vmkeep makes.
+pub const FIELD_MANAGER: &str = "vmkeep";
+/// The finalizer that fences a VM's persistent-image claims behind its launcher Pod.
+pub const VM_FINALIZER: &str = "vmkeep.io/release-claims";
+/// The finalizer that keeps an Image while VirtualMachines use it.
+pub const IMAGE_FINALIZER: &str = "vmkeep.io/image-in-use";
+
+/// The PVC of a VM's disk: `<vm>-<disk>`.
+pub fn vm_disk_pvc(vm: &str, disk: &str) -> String {
+    format!("{vm}-{disk}")
+}
+
+/// The launcher Pod of a VM: `<vm>-launcher`.
+pub fn launcher_pod(vm: &str) -> String {
+    format!("{vm}-launcher")
+}
+
+/// The PVC vmkeep creates for an Image: `<image>-image`.
+pub fn image_pvc(image: &str) -> String {
+    format!("{image}-image")
+}
+
+/// The Lease that is the exclusive claim on a persistent Image. Names longer than an object
+/// name allows are shortened with a hash, so every image has exactly one claim name.
+pub fn claim_lease(image: &str) -> String {
+    const PREFIX: &str = "vmkeep-claim-";
+    let name = format!("{PREFIX}{image}");
+    if name.len() <= 253 {
+        return name;
+    }
+    format!("{PREFIX}{}-{:016x}", &image[..200], fnv1a(image.as_bytes()))
+}
+
+/// FNV-1a: a stable hash (unlike std's), so every replica computes the same name.
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf29ce484222325, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x100000001b3))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn claim_names_fit_and_differ() {
+        assert_eq!(claim_lease("ubuntu"), "vmkeep-claim-ubuntu");
+        let a = "a".repeat(253);
+        let b = format!("{}b", "a".repeat(252));
+        assert!(claim_lease(&a).len() <= 253);
+        assert_ne!(claim_lease(&a), claim_lease(&b));
+        assert_eq!(claim_lease(&a), claim_lease(&a));
+    }
+}

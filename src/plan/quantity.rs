@@ -1,0 +1,93 @@
+//! Storage sizes: parse Kubernetes quantities (`10Gi`, `500M`, `1.5Ti`, `1e9`) to bytes, so
+//! disk sizes can be compared with image capacities.
+
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+
+/// The number of bytes a quantity stands for (rounded up), or `None` if it is not a valid
+/// non-negative quantity.
+pub fn bytes(q: &Quantity) -> Option<u128> {
+    let s = q.0.trim();
+    let (number, multiplier): (&str, u128) = if let Some(n) = s.strip_suffix("Ki") {
+        (n, 1 << 10)
+    } else if let Some(n) = s.strip_suffix("Mi") {
+        (n, 1 << 20)
+    } else if let Some(n) = s.strip_suffix("Gi") {
+        (n, 1 << 30)
+    } else if let Some(n) = s.strip_suffix("Ti") {
+        (n, 1 << 40)
+    } else if let Some(n) = s.strip_suffix("Pi") {
+        (n, 1 << 50)
+    } else if let Some(n) = s.strip_suffix("Ei") {
+        (n, 1 << 60)
+    } else if let Some(n) = s.strip_suffix('k') {
+        (n, 1_000)
+    } else if let Some(n) = s.strip_suffix('M') {
+        (n, 1_000_000)
+    } else if let Some(n) = s.strip_suffix('G') {
+        (n, 1_000_000_000)
+    } else if let Some(n) = s.strip_suffix('T') {
+        (n, 1_000_000_000_000)
+    } else if let Some(n) = s.strip_suffix('P') {
+        (n, 1_000_000_000_000_000)
+    } else if let Some(n) = s.strip_suffix('E') {
+        (n, 1_000_000_000_000_000_000)
+    } else if let Some((mantissa, exp)) = s.split_once(['e', 'E']) {
+        let exp: u32 = exp.parse().ok()?;
+        (mantissa, 10u128.checked_pow(exp)?)
+    } else {
+        (s, 1)
+    };
+    let (whole, fraction) = number.split_once('.').unwrap_or((number, ""));
+    if whole.is_empty() && fraction.is_empty() {
+        return None;
+    }
+    let digits = |d: &str| d.chars().all(|c| c.is_ascii_digit());
+    if !digits(whole) || !digits(fraction) {
+        return None;
+    }
+    let whole: u128 = if whole.is_empty() { 0 } else { whole.parse().ok()? };
+    let mut total = whole.checked_mul(multiplier)?;
+    if !fraction.is_empty() {
+        let scale = 10u128.checked_pow(u32::try_from(fraction.len()).ok()?)?;
+        let frac: u128 = fraction.parse().ok()?;
+        total = total.checked_add((frac * multiplier).div_ceil(scale))?;
+    }
+    Some(total)
+}
+
+/// The larger of two quantities (the first when they are equal or one does not parse).
+pub fn max(a: &Quantity, b: &Quantity) -> Quantity {
+    match (bytes(a), bytes(b)) {
+        (Some(x), Some(y)) if y > x => b.clone(),
+        _ => a.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn q(s: &str) -> Quantity {
+        Quantity(s.to_owned())
+    }
+
+    #[test]
+    fn parses_binary_decimal_and_plain_sizes() {
+        assert_eq!(bytes(&q("1Gi")), Some(1 << 30));
+        assert_eq!(bytes(&q("10G")), Some(10_000_000_000));
+        assert_eq!(bytes(&q("1.5Gi")), Some(3 << 29));
+        assert_eq!(bytes(&q("512")), Some(512));
+        assert_eq!(bytes(&q("1e3")), Some(1000));
+        assert_eq!(bytes(&q("0.5")), Some(1), "rounded up");
+        assert_eq!(bytes(&q("-1Gi")), None);
+        assert_eq!(bytes(&q("Gi")), None);
+        assert_eq!(bytes(&q("ten")), None);
+    }
+
+    #[test]
+    fn max_compares_across_units() {
+        assert_eq!(max(&q("1Gi"), &q("2000Mi")).0, "2000Mi");
+        assert_eq!(max(&q("2Gi"), &q("2000Mi")).0, "2Gi");
+        assert_eq!(max(&q("1G"), &q("1000M")).0, "1G");
+    }
+}
