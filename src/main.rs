@@ -33,6 +33,9 @@ enum Command {
         /// How many objects of each kind are reconciled at once.
         #[arg(long, env = "VMKEEP_CONCURRENCY", default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..))]
         concurrency: u16,
+        /// Serve one namespace only (default: all namespaces).
+        #[arg(long, env = "VMKEEP_NAMESPACE")]
+        namespace: Option<String>,
     },
     /// Inside a launcher Pod: hold the VM's disks (checking each is there) until SIGTERM.
     Launch {
@@ -54,9 +57,10 @@ enum Command {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
-        Command::Run { http_addr, log_format, launcher_image, pvc_access_mode, concurrency } => {
+        Command::Run { http_addr, log_format, launcher_image, pvc_access_mode, concurrency, namespace } => {
             telemetry::init(log_format);
-            let settings = controller::Settings { launcher_image, access_mode: pvc_access_mode, concurrency };
+            let settings =
+                controller::Settings { launcher_image, access_mode: pvc_access_mode, concurrency, namespace };
             operator::run(operator::RunOptions { http_addr, settings }).await
         }
         Command::Launch { vm, disks } => {

@@ -18,6 +18,9 @@ use tracing::{info, warn};
 
 use crate::{api, controller, health, metrics::Metrics};
 
+/// How long in-flight reconciles may run after SIGTERM.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
+
 /// Settings of `vmkeep run`.
 #[derive(Clone, Debug)]
 pub struct RunOptions {
@@ -50,7 +53,16 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     if established {
         health.set_ready(true);
         info!("vmkeep is ready");
-        controller::run(client, metrics, opts.settings, shutdown.clone()).await;
+        let controllers = controller::run(client, metrics, opts.settings, shutdown.clone());
+        // In-flight reconciles finish after SIGTERM, but never hold the exit for long.
+        let deadline = async {
+            shutdown.cancelled().await;
+            tokio::time::sleep(SHUTDOWN_GRACE).await;
+        };
+        tokio::select! {
+            () = controllers => {}
+            () = deadline => warn!("reconciles still running after {SHUTDOWN_GRACE:?}; exiting anyway"),
+        }
     }
     health.set_ready(false);
     server.await.context("the HTTP server task failed")?.context("the HTTP server failed")?;

@@ -35,6 +35,26 @@ fn remove_crds_if_harmless() -> bool {
         eprintln!("vmkeep objects exist outside the test namespaces: keeping the CRDs");
         return false;
     }
+    // Objects left behind by interrupted test runs keep finalizers no operator will remove.
+    let leftovers = kubectl(
+        &[
+            "get",
+            "virtualmachines.vmkeep.io,images.vmkeep.io",
+            "--all-namespaces",
+            "-o",
+            r#"jsonpath={range .items[*]}{.kind}{" "}{.metadata.namespace}{" "}{.metadata.name}{"\n"}{end}"#,
+        ],
+        None,
+    );
+    for line in String::from_utf8_lossy(&leftovers.stdout).lines() {
+        if let [kind, ns, name] = line.split(' ').collect::<Vec<_>>()[..]
+            && (ns.starts_with("vmkeep-test-") || is_local_cluster())
+        {
+            let resource = format!("{}.vmkeep.io", kind.to_lowercase());
+            let unblock = r#"{"metadata":{"finalizers":null}}"#;
+            kubectl(&["patch", &resource, name, "-n", ns, "--type=merge", "-p", unblock], None);
+        }
+    }
     let crds = repo().join("crds");
     kubectl_ok(&["delete", "-f", crds.to_str().unwrap(), "--wait=true", "--timeout=120s"], None);
     true

@@ -54,20 +54,25 @@ where
     Ok(())
 }
 
-/// Sets the finalizers of `obj` to `finalizers`, failing with a conflict if `obj` changed since
-/// it was read (so a finalizer is never added to, or removed from, a stale view).
-async fn set_finalizers<K>(ctx: &Context, obj: &K, finalizers: Vec<String>) -> Result<(), Error>
+/// Patches the finalizers of `obj` after testing that they are still what was read, so a
+/// finalizer list changed by someone else in the meantime is never overwritten (409 instead).
+async fn patch_finalizers<K>(ctx: &Context, obj: &K, ops: Vec<serde_json::Value>) -> Result<(), Error>
 where
     K: Resource<DynamicType = (), Scope = NamespaceResourceScope> + Clone + DeserializeOwned + Debug,
 {
     let namespace = obj.namespace().ok_or(Error::MissingNamespace)?;
     let api: Api<K> = Api::namespaced(ctx.client.clone(), &namespace);
-    let body = json!({"metadata": {"finalizers": finalizers, "resourceVersion": obj.resource_version()}});
+    let current = obj.meta().finalizers.as_ref();
+    let mut patch = vec![json!({"op": "test", "path": "/metadata/finalizers", "value": current})];
+    patch.extend(ops);
+    let patch: json_patch::Patch = serde_json::from_value(serde_json::Value::Array(patch))?;
     ctx.wrote(leak_kind::<K>(), "patch-finalizers");
-    match api.patch(&obj.name_any(), &PatchParams::default(), &Patch::Merge(&body)).await {
+    match api.patch(&obj.name_any(), &PatchParams::default(), &Patch::<()>::Json(patch)).await {
         Ok(_) => Ok(()),
         // Already gone: nothing left to finalize.
         Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
+        // The test failed: the finalizers changed; retry from a fresh read.
+        Err(kube::Error::Api(e)) if e.code == 422 => Err(Error::Conflict(e.message.clone())),
         Err(e) => Err(e.into()),
     }
 }
@@ -79,20 +84,20 @@ where
     if obj.finalizers().iter().any(|f| f == finalizer) {
         return Ok(());
     }
-    let mut finalizers = obj.finalizers().to_vec();
-    finalizers.push(finalizer.to_owned());
-    set_finalizers(ctx, obj, finalizers).await
+    let op = if obj.finalizers().is_empty() {
+        json!({"op": "add", "path": "/metadata/finalizers", "value": [finalizer]})
+    } else {
+        json!({"op": "add", "path": "/metadata/finalizers/-", "value": finalizer})
+    };
+    patch_finalizers(ctx, obj, vec![op]).await
 }
 
 pub async fn remove_finalizer<K>(ctx: &Context, obj: &K, finalizer: &str) -> Result<(), Error>
 where
     K: Resource<DynamicType = (), Scope = NamespaceResourceScope> + Clone + DeserializeOwned + Debug,
 {
-    if !obj.finalizers().iter().any(|f| f == finalizer) {
-        return Ok(());
-    }
-    let finalizers = obj.finalizers().iter().filter(|f| *f != finalizer).cloned().collect();
-    set_finalizers(ctx, obj, finalizers).await
+    let Some(index) = obj.finalizers().iter().position(|f| f == finalizer) else { return Ok(()) };
+    patch_finalizers(ctx, obj, vec![json!({"op": "remove", "path": format!("/metadata/finalizers/{index}")})]).await
 }
 
 /// Creates a child; when its name is taken, reads what is there and says whose it is.

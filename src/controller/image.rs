@@ -118,7 +118,7 @@ pub async fn reconcile(image: Arc<Image>, ctx: Arc<Context>) -> Result<Action, E
 }
 
 /// A VM change concerns the images it records (its use of them starts or ends).
-pub fn images_of_vm(_stores: &Stores, vm: &VirtualMachine) -> Vec<ObjectRef<Image>> {
+pub fn images_of_vm(vm: VirtualMachine) -> Vec<ObjectRef<Image>> {
     let Some(ns) = vm.namespace() else { return Vec::new() };
     let mut images: Vec<String> = vm.status.iter().flat_map(|s| &s.disks).filter_map(|d| d.image.clone()).collect();
     images.dedup();

@@ -3,12 +3,14 @@
 
 mod apply;
 mod image;
+mod informer;
 mod template;
 mod virtual_machine;
 
 use std::{sync::Arc, time::Duration};
 
 use futures::StreamExt;
+use informer::Informer;
 use k8s_openapi::api::{
     coordination::v1::Lease,
     core::v1::{PersistentVolumeClaim, Pod},
@@ -16,10 +18,10 @@ use k8s_openapi::api::{
 use kube::{
     Api, Client, Resource, ResourceExt,
     runtime::{
-        Controller, WatchStreamExt,
+        Controller,
         controller::Action,
         events::{Recorder, Reporter},
-        reflector::{self, ObjectRef, Store},
+        reflector::{ObjectRef, Store},
         watcher,
     },
 };
@@ -41,6 +43,21 @@ pub struct Settings {
     pub access_mode: String,
     /// How many objects of one kind are reconciled at once.
     pub concurrency: u16,
+    /// Watch and act in this namespace only (all namespaces when `None`).
+    pub namespace: Option<String>,
+}
+
+impl Settings {
+    /// The API of `K` in the namespaces this operator serves.
+    fn api<K>(&self, client: &Client) -> Api<K>
+    where
+        K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>,
+    {
+        match &self.namespace {
+            Some(ns) => Api::namespaced(client.clone(), ns),
+            None => Api::all(client.clone()),
+        }
+    }
 }
 
 /// The caches every controller reads (never writes).
@@ -52,19 +69,18 @@ pub struct Stores {
     pub pvcs: Store<PersistentVolumeClaim>,
     pub pods: Store<Pod>,
     pub leases: Store<Lease>,
+    /// How many of the [`KINDS`] caches have listed once.
+    synced: tokio::sync::watch::Receiver<usize>,
 }
+
+/// The kinds vmkeep caches: Image, Template, VirtualMachine, PVC, Pod, Lease.
+const KINDS: usize = 6;
 
 impl Stores {
     /// Waits until every cache has listed once, so no decision is made from an empty cache.
     pub async fn ready(&self) {
-        let _ = tokio::join!(
-            self.images.wait_until_ready(),
-            self.templates.wait_until_ready(),
-            self.vms.wait_until_ready(),
-            self.pvcs.wait_until_ready(),
-            self.pods.wait_until_ready(),
-            self.leases.wait_until_ready(),
-        );
+        let mut synced = self.synced.clone();
+        let _ = synced.wait_for(|n| *n >= KINDS).await;
     }
 
     pub fn image(&self, namespace: &str, name: &str) -> Option<Arc<Image>> {
@@ -97,6 +113,8 @@ impl Context {
 pub enum Error {
     #[error("Kubernetes API: {0}")]
     Kube(#[from] kube::Error),
+    #[error("changed concurrently: {0}")]
+    Conflict(String),
     #[error("the object has no namespace")]
     MissingNamespace,
     #[error("cannot serialize: {0}")]
@@ -107,6 +125,7 @@ impl Error {
     pub fn reason(&self) -> &'static str {
         match self {
             Error::Kube(kube::Error::Api(e)) if e.code == 409 => "Conflict",
+            Error::Conflict(_) => "Conflict",
             Error::Kube(_) => "KubeError",
             Error::MissingNamespace => "MissingNamespace",
             Error::Serialize(_) => "SerializeError",
@@ -132,37 +151,30 @@ fn managed() -> watcher::Config {
 
 /// Runs every controller until `shutdown` is cancelled, then lets in-flight reconciles finish.
 pub async fn run(client: Client, metrics: Arc<Metrics>, settings: Settings, shutdown: CancellationToken) {
-    let images_ctl = Controller::new(Api::<Image>::all(client.clone()), watcher::Config::default());
-    let templates_ctl = Controller::new(Api::<Template>::all(client.clone()), watcher::Config::default());
-    let vms_ctl = Controller::new(Api::<VirtualMachine>::all(client.clone()), watcher::Config::default());
-
-    // Children and claims: only what vmkeep made (label-selected), cached for every controller.
-    let (pvcs, pvc_writer) = reflector::store();
-    let pvc_events =
-        reflector::reflector(pvc_writer, watcher(Api::<PersistentVolumeClaim>::all(client.clone()), managed()))
-            .default_backoff()
-            .touched_objects();
-    let (pods, pod_writer) = reflector::store();
-    let pod_events = reflector::reflector(pod_writer, watcher(Api::<Pod>::all(client.clone()), managed()))
-        .default_backoff()
-        .touched_objects();
-    let (leases, lease_writer) = reflector::store();
-    let lease_events = reflector::reflector(lease_writer, watcher(Api::<Lease>::all(client.clone()), managed()))
-        .default_backoff()
-        .touched_objects();
+    let all = watcher::Config::default;
+    let (synced, synced_rx) = tokio::sync::watch::channel(0);
+    let synced = Arc::new(synced);
+    let (mut images, images_w) = Informer::new(settings.api::<Image>(&client), all());
+    let (mut templates, templates_w) = Informer::new(settings.api::<Template>(&client), all());
+    let (mut vms, vms_w) = Informer::new(settings.api::<VirtualMachine>(&client), all());
+    // Children and claims: only what vmkeep made (label-selected).
+    let (mut pvcs, pvcs_w) = Informer::new(settings.api::<PersistentVolumeClaim>(&client), managed());
+    let (mut pods, pods_w) = Informer::new(settings.api::<Pod>(&client), managed());
+    let (mut leases, leases_w) = Informer::new(settings.api::<Lease>(&client), managed());
 
     let stores = Stores {
-        images: images_ctl.store(),
-        templates: templates_ctl.store(),
-        vms: vms_ctl.store(),
-        pvcs,
-        pods,
-        leases,
+        images: images.store.clone(),
+        templates: templates.store.clone(),
+        vms: vms.store.clone(),
+        pvcs: pvcs.store.clone(),
+        pods: pods.store.clone(),
+        leases: leases.store.clone(),
+        synced: synced_rx,
     };
     let reporter = Reporter { controller: "vmkeep".into(), instance: std::env::var("POD_NAME").ok() };
     let ctx = Arc::new(Context {
         recorder: Recorder::new(client.clone(), reporter),
-        client: client.clone(),
+        client,
         metrics,
         stores: stores.clone(),
         settings: settings.clone(),
@@ -171,48 +183,48 @@ pub async fn run(client: Client, metrics: Arc<Metrics>, settings: Settings, shut
 
     let vm_ctl = {
         let (by_template, by_image, by_lease) = (stores.clone(), stores.clone(), stores.clone());
-        vms_ctl
+        Controller::for_stream(vms.subscribe(), stores.vms.clone())
             .with_config(config.clone())
-            .owns_stream(pvc_events)
-            .owns_stream(pod_events)
-            .watches(Api::<Template>::all(client.clone()), watcher::Config::default(), move |t| {
-                virtual_machine::vms_of_template(&by_template, &t)
-            })
-            .watches(Api::<Image>::all(client.clone()), watcher::Config::default(), move |i| {
-                virtual_machine::vms_of_image(&by_image, &i)
-            })
-            .watches_stream(lease_events, move |l| virtual_machine::vms_of_lease(&by_lease, &l))
+            .owns_stream(pvcs.subscribe())
+            .owns_stream(pods.subscribe())
+            .watches_stream(templates.subscribe(), move |t| virtual_machine::vms_of_template(&by_template, &t))
+            .watches_stream(images.subscribe(), move |i| virtual_machine::vms_of_image(&by_image, &i))
+            .watches_stream(leases.subscribe(), move |l| virtual_machine::vms_of_lease(&by_lease, &l))
             .graceful_shutdown_on(shutdown.clone().cancelled_owned())
             .run(virtual_machine::reconcile, error_policy("VirtualMachine"), ctx.clone())
             .for_each(|_| async {})
     };
     let image_ctl = {
-        let (by_vm, by_image) = (stores.clone(), stores.clone());
-        images_ctl
+        let by_image = stores.clone();
+        Controller::for_stream(images.subscribe(), stores.images.clone())
             .with_config(config.clone())
-            .owns(Api::<PersistentVolumeClaim>::all(client.clone()), managed())
-            .watches(Api::<VirtualMachine>::all(client.clone()), watcher::Config::default(), move |vm| {
-                image::images_of_vm(&by_vm, &vm)
-            })
-            .watches(Api::<Lease>::all(client.clone()), managed(), image::image_of_lease)
-            .watches(Api::<Image>::all(client.clone()), watcher::Config::default(), move |i| {
-                image::clones_of(&by_image, &i)
-            })
+            .owns_stream(pvcs.subscribe())
+            .watches_stream(vms.subscribe(), image::images_of_vm)
+            .watches_stream(leases.subscribe(), image::image_of_lease)
+            .watches_stream(images.subscribe(), move |i| image::clones_of(&by_image, &i))
             .graceful_shutdown_on(shutdown.clone().cancelled_owned())
             .run(image::reconcile, error_policy("Image"), ctx.clone())
             .for_each(|_| async {})
     };
     let template_ctl = {
         let by_image = stores.clone();
-        templates_ctl
+        Controller::for_stream(templates.subscribe(), stores.templates.clone())
             .with_config(config)
-            .watches(Api::<VirtualMachine>::all(client.clone()), watcher::Config::default(), template::template_of_vm)
-            .watches(Api::<Image>::all(client), watcher::Config::default(), move |i| {
-                template::templates_of_image(&by_image, &i)
-            })
-            .graceful_shutdown_on(shutdown.cancelled_owned())
+            .watches_stream(vms.subscribe(), template::template_of_vm)
+            .watches_stream(images.subscribe(), move |i| template::templates_of_image(&by_image, &i))
+            .graceful_shutdown_on(shutdown.clone().cancelled_owned())
             .run(template::reconcile, error_policy("Template"), ctx.clone())
             .for_each(|_| async {})
     };
-    tokio::join!(vm_ctl, image_ctl, template_ctl);
+    let informers = async {
+        tokio::join!(
+            images.run(images_w, synced.clone(), shutdown.clone()),
+            templates.run(templates_w, synced.clone(), shutdown.clone()),
+            vms.run(vms_w, synced.clone(), shutdown.clone()),
+            pvcs.run(pvcs_w, synced.clone(), shutdown.clone()),
+            pods.run(pods_w, synced.clone(), shutdown.clone()),
+            leases.run(leases_w, synced.clone(), shutdown.clone()),
+        )
+    };
+    tokio::join!(informers, vm_ctl, image_ctl, template_ctl);
 }

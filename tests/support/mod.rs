@@ -159,6 +159,15 @@ pub struct Operator {
 
 impl Operator {
     pub fn start(name: &str) -> Self {
+        Self::start_with(name, &[])
+    }
+
+    /// Starts `vmkeep run` for one namespace only, so tests in parallel do not share operators.
+    pub fn for_namespace(name: &str, namespace: &str) -> Self {
+        Self::start_with(name, &["--namespace", namespace])
+    }
+
+    pub fn start_with(name: &str, args: &[&str]) -> Self {
         let http: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
         let logs = repo().join("target/e2e-logs");
         std::fs::create_dir_all(&logs).expect("log folder");
@@ -166,6 +175,7 @@ impl Operator {
         let file = std::fs::File::create(&log).expect("log file");
         let child = Command::new(env!("CARGO_BIN_EXE_vmkeep"))
             .args(["run", "--http-addr", &http.to_string()])
+            .args(args)
             .env("KUBECONFIG", kubeconfig())
             .env("RUST_LOG", "info,vmkeep=debug")
             .stdout(file.try_clone().expect("log file"))
@@ -188,6 +198,28 @@ impl Operator {
     pub fn terminate(&self) {
         let ok = Command::new("kill").args(["-TERM", &self.pid().to_string()]).status().expect("kill");
         assert!(ok.success(), "kill -TERM failed");
+    }
+
+    /// Waits until `/readyz` answers 200.
+    pub async fn ready(&mut self) {
+        let http = self.http;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while http_get(http, "/readyz").is_none_or(|(s, _)| s != 200) {
+            assert!(self.exited().is_none(), "vmkeep exited:\n{}", self.log_text());
+            assert!(Instant::now() < deadline, "vmkeep not ready after 60s:\n{}", self.log_text());
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// The sum of the samples of a counter family (`vmkeep_<name>_total`), optionally only
+    /// those whose labels contain `filter`.
+    pub fn counter(&self, name: &str, filter: &str) -> u64 {
+        let (_, body) = http_get(self.http, "/metrics").expect("/metrics answers");
+        let prefix = format!("vmkeep_{name}_total");
+        body.lines()
+            .filter(|l| l.starts_with(&prefix) && l.contains(filter))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>() as u64
     }
 
     pub fn log_text(&self) -> String {
