@@ -8,3 +8,6 @@ pub mod names;
 pub mod quantity;
 pub mod template;
 pub mod virtual_machine;
+
+#[cfg(test)]
+mod tests;
