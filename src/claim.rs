@@ -116,7 +116,7 @@ pub async fn release_if_orphaned(ctx: &Context, lease: &Lease) -> Result<bool, E
         return Ok(false);
     }
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &namespace);
-    let selector = format!("{}={}", names::VM_LABEL, holder.name);
+    let selector = format!("{},{}={}", names::MANAGED_SELECTOR, names::VM_LABEL, names::label_value(&holder.name));
     let running = pods
         .list(&ListParams::default().labels(&selector))
         .await?

@@ -231,6 +231,9 @@ pub struct ImageStatus {
     /// The capacity of the image's PVC.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub capacity: Option<Quantity>,
+    /// The StorageClass of the image's PVC (per-VM clones are made in the same class).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage_class_name: Option<String>,
     /// How many VirtualMachines use this image now.
     #[serde(default, rename = "runningVMs", skip_serializing_if = "Option::is_none")]
     pub running_vms: Option<i32>,

@@ -41,11 +41,18 @@ fn uses(vm: &VirtualMachine, image: &str, holder_uid: Option<&str>) -> bool {
 fn pvc_view(pvc: Option<&PersistentVolumeClaim>, owner_uid: &str) -> ImagePvc {
     match pvc {
         None => ImagePvc::Missing,
-        Some(p) => ImagePvc::Present {
-            ours: apply::owned_by(&p.metadata, owner_uid),
-            phase: p.status.as_ref().and_then(|s| s.phase.clone()),
-            capacity: p.status.as_ref().and_then(|s| s.capacity.as_ref()?.get("storage").cloned()),
-        },
+        Some(p) => {
+            let spec = p.spec.clone().unwrap_or_default();
+            let requested = spec.resources.as_ref().and_then(|r| r.requests.as_ref()?.get("storage").cloned());
+            ImagePvc::Present {
+                ours: apply::owned_by(&p.metadata, owner_uid),
+                phase: p.status.as_ref().and_then(|s| s.phase.clone()),
+                // Before it binds, a PVC's capacity is what it asks for.
+                capacity: p.status.as_ref().and_then(|s| s.capacity.as_ref()?.get("storage").cloned()).or(requested),
+                storage_class: spec.storage_class_name,
+                volume_mode: spec.volume_mode,
+            }
+        }
     }
 }
 

@@ -130,9 +130,18 @@ async fn provision(vm: &VirtualMachine, ctx: &Context) -> Result<Action, Error> 
                 }
             }
             conflict @ (ClaimPlan::Conflict { .. } | ClaimPlan::Queued { .. }) => {
-                for (image, state) in &states {
-                    if *state == ClaimState::Mine {
-                        claim::release(ctx, &ns, image, &uid).await?;
+                // Let go of what it holds (no deadlock between waiters), but never while a
+                // launcher Pod of this VM may use the disks (asked of the API server): fencing
+                // comes first.
+                let mine: Vec<&String> =
+                    states.iter().filter(|(_, s)| **s == ClaimState::Mine).map(|(i, _)| i).collect();
+                if !mine.is_empty() {
+                    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
+                    let running = pods.get_opt(&names::launcher_pod(&name)).await?;
+                    if running.is_none_or(|p| !apply::owned_by(&p.metadata, &uid)) {
+                        for image in mine {
+                            claim::release(ctx, &ns, image, &uid).await?;
+                        }
                     }
                 }
                 let verdict = match conflict {

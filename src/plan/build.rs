@@ -118,10 +118,11 @@ pub fn vm_disk_pvc(
         disk.pvc_name.clone().unwrap_or_else(|| names::vm_disk_pvc(&vm_name, &disk.name)),
         vm.namespace(),
         vm.controller_owner_ref(&()).expect("a VirtualMachine from the API has a name and uid"),
-        labels(Some((names::VM_LABEL, &vm_name))),
+        labels(Some((names::VM_LABEL, &names::label_value(&vm_name)))),
         annotations,
         disk.size.clone().unwrap_or_else(|| Quantity("1Gi".into())),
-        image.and_then(|i| i.spec.storage_class_name.clone()),
+        // The class of the image's own PVC (a clone can only be made within one class).
+        image.and_then(|i| i.status.as_ref()?.storage_class_name.clone()),
         image.map_or(VolumeMode::Filesystem, |i| i.spec.volume_mode),
         access_mode,
         clone_from.map(str::to_owned),
@@ -156,7 +157,7 @@ pub fn launcher_pod(vm: &VirtualMachine, inputs: &LauncherInputs) -> Pod {
     let mut devices = Vec::new();
     let mut args = vec!["launch".to_owned(), "--vm".to_owned(), vm_name.clone()];
     for disk in inputs.disks {
-        let volume = format!("disk-{}", disk.name);
+        let volume = names::disk_volume(&disk.name);
         let mode = inputs.modes.get(&disk.name).copied().unwrap_or_default();
         let path = disk_path(&disk.name, mode);
         volumes.push(Volume {
@@ -185,7 +186,7 @@ pub fn launcher_pod(vm: &VirtualMachine, inputs: &LauncherInputs) -> Pod {
         metadata: ObjectMeta {
             name: Some(names::launcher_pod(&vm_name)),
             namespace: vm.namespace(),
-            labels: Some(labels(Some((names::VM_LABEL, &vm_name)))),
+            labels: Some(labels(Some((names::VM_LABEL, &names::label_value(&vm_name))))),
             owner_references: Some(vec![
                 vm.controller_owner_ref(&()).expect("a VirtualMachine from the API has a name and uid"),
             ]),

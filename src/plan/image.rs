@@ -26,6 +26,8 @@ pub enum ImagePvc {
         ours: bool,
         phase: Option<String>,
         capacity: Option<Quantity>,
+        storage_class: Option<String>,
+        volume_mode: Option<String>,
     },
 }
 
@@ -70,10 +72,12 @@ pub struct ImagePlan {
 
 /// Where the image's PVC comes from, or why it cannot be had yet.
 enum Source {
-    /// The PVC to use, and the request to create it when it is missing (None: adopt only).
+    /// The PVC to use, and the request to create it when it is missing (None: adopt, or a
+    /// clone that exists already); `clone` while the PVC is a clone of another image.
     Pvc {
         name: String,
         create: Option<PvcRequest>,
+        clone: bool,
     },
     Blocked {
         phase: ImagePhase,
@@ -123,10 +127,14 @@ fn source(obs: &ImageObservation) -> Source {
             volume_mode: spec.volume_mode,
             clone_from: None,
         };
-        return Source::Pvc { name: own_pvc, create: Some(create) };
+        return Source::Pvc { name: own_pvc, create: Some(create), clone: false };
     }
     if let Some(pvc) = &src.pvc {
-        return Source::Pvc { name: pvc.name.clone(), create: None };
+        return Source::Pvc { name: pvc.name.clone(), create: None, clone: false };
+    }
+    if src.image.is_some() && matches!(obs.pvc, ImagePvc::Present { ours: true, .. }) {
+        // The clone exists: it no longer depends on its source.
+        return Source::Pvc { name: own_pvc, create: None, clone: true };
     }
     if let Some(from) = &src.image {
         let Some(source) = obs.source_image else {
@@ -144,6 +152,16 @@ fn source(obs: &ImageObservation) -> Source {
                 message: format!(
                     "source image {} is persistent and held by VirtualMachine {}; it is cloned once released",
                     from.name, holder.name
+                ),
+            };
+        }
+        if source.spec.volume_mode != spec.volume_mode {
+            return Source::Blocked {
+                phase: ImagePhase::Error,
+                reason: "InvalidVolumeMode",
+                message: format!(
+                    "a clone keeps the volumeMode of its source: set spec.volumeMode: {:?} like image {}",
+                    source.spec.volume_mode, from.name
                 ),
             };
         }
@@ -173,7 +191,7 @@ fn source(obs: &ImageObservation) -> Source {
             volume_mode: spec.volume_mode,
             clone_from: Some(source_pvc),
         };
-        return Source::Pvc { name: own_pvc, create: Some(create) };
+        return Source::Pvc { name: own_pvc, create: Some(create), clone: true };
     }
     Source::Blocked {
         phase: ImagePhase::Pending,
@@ -205,9 +223,10 @@ pub fn plan(obs: &ImageObservation, now: &Time) -> ImagePlan {
     let mut create_pvc = None;
     let mut pvc_name = None;
     let mut capacity = None;
+    let mut storage_class = None;
     let (phase, ready) = match source(obs) {
         Source::Blocked { phase, reason, message } => (phase, Cond::new(READY, false, reason, message)),
-        Source::Pvc { name, create } => match (&obs.pvc, create) {
+        Source::Pvc { name, create, clone } => match (&obs.pvc, create) {
             (ImagePvc::Present { ours: false, .. }, Some(_)) => (
                 ImagePhase::Error,
                 Cond::new(
@@ -222,25 +241,43 @@ pub fn plan(obs: &ImageObservation, now: &Time) -> ImagePlan {
                 Cond::new(READY, false, "PvcNotFound", format!("PersistentVolumeClaim {name} does not exist")),
             ),
             (ImagePvc::Missing, Some(request)) => {
-                let cloning = request.clone_from.is_some();
                 capacity = Some(request.size.clone());
+                storage_class = request.storage_class.clone();
                 create_pvc = (!deleting).then_some(request);
                 pvc_name = Some(name);
-                if cloning {
+                if clone {
                     (ImagePhase::Cloning, Cond::new(READY, false, "Cloning", "cloning the source image"))
                 } else {
                     (ImagePhase::Pending, Cond::new(READY, false, "Provisioning", "creating the image's PVC"))
                 }
             }
-            (ImagePvc::Present { phase, capacity: observed, .. }, request) => {
+            (ImagePvc::Present { phase, capacity: observed, storage_class: class, volume_mode, .. }, request) => {
                 capacity = observed.clone().or_else(|| request.as_ref().map(|r| r.size.clone()));
+                storage_class = class.clone();
                 pvc_name = Some(name.clone());
-                let cloning = request.as_ref().is_some_and(|r| r.clone_from.is_some());
                 let bound = phase.as_deref() == Some("Bound");
+                let mode = format!("{:?}", image.spec.volume_mode);
+                let too_small = match (&image.spec.size, &capacity) {
+                    (Some(size), Some(have)) => quantity::bytes(have) < quantity::bytes(size),
+                    _ => false,
+                };
                 if phase.as_deref() == Some("Lost") {
                     let message = format!("PersistentVolumeClaim {name} lost its volume");
                     (ImagePhase::Error, Cond::new(READY, false, "PvcLost", message))
-                } else if cloning && !bound {
+                } else if volume_mode.as_ref().is_some_and(|m| *m != mode) {
+                    let message = format!(
+                        "PersistentVolumeClaim {name} has volumeMode {}, the image says {mode}",
+                        volume_mode.as_deref().unwrap_or_default()
+                    );
+                    (ImagePhase::Error, Cond::new(READY, false, "InvalidVolumeMode", message))
+                } else if too_small {
+                    let message = format!(
+                        "PersistentVolumeClaim {name} holds {}, less than spec.size {}",
+                        capacity.as_ref().map(|c| c.0.as_str()).unwrap_or_default(),
+                        image.spec.size.as_ref().map(|c| c.0.as_str()).unwrap_or_default()
+                    );
+                    (ImagePhase::Error, Cond::new(READY, false, "PvcTooSmall", message))
+                } else if clone && !bound {
                     (ImagePhase::Cloning, Cond::new(READY, false, "Cloning", "cloning the source image"))
                 } else {
                     // Binding is left to the scheduler (WaitForFirstConsumer classes bind late).
@@ -258,7 +295,11 @@ pub fn plan(obs: &ImageObservation, now: &Time) -> ImagePlan {
     };
 
     let in_use_cond = if in_use {
-        Cond::new(IN_USE, true, "InUse", format!("used by VirtualMachine {}", obs.consumers.join(", ")))
+        let users = match (&obs.claim, obs.consumers.is_empty()) {
+            (Some(holder), true) => holder.name.clone(),
+            _ => obs.consumers.join(", "),
+        };
+        Cond::new(IN_USE, true, "InUse", format!("used by VirtualMachine {users}"))
     } else {
         Cond::new(IN_USE, false, "Unused", "no VirtualMachine uses this image")
     };
@@ -278,6 +319,7 @@ pub fn plan(obs: &ImageObservation, now: &Time) -> ImagePlan {
         persistent: Some(in_force),
         pvc_name,
         capacity,
+        storage_class_name: storage_class,
         running_vms: Some(i32::try_from(obs.consumers.len()).unwrap_or(i32::MAX)),
         consumers: obs.consumers.clone(),
         claimed_by: obs.claim.clone(),

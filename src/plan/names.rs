@@ -22,28 +22,46 @@ pub const IMAGE_FINALIZER: &str = "vmkeep.io/image-in-use";
 
 /// The PVC of a VM's disk: `<vm>-<disk>`.
 pub fn vm_disk_pvc(vm: &str, disk: &str) -> String {
-    format!("{vm}-{disk}")
+    fit(&format!("{vm}-{disk}"), 253)
 }
 
 /// The launcher Pod of a VM: `<vm>-launcher`.
 pub fn launcher_pod(vm: &str) -> String {
-    format!("{vm}-launcher")
+    fit(&format!("{vm}-launcher"), 253)
+}
+
+/// The Pod volume of a VM disk (a DNS label: at most 63 characters).
+pub fn disk_volume(disk: &str) -> String {
+    fit(&format!("disk-{disk}"), 63)
 }
 
 /// The PVC vmkeep creates for an Image: `<image>-image`.
 pub fn image_pvc(image: &str) -> String {
-    format!("{image}-image")
+    fit(&format!("{image}-image"), 253)
 }
 
-/// The Lease that is the exclusive claim on a persistent Image. Names longer than an object
-/// name allows are shortened with a hash, so every image has exactly one claim name.
+/// The Lease that is the exclusive claim on a persistent Image.
 pub fn claim_lease(image: &str) -> String {
-    const PREFIX: &str = "vmkeep-claim-";
-    let name = format!("{PREFIX}{image}");
-    if name.len() <= 253 {
-        return name;
+    fit(&format!("vmkeep-claim-{image}"), 253)
+}
+
+/// A label value naming an object (label values have at most 63 characters).
+pub fn label_value(name: &str) -> String {
+    fit(name, 63)
+}
+
+/// `name` if it has at most `max` characters, else a prefix of it and a stable hash of the
+/// whole, so every long name still maps to exactly one short one.
+pub fn fit(name: &str, max: usize) -> String {
+    if name.len() <= max {
+        return name.to_owned();
     }
-    format!("{PREFIX}{}-{:016x}", &image[..200], fnv1a(image.as_bytes()))
+    let mut cut = max - 17;
+    while !name.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    let prefix = name[..cut].trim_end_matches(['-', '.']);
+    format!("{prefix}-{:016x}", fnv1a(name.as_bytes()))
 }
 
 /// FNV-1a: a stable hash (unlike std's), so every replica computes the same name.
@@ -56,12 +74,15 @@ mod tests {
     use super::*;
 
     #[test]
-    fn claim_names_fit_and_differ() {
+    fn long_names_fit_and_differ() {
         assert_eq!(claim_lease("ubuntu"), "vmkeep-claim-ubuntu");
         let a = "a".repeat(253);
         let b = format!("{}b", "a".repeat(252));
         assert!(claim_lease(&a).len() <= 253);
         assert_ne!(claim_lease(&a), claim_lease(&b));
         assert_eq!(claim_lease(&a), claim_lease(&a));
+        assert_eq!(label_value(&a).len(), 63);
+        assert_eq!(disk_volume(&"d".repeat(63)).len(), 63);
+        assert!(!fit(&format!("{}.{}", "x".repeat(45), "y".repeat(40)), 63).contains(".-"));
     }
 }

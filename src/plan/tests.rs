@@ -178,7 +178,13 @@ fn observe(image: &Image, pvc: ImagePvc) -> ImageObservation<'_> {
 }
 
 fn present(ours: bool, phase: &str, capacity: Option<&str>) -> ImagePvc {
-    ImagePvc::Present { ours, phase: Some(phase.to_owned()), capacity: capacity.map(q) }
+    ImagePvc::Present {
+        ours,
+        phase: Some(phase.to_owned()),
+        capacity: capacity.map(q),
+        storage_class: None,
+        volume_mode: None,
+    }
 }
 
 /// The Image plan at t=1000, after checking that planning again at t=2000 with that status gives
@@ -426,7 +432,10 @@ fn resolve_disks_waits_for_the_template_and_passes_on_its_blockers() {
     );
 }
 
-const RECORDED: &str = "phase: Stopped\ncpu: 4\nmemory: 8Gi\ndisks:
+const RECORDED: &str = "phase: Stopped\ncpu: 4\nmemory: 8Gi
+conditions:
+  - {type: ImagesClaimed, status: 'True', reason: Claimed, message: m, lastTransitionTime: '2026-01-01T00:00:00Z'}
+disks:
   - {name: root, image: ubuntu, pvcName: vm-a-root, phase: Bound, size: 10Gi}
   - {name: data, image: db, persistent: true, pvcName: db-image, phase: Attached}
   - {name: old, image: gone, pvcName: vm-a-old, phase: Bound, size: 1Gi}";
@@ -465,9 +474,6 @@ fn persistent_images_are_the_claims_a_vm_needs_in_disk_order() {
 }
 
 #[test]
-#[ignore = "BUG: virtual_machine.rs:218-227 trusts the disks a Waiting VM recorded (persistent: true) although it \
-            never provisioned; if the image's mode changes meanwhile (applied once the holder lets go, image.rs:199-202), \
-            the VM takes a claim on a now non-persistent image and writes its PVC while other VMs clone it"]
 fn a_waiting_vm_follows_the_mode_in_force_when_it_gets_the_image() {
     let images = images();
     // vm-w queued for persistent `ubuntu`; the user made ubuntu non-persistent and that applied.
@@ -953,7 +959,8 @@ fn a_clone_copies_its_source_pvc_at_the_larger_size_in_the_source_class() {
     assert_eq!(plan.status.phase, Some(ImagePhase::Cloning));
     // The clone is done when its PVC is bound.
     for (pvc_phase, phase) in [("Pending", ImagePhase::Cloning), ("Bound", ImagePhase::Ready)] {
-        let obs = ImageObservation { source_image: Some(&source), ..observe(&copy, present(true, pvc_phase, None)) };
+        let obs =
+            ImageObservation { source_image: Some(&source), ..observe(&copy, present(true, pvc_phase, Some("10Gi"))) };
         let plan = settle_image(&obs);
         assert_eq!((plan.status.phase, &plan.create_pvc), (Some(phase), &None), "{pvc_phase}");
         assert_eq!(plan.status.capacity, Some(q("10Gi")));
@@ -1012,8 +1019,6 @@ fn image_phases_follow_its_use() {
 }
 
 #[test]
-#[ignore = "BUG: image.rs:261 builds the InUse message from consumers only; an image held only by a claim (the \
-            holder's status does not show the disk yet) says \"used by VirtualMachine \" with no name"]
 fn an_image_held_only_by_a_claim_names_the_holder() {
     let plan = use_by(&bound(true), &[], Some(holder("vm-a")));
     assert_eq!(
@@ -1109,9 +1114,6 @@ fn deleting_an_image_waits_for_the_last_vm_then_lets_it_go() {
 }
 
 #[test]
-#[ignore = "BUG: image.rs:131-157 checks the source image even after the clone's own PVC exists: once the \
-            source is deleted (SourceNotFound) or claimed by a VM (SourceInUse) the finished clone turns Pending \
-            with no pvcName, and no new VM can use it"]
 fn a_finished_clone_no_longer_depends_on_its_source() {
     let copy = finalized(image("copy", COPY));
     let held = golden(HELD);
@@ -1123,8 +1125,6 @@ fn a_finished_clone_no_longer_depends_on_its_source() {
 }
 
 #[test]
-#[ignore = "BUG: image.rs:173 requests spec.volumeMode (default Filesystem) for a clone of a Block image; \
-            Kubernetes only clones between PVCs of the same volumeMode, so the clone never binds"]
 fn a_clone_of_a_block_image_keeps_block_mode_or_refuses() {
     let source = image(
         "golden",
@@ -1308,7 +1308,11 @@ fn clone_of(pvc: &str) -> Value {
 
 #[test]
 fn a_vm_clone_pvc_copies_the_image_pvc_in_its_class_and_mode() {
-    let img = image("ubuntu", "spec: {size: 10Gi, storageClassName: fast, volumeMode: Block, source: {blank: {}}}");
+    let img = image(
+        "ubuntu",
+        "spec: {size: 10Gi, storageClassName: fast, volumeMode: Block, source: {blank: {}}}\n\
+         status: {storageClassName: fast}",
+    );
     let disk = &disks("[{name: root, image: ubuntu, pvcName: vm-a-root, size: 20Gi}]")[0];
     let pvc = build::vm_disk_pvc(&vm("vm-a"), disk, Some(&img), Some("ubuntu-image"), "ReadWriteOnce");
     let spec = json!({"storageClassName": "fast", "volumeMode": "Block", "dataSource": clone_of("ubuntu-image")});
@@ -1368,27 +1372,21 @@ fn a_claim_lease_names_image_and_holder() {
 }
 
 #[test]
-#[ignore = "BUG: build.rs:124 gives a VM's clone the Image's spec.storageClassName, not the class of the image's \
-            PVC: an Image cloned from another takes the source's class (image.rs:172), so its VM clones ask for the \
-            cluster default class and CSI cannot clone across classes"]
 fn a_vm_clone_is_in_the_storage_class_of_the_image_pvc() {
     let source = golden("{phase: Ready, persistent: false, pvcName: golden-image, capacity: 10Gi}");
-    let copy = finalized(image("copy", COPY));
-    let request = image_plan::plan(
+    let mut copy = finalized(image("copy", COPY));
+    let plan = image_plan::plan(
         &ImageObservation { source_image: Some(&source), ..observe(&copy, ImagePvc::Missing) },
         &at(1),
-    )
-    .create_pvc
-    .unwrap();
+    );
+    let request = plan.create_pvc.unwrap();
+    copy.status = Some(plan.status);
     let disk = &disks("[{name: root, image: copy, pvcName: vm-a-root, size: 10Gi}]")[0];
     let pvc = build::vm_disk_pvc(&vm("vm-a"), disk, Some(&copy), Some("copy-image"), "ReadWriteOnce");
     assert_eq!(pvc.spec.unwrap().storage_class_name, request.storage_class);
 }
 
 #[test]
-#[ignore = "BUG: build.rs:121,188 label the VM's PVCs and launcher Pod with vmkeep.io/virtual-machine=<vm name>; \
-            VM names may have 253 characters but label values only 63, so a VM with a longer name gets no \
-            disk or Pod (the API server refuses them)"]
 fn children_of_a_vm_with_a_long_name_have_valid_labels() {
     let name = "a".repeat(64);
     let v = vm(&name);
@@ -1403,9 +1401,6 @@ fn children_of_a_vm_with_a_long_name_have_valid_labels() {
 }
 
 #[test]
-#[ignore = "BUG: build.rs:159 names the Pod volume disk-<disk name>; disk names may have 63 characters \
-            (api/template.rs) but Pod volume names are DNS labels of at most 63, so a disk name of 59+ \
-            characters makes a launcher Pod the API server refuses"]
 fn launcher_volume_names_fit_a_dns_label() {
     let name = "d".repeat(63);
     let pod = launcher(&vm("vm-a"), &disks(&format!("[{{name: {name}, pvcName: p}}]")), None);

@@ -213,9 +213,11 @@ pub fn resolve_disks<'a>(
 ) -> Result<Resolved, Blocker> {
     let vm_name = vm.name_any();
     let status = vm.status.clone().unwrap_or_default();
-    // A VM that was Rejected never provisioned; when its spec changes it resolves afresh.
-    let recorded = status.phase != Some(VirtualMachinePhase::Rejected);
-    if recorded && let (Some(cpu), Some(memory)) = (status.cpu, status.memory.clone()) {
+    // The record counts once the VM provisioned (held its claims); a VM that waited or was
+    // Rejected resolves afresh, with the images' modes as they are now.
+    let provisioned = status.phase != Some(VirtualMachinePhase::Rejected)
+        && find(&status.conditions, IMAGES_CLAIMED).is_some_and(|c| c.status == crate::api::ConditionStatus::True);
+    if provisioned && let (Some(cpu), Some(memory)) = (status.cpu, status.memory.clone()) {
         let mut clone_sources = BTreeMap::new();
         for disk in status.disks.iter().filter(|d| !d.persistent) {
             if let Some(image) = &disk.image
@@ -377,10 +379,13 @@ pub fn plan_children(
     pod: &Child,
 ) -> ChildrenPlan {
     let mut create_pvcs = Vec::new();
+    let mut disks_settled = true;
     for disk in disks.iter().filter(|d| !d.persistent) {
         let name = disk.pvc_name.clone().unwrap_or_default();
         match pvcs.get(&name).unwrap_or(&Child::Missing) {
             Child::Missing => create_pvcs.push(disk.name.clone()),
+            // Going away (deleted by someone): made again once it is gone, no Pod before.
+            Child::Ours { deleting: true, .. } => disks_settled = false,
             Child::Ours { .. } => {}
             Child::Foreign => {
                 return ChildrenPlan {
@@ -392,10 +397,10 @@ pub fn plan_children(
         }
     }
     let pod = match (run, pod) {
-        (_, Child::Foreign) => {
+        (RunStrategy::Always, Child::Foreign) => {
             return ChildrenPlan { create_pvcs, pod: PodAction::Nothing, conflict: Some(("Pod", pod_name.to_owned())) };
         }
-        (RunStrategy::Always, Child::Missing) => PodAction::Create,
+        (RunStrategy::Always, Child::Missing) if disks_settled => PodAction::Create,
         (RunStrategy::Halted, Child::Ours { deleting: false, .. }) => PodAction::Delete,
         _ => PodAction::Nothing,
     };
@@ -468,7 +473,10 @@ pub fn status(vm: &VirtualMachine, resolved: Option<&Resolved>, verdict: &Verdic
                 Child::Ours { phase, deleting: false } if phase.as_deref() == Some("Running") && !halted => {
                     (P::Running, Cond::new(READY, true, "Running", "the launcher Pod runs"))
                 }
-                Child::Missing if halted => (P::Stopped, Cond::new(READY, false, "Halted", "runStrategy is Halted")),
+                // Someone else's Pod with the launcher's name is not ours to stop.
+                Child::Missing | Child::Foreign if halted => {
+                    (P::Stopped, Cond::new(READY, false, "Halted", "runStrategy is Halted"))
+                }
                 _ if halted => (P::Stopped, Cond::new(READY, false, "Stopping", "removing the launcher Pod")),
                 Child::Missing => {
                     (P::Provisioning, Cond::new(READY, false, "Provisioning", "creating the launcher Pod"))
