@@ -12,6 +12,7 @@ pub mod claim;
 pub mod controller;
 pub mod health;
 pub mod launcher;
+pub mod leader;
 pub mod metrics;
 pub mod operator;
 pub mod plan;

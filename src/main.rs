@@ -1,10 +1,10 @@
 //! The `vmkeep` binary: command-line parsing and wiring only.
 
-use std::{net::SocketAddr, path::PathBuf};
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use vmkeep::{api, controller, launcher, operator, telemetry};
+use vmkeep::{api, controller, launcher, leader, operator, telemetry};
 
 #[derive(Parser)]
 #[command(name = "vmkeep", version, about = "VM disk images on Kubernetes, persistent or cloned per VM")]
@@ -36,6 +36,21 @@ enum Command {
         /// Serve one namespace only (default: all namespaces).
         #[arg(long, env = "VMKEEP_NAMESPACE")]
         namespace: Option<String>,
+        /// Run the controllers only while holding the leader Lease (for more than one replica).
+        #[arg(long, env = "VMKEEP_LEADER_ELECT")]
+        leader_elect: bool,
+        /// The namespace of the leader Lease.
+        #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+        leader_election_namespace: String,
+        /// The name of the leader Lease.
+        #[arg(long, default_value = "vmkeep-leader")]
+        leader_election_lease: String,
+        /// This replica's identity in the election (default: the Pod name, else host and pid).
+        #[arg(long, env = "POD_NAME")]
+        identity: Option<String>,
+        /// Seconds a leader Lease stays valid without renewal; a standby takes over after it.
+        #[arg(long, default_value_t = 15, value_parser = clap::value_parser!(u64).range(3..))]
+        leader_election_seconds: u64,
     },
     /// Inside a launcher Pod: hold the VM's disks (checking each is there) until SIGTERM.
     Launch {
@@ -57,11 +72,33 @@ enum Command {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
-        Command::Run { http_addr, log_format, launcher_image, pvc_access_mode, concurrency, namespace } => {
+        Command::Run {
+            http_addr,
+            log_format,
+            launcher_image,
+            pvc_access_mode,
+            concurrency,
+            namespace,
+            leader_elect,
+            leader_election_namespace,
+            leader_election_lease,
+            identity,
+            leader_election_seconds,
+        } => {
             telemetry::init(log_format);
             let settings =
                 controller::Settings { launcher_image, access_mode: pvc_access_mode, concurrency, namespace };
-            operator::run(operator::RunOptions { http_addr, settings }).await
+            let election = leader_elect.then(|| {
+                let duration = Duration::from_secs(leader_election_seconds);
+                leader::Election {
+                    namespace: leader_election_namespace,
+                    name: leader_election_lease,
+                    identity: identity.unwrap_or_else(default_identity),
+                    duration,
+                    renew: duration / 3,
+                }
+            });
+            operator::run(operator::RunOptions { http_addr, settings, election }).await
         }
         Command::Launch { vm, disks } => {
             telemetry::init(telemetry::LogFormat::Text);
@@ -88,4 +125,10 @@ fn write_crds(dir: Option<PathBuf>) -> anyhow::Result<()> {
 fn parse_disk(arg: &str) -> Result<(String, PathBuf), String> {
     let (name, path) = arg.split_once('=').ok_or("expected NAME=PATH")?;
     Ok((name.to_owned(), PathBuf::from(path)))
+}
+
+/// Outside a Pod: the host name and process id.
+fn default_identity() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    format!("{}-{}", host.trim(), std::process::id())
 }

@@ -34,6 +34,8 @@ pub struct Metrics {
     registry: Registry,
     /// 1 once the CRDs are established and the controllers run.
     pub ready: Gauge,
+    /// 1 while this replica runs the controllers (leads, or needs no election).
+    pub leader: Gauge,
     pub reconciliations: Family<ReconcileLabels, Counter>,
     pub failures: Family<FailureLabels, Counter>,
     pub reconcile_duration: Family<ReconcileLabels, Histogram>,
@@ -45,6 +47,8 @@ impl Default for Metrics {
         let mut registry = Registry::with_prefix("vmkeep");
         let ready = Gauge::default();
         registry.register("ready", "1 once the CRDs are established and the controllers run", ready.clone());
+        let leader = Gauge::default();
+        registry.register("leader", "1 while this replica runs the controllers", leader.clone());
         let reconciliations = Family::<ReconcileLabels, Counter>::default();
         registry.register("reconciliations", "Reconciles started", reconciliations.clone());
         let failures = Family::<FailureLabels, Counter>::default();
@@ -55,7 +59,7 @@ impl Default for Metrics {
         registry.register("reconcile_duration_seconds", "How long reconciles take", reconcile_duration.clone());
         let api_writes = Family::<WriteLabels, Counter>::default();
         registry.register("api_writes", "Write requests the operator sent to the API server", api_writes.clone());
-        Self { registry, ready, reconciliations, failures, reconcile_duration, api_writes }
+        Self { registry, ready, leader, reconciliations, failures, reconcile_duration, api_writes }
     }
 }
 

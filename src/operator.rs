@@ -16,7 +16,7 @@ use kube::{
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::{api, controller, health, metrics::Metrics};
+use crate::{api, controller, health, leader::Election, metrics::Metrics};
 
 /// How long in-flight reconciles may run after SIGTERM.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
@@ -27,6 +27,8 @@ pub struct RunOptions {
     /// Where `/healthz`, `/readyz` and `/metrics` are served.
     pub http_addr: SocketAddr,
     pub settings: controller::Settings,
+    /// Leader election, for more than one replica.
+    pub election: Option<Election>,
 }
 
 /// Runs the operator until SIGTERM or SIGINT.
@@ -50,23 +52,64 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         () = wait_for_crds(&client) => true,
         () = shutdown.cancelled() => false,
     };
+    let mut outcome = Ok(());
     if established {
         health.set_ready(true);
         info!("vmkeep is ready");
-        let controllers = controller::run(client, metrics, opts.settings, shutdown.clone());
-        // In-flight reconciles finish after SIGTERM, but never hold the exit for long.
-        let deadline = async {
-            shutdown.cancelled().await;
-            tokio::time::sleep(SHUTDOWN_GRACE).await;
-        };
-        tokio::select! {
-            () = controllers => {}
-            () = deadline => warn!("reconciles still running after {SHUTDOWN_GRACE:?}; exiting anyway"),
-        }
+        outcome = lead_and_run(client, metrics, opts, &shutdown).await;
     }
     health.set_ready(false);
+    shutdown.cancel();
     server.await.context("the HTTP server task failed")?.context("the HTTP server failed")?;
     info!("stopped");
+    outcome
+}
+
+/// Runs the controllers, as the leader when an election is configured. Losing the lead stops
+/// the controllers and ends the process with an error, so it restarts as a standby.
+async fn lead_and_run(
+    client: Client,
+    metrics: Arc<Metrics>,
+    opts: RunOptions,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<()> {
+    let stop = shutdown.child_token();
+    let lost = CancellationToken::new();
+    if let Some(election) = &opts.election {
+        if !election.acquire(&client, shutdown).await {
+            return Ok(());
+        }
+        metrics.leader.set(1);
+        tokio::spawn({
+            let (election, client, shutdown, lost, stop) =
+                (election.clone(), client.clone(), shutdown.clone(), lost.clone(), stop.clone());
+            async move {
+                election.hold(&client, shutdown, lost.clone()).await;
+                if lost.is_cancelled() {
+                    stop.cancel();
+                }
+            }
+        });
+    } else {
+        metrics.leader.set(1);
+    }
+    let controllers = controller::run(client.clone(), metrics.clone(), opts.settings, stop.clone());
+    // In-flight reconciles finish after SIGTERM, but never hold the exit for long.
+    let deadline = async {
+        stop.cancelled().await;
+        tokio::time::sleep(SHUTDOWN_GRACE).await;
+    };
+    tokio::select! {
+        () = controllers => {}
+        () = deadline => warn!("reconciles still running after {SHUTDOWN_GRACE:?}; exiting anyway"),
+    }
+    metrics.leader.set(0);
+    if lost.is_cancelled() {
+        anyhow::bail!("lost the leader Lease");
+    }
+    if let Some(election) = &opts.election {
+        election.release(&client).await;
+    }
     Ok(())
 }
 

@@ -222,6 +222,13 @@ impl Operator {
             .sum::<f64>() as u64
     }
 
+    /// The value of a gauge (`vmkeep_<name>`), if the operator answers.
+    pub fn gauge(&self, name: &str) -> Option<i64> {
+        let (_, body) = http_get(self.http, "/metrics")?;
+        let prefix = format!("vmkeep_{name} ");
+        body.lines().find_map(|l| l.strip_prefix(&prefix)?.trim().parse().ok())
+    }
+
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
