@@ -3,39 +3,33 @@
 
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 
+/// Binary suffixes first: `Mi` must not be read as `M`.
+const SUFFIXES: &[(&str, u128)] = &[
+    ("Ki", 1 << 10),
+    ("Mi", 1 << 20),
+    ("Gi", 1 << 30),
+    ("Ti", 1 << 40),
+    ("Pi", 1 << 50),
+    ("Ei", 1 << 60),
+    ("k", 1_000),
+    ("M", 1_000_000),
+    ("G", 1_000_000_000),
+    ("T", 1_000_000_000_000),
+    ("P", 1_000_000_000_000_000),
+    ("E", 1_000_000_000_000_000_000),
+];
+
 /// The number of bytes a quantity stands for (rounded up), or `None` if it is not a valid
 /// non-negative quantity.
 pub fn bytes(q: &Quantity) -> Option<u128> {
     let s = q.0.trim();
-    let (number, multiplier): (&str, u128) = if let Some(n) = s.strip_suffix("Ki") {
-        (n, 1 << 10)
-    } else if let Some(n) = s.strip_suffix("Mi") {
-        (n, 1 << 20)
-    } else if let Some(n) = s.strip_suffix("Gi") {
-        (n, 1 << 30)
-    } else if let Some(n) = s.strip_suffix("Ti") {
-        (n, 1 << 40)
-    } else if let Some(n) = s.strip_suffix("Pi") {
-        (n, 1 << 50)
-    } else if let Some(n) = s.strip_suffix("Ei") {
-        (n, 1 << 60)
-    } else if let Some(n) = s.strip_suffix('k') {
-        (n, 1_000)
-    } else if let Some(n) = s.strip_suffix('M') {
-        (n, 1_000_000)
-    } else if let Some(n) = s.strip_suffix('G') {
-        (n, 1_000_000_000)
-    } else if let Some(n) = s.strip_suffix('T') {
-        (n, 1_000_000_000_000)
-    } else if let Some(n) = s.strip_suffix('P') {
-        (n, 1_000_000_000_000_000)
-    } else if let Some(n) = s.strip_suffix('E') {
-        (n, 1_000_000_000_000_000_000)
-    } else if let Some((mantissa, exp)) = s.split_once(['e', 'E']) {
-        let exp: u32 = exp.parse().ok()?;
-        (mantissa, 10u128.checked_pow(exp)?)
-    } else {
-        (s, 1)
+    let suffix = SUFFIXES.iter().find_map(|(suffix, m)| Some((s.strip_suffix(suffix)?, *m)));
+    let (number, multiplier) = match suffix {
+        Some(found) => found,
+        None => match s.split_once(['e', 'E']) {
+            Some((mantissa, exp)) => (mantissa, 10u128.checked_pow(exp.parse().ok()?)?),
+            None => (s, 1),
+        },
     };
     let (whole, fraction) = number.split_once('.').unwrap_or((number, ""));
     if whole.is_empty() && fraction.is_empty() {
