@@ -57,10 +57,25 @@ pub fn kubectl_path() -> &'static Path {
     })
 }
 
+/// The helm the tests use: `HELM` (as for hack/render-deploy.sh) or the one `hack/cluster.sh
+/// tools` installs.
+pub fn helm_path() -> &'static Path {
+    static PATH: OnceLock<PathBuf> = OnceLock::new();
+    PATH.get_or_init(|| match std::env::var_os("HELM") {
+        Some(path) if !path.is_empty() => PathBuf::from(path),
+        _ => PathBuf::from(hack(&["tools"])).join("helm"),
+    })
+}
+
 /// Runs kubectl against the cluster under test with `stdin` as its input.
 pub fn kubectl(args: &[&str], stdin: Option<&str>) -> Output {
+    kubectl_with(kubeconfig(), args, stdin)
+}
+
+/// Runs kubectl with another kubeconfig (another identity) and `stdin` as its input.
+pub fn kubectl_with(kubeconfig: &Path, args: &[&str], stdin: Option<&str>) -> Output {
     let mut child = Command::new(kubectl_path())
-        .env("KUBECONFIG", kubeconfig())
+        .env("KUBECONFIG", kubeconfig)
         .args(args)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -168,6 +183,11 @@ impl Operator {
     }
 
     pub fn start_with(name: &str, args: &[&str]) -> Self {
+        Self::start_with_kubeconfig(name, kubeconfig(), args)
+    }
+
+    /// Starts `vmkeep run` with another kubeconfig, e.g. one holding a ServiceAccount's token.
+    pub fn start_with_kubeconfig(name: &str, kubeconfig: &Path, args: &[&str]) -> Self {
         let http: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
         let logs = repo().join("target/e2e-logs");
         std::fs::create_dir_all(&logs).expect("log folder");
@@ -176,7 +196,7 @@ impl Operator {
         let child = Command::new(env!("CARGO_BIN_EXE_vmkeep"))
             .args(["run", "--http-addr", &http.to_string()])
             .args(args)
-            .env("KUBECONFIG", kubeconfig())
+            .env("KUBECONFIG", kubeconfig)
             .env("RUST_LOG", "info,vmkeep=debug")
             .stdout(file.try_clone().expect("log file"))
             .stderr(file)

@@ -1,0 +1,484 @@
+//! The install paths against a real API server: the Helm chart (lint, render, install,
+//! uninstall, its values schema), the rendered `deploy/` manifests (up to date, and they
+//! install and uninstall cleanly), the chart's RBAC (enough for the operator, and no more), and
+//! the offline OCI image of `hack/image.sh`.
+
+mod support;
+
+use std::{
+    fs::File,
+    io::{BufRead, BufReader, Seek, SeekFrom},
+    path::{Path, PathBuf},
+    process::{Command, Output, Stdio},
+    time::Duration,
+};
+
+use k8s_openapi::api::core::v1::PersistentVolumeClaim;
+use kube::{Api, Client};
+use serde::Deserialize;
+use serde_yaml::Value;
+use support::*;
+use vmkeep::{
+    api::{Image, VirtualMachine, virtual_machine::VirtualMachinePhase},
+    plan::names,
+};
+
+const CHART: &str = "charts/vmkeep";
+const LONG: Duration = Duration::from_secs(60);
+/// `hack/image.sh` installs Debian packages and downloads some on its first run.
+const IMAGE_BUILD: Duration = Duration::from_secs(900);
+
+/// Runs `cleanup` when dropped: after the happy path and after a failed assertion alike.
+struct OnDrop<F: FnMut()>(F);
+
+impl<F: FnMut()> Drop for OnDrop<F> {
+    fn drop(&mut self) {
+        (self.0)()
+    }
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// Runs helm (in the repository, against the cluster under test).
+fn helm(args: &[&str]) -> Output {
+    Command::new(helm_path())
+        .current_dir(repo())
+        .env("KUBECONFIG", kubeconfig())
+        .args(args)
+        .output()
+        .expect("cannot run helm")
+}
+
+/// Runs helm and panics with its output unless it succeeds; returns stdout.
+fn helm_ok(args: &[&str]) -> String {
+    let out = helm(args);
+    assert!(out.status.success(), "helm {} failed:\n{}{}", args.join(" "), text(&out.stdout), text(&out.stderr));
+    text(&out.stdout)
+}
+
+/// `helm template` of the chart as `release` into `namespace`, with extra arguments.
+fn render(release: &str, namespace: &str, extra: &[&str]) -> Output {
+    helm(&[&["template", release, CHART, "--namespace", namespace], extra].concat())
+}
+
+/// The objects of a multi-document YAML stream.
+fn objects(yaml: &str) -> Vec<Value> {
+    serde_yaml::Deserializer::from_str(yaml)
+        .map(|doc| Value::deserialize(doc).expect("valid YAML"))
+        .filter(|doc| !doc.is_null())
+        .collect()
+}
+
+/// `kind/name` of an object, as kubectl takes it.
+fn reference(object: &Value) -> String {
+    let kind = object["kind"].as_str().expect("kind").to_lowercase();
+    format!("{kind}/{}", object["metadata"]["name"].as_str().expect("name"))
+}
+
+fn is_cluster_scoped(object: &Value) -> bool {
+    object["metadata"]["namespace"].is_null()
+}
+
+/// Which of `references` (`kind/name`) exist, in `namespace` for namespaced kinds.
+fn existing(references: &[String], namespace: &str) -> Vec<String> {
+    if references.is_empty() {
+        return Vec::new();
+    }
+    let args = [&["get", "--ignore-not-found", "-o", "name", "-n", namespace][..], &str_refs(references)[..]].concat();
+    kubectl_ok(&args, None).lines().map(str::to_owned).collect()
+}
+
+fn str_refs(strings: &[String]) -> Vec<&str> {
+    strings.iter().map(String::as_str).collect()
+}
+
+/// Deletes `references` (cluster-scoped ones, namespaced ones in `namespace`) if they exist.
+fn delete_quietly(references: &[String], namespace: &str) {
+    if !references.is_empty() {
+        let args = [&["delete", "--ignore-not-found", "--wait=false", "-n", namespace][..], &str_refs(references)[..]];
+        let _ = kubectl(&args.concat(), None);
+    }
+}
+
+async fn wait_all_gone(what: &str, references: &[String], namespace: &str) {
+    wait_for(what, LONG, async || existing(references, namespace).is_empty().then_some(())).await;
+}
+
+#[tokio::test]
+async fn the_chart_lints_renders_installs_and_uninstalls() {
+    install_crds();
+    let ns = TestNamespace::new("install-chart");
+    // Cluster-scoped names derive from the release name: one per test run.
+    let release = ns.name.clone();
+    helm_ok(&["lint", "--strict", CHART]);
+
+    let rendered = render(&release, &ns.name, &[]);
+    assert!(rendered.status.success(), "helm template failed:\n{}", text(&rendered.stderr));
+    let manifest = text(&rendered.stdout);
+    kubectl_ok(&["apply", "--dry-run=server", "-n", &ns.name, "-f", "-"], Some(&manifest));
+    let rendered = objects(&manifest);
+    let mut kinds: Vec<&str> = rendered.iter().map(|o| o["kind"].as_str().expect("kind")).collect();
+    kinds.sort_unstable();
+    assert_eq!(kinds, ["ClusterRole", "ClusterRoleBinding", "Deployment", "Service", "ServiceAccount"]);
+    let all: Vec<String> = rendered.iter().map(reference).collect();
+    let cluster_scoped: Vec<String> = rendered.iter().filter(|o| is_cluster_scoped(o)).map(reference).collect();
+    assert_eq!(cluster_scoped.len(), 2, "{cluster_scoped:?}");
+
+    let _cleanup = OnDrop(|| {
+        let _ = helm(&["uninstall", &release, "--namespace", &ns.name, "--ignore-not-found"]);
+        delete_quietly(&cluster_scoped, &ns.name);
+    });
+    // The CRDs are installed by install_crds(), never by (and never owned by) this release.
+    helm_ok(&["install", &release, CHART, "--namespace", &ns.name, "--skip-crds"]);
+    let installed = existing(&all, &ns.name);
+    assert_eq!(installed.len(), all.len(), "helm install created {installed:?} of {all:?}");
+    let crd_owners = kubectl_ok(
+        &["get", "-f", repo().join("crds").to_str().unwrap(), "-o", r#"jsonpath={.items[*].metadata.annotations}"#],
+        None,
+    );
+    assert!(!crd_owners.contains(&release), "the release took the CRDs: {crd_owners}");
+
+    helm_ok(&["uninstall", &release, "--namespace", &ns.name]);
+    wait_all_gone("helm uninstall to remove the cluster-scoped objects", &cluster_scoped, &ns.name).await;
+    wait_all_gone("helm uninstall to remove every object", &all, &ns.name).await;
+}
+
+#[tokio::test]
+async fn the_values_schema_rejects_typos_and_more_replicas_need_leader_election() {
+    let typo = render("schema", "schema", &["--set", "replicaz=2"]);
+    assert!(!typo.status.success(), "a misspelled key was accepted");
+    let stderr = text(&typo.stderr);
+    assert!(stderr.contains("additional properties") && stderr.contains("replicaz"), "{stderr}");
+
+    let unelected = render("schema", "schema", &["--set", "replicas=2"]);
+    assert!(!unelected.status.success(), "two replicas without leader election were accepted");
+    assert!(text(&unelected.stderr).contains("leaderElection.enabled"), "{}", text(&unelected.stderr));
+
+    let elected = render("schema", "schema", &["--set", "replicas=2", "--set", "leaderElection.enabled=true"]);
+    assert!(elected.status.success(), "{}", text(&elected.stderr));
+    let rendered = objects(&text(&elected.stdout));
+    let deployment = rendered.iter().find(|o| o["kind"] == "Deployment").expect("a Deployment");
+    assert_eq!(deployment["spec"]["replicas"], 2);
+    let args = &deployment["spec"]["template"]["spec"]["containers"][0]["args"];
+    assert!(args.as_sequence().expect("args").iter().any(|a| *a == "--leader-elect"), "args: {args:?}");
+}
+
+#[tokio::test]
+async fn deploy_is_the_rendered_chart() {
+    let out = Command::new("bash")
+        .current_dir(repo())
+        .env("HELM", helm_path())
+        .args(["hack/render-deploy.sh", "--check"])
+        .output()
+        .expect("cannot run hack/render-deploy.sh");
+    assert!(
+        out.status.success(),
+        "deploy/ or charts/vmkeep/crds/ is out of date: run hack/render-deploy.sh and commit the result\n{}",
+        text(&out.stderr)
+    );
+}
+
+/// The token of ServiceAccount `sa`: on clusters before 1.24 the Secret the token controller
+/// makes for it (`<sa>-token-*`, listed in the account's `.secrets`), else a TokenRequest.
+async fn service_account_token(namespace: &str, sa: &str) -> String {
+    let version: serde_json::Value = serde_json::from_str(&kubectl_ok(&["version", "-o", "json"], None)).unwrap();
+    let minor = version["serverVersion"]["minor"].as_str().expect("server minor version");
+    let minor: u32 = minor.trim_end_matches(|c: char| !c.is_ascii_digit()).parse().expect("minor version");
+    if minor >= 24 {
+        return kubectl_ok(&["create", "token", sa, "-n", namespace, "--duration=2h"], None).trim().to_owned();
+    }
+    let secret = wait_for(&format!("the token Secret of ServiceAccount {sa}"), LONG, async || {
+        let names =
+            kubectl_ok(&["get", "serviceaccount", sa, "-n", namespace, "-o", "jsonpath={.secrets[*].name}"], None);
+        names.split_whitespace().find(|n| n.starts_with(&format!("{sa}-token-"))).map(str::to_owned)
+    })
+    .await;
+    // The token controller creates the Secret with its token before it lists it in `.secrets`.
+    let template = "go-template={{.data.token | base64decode}}";
+    kubectl_ok(&["get", "secret", &secret, "-n", namespace, "-o", template], None).trim().to_owned()
+}
+
+/// Writes a kubeconfig for `token` to the cluster under test (server and CA of the admin's).
+fn token_kubeconfig(path: &Path, token: &str, namespace: &str) {
+    let admin = kubectl_ok(&["config", "view", "--raw", "--minify", "--flatten", "-o", "json"], None);
+    let admin: serde_json::Value = serde_json::from_str(&admin).expect("kubeconfig as JSON");
+    let cluster = admin["clusters"][0]["cluster"].clone();
+    assert!(cluster["server"].is_string(), "no server in the admin kubeconfig");
+    let config = serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "cluster", "cluster": cluster}],
+        "users": [{"name": "operator", "user": {"token": token}}],
+        "contexts": [{"name": "operator", "context": {"cluster": "cluster", "user": "operator", "namespace": namespace}}],
+        "current-context": "operator",
+    });
+    std::fs::write(path, serde_json::to_string_pretty(&config).unwrap()).expect("write the kubeconfig");
+}
+
+/// Requests of `user` in the API server's audit log from byte `from` on: how many, and the
+/// ones answered 403.
+fn audited_requests(log: &Path, from: u64, user: &str) -> (usize, Vec<String>) {
+    let mut file = File::open(log).expect("open the audit log");
+    file.seek(SeekFrom::Start(from)).expect("seek in the audit log");
+    let needle = format!(r#""username":"{user}""#);
+    let mut count = 0;
+    let mut refused = Vec::new();
+    for line in BufReader::new(file).lines() {
+        let line = line.expect("read the audit log");
+        if !line.contains(&needle) {
+            continue;
+        }
+        // The last line may be half written.
+        let Ok(event) = serde_json::from_str::<serde_json::Value>(&line) else { continue };
+        count += 1;
+        if event["responseStatus"]["code"] == 403 {
+            refused.push(format!("{} {}: {}", event["verb"], event["requestURI"], event["annotations"]));
+        }
+    }
+    (count, refused)
+}
+
+/// The first lines of an operator log that tell of a refused (403 Forbidden) request.
+fn refusals(log: &Path) -> Vec<String> {
+    let log = std::fs::read_to_string(log).unwrap_or_default();
+    log.lines().filter(|l| l.to_lowercase().contains("forbidden")).take(5).map(str::to_owned).collect()
+}
+
+/// Deletes the test's vmkeep objects while the operator runs (their finalizers need it); if
+/// that does not finish, strips the finalizers so the namespace can go.
+fn delete_vmkeep_objects(namespace: &str) -> bool {
+    let kinds = "virtualmachines.vmkeep.io,images.vmkeep.io,templates.vmkeep.io";
+    let deleted = kubectl(&["delete", kinds, "--all", "-n", namespace, "--wait=true", "--timeout=90s"], None);
+    if deleted.status.success() {
+        return true;
+    }
+    let left = kubectl(&["get", kinds, "-n", namespace, "-o", "name"], None);
+    for object in text(&left.stdout).lines() {
+        let unblock = r#"{"metadata":{"finalizers":null}}"#;
+        let _ = kubectl(&["patch", object, "-n", namespace, "--type=merge", "-p", unblock], None);
+    }
+    false
+}
+
+/// A non-persistent image cloned for two VMs, and a persistent image held by one VM.
+const SCENARIO: &str = r#"
+apiVersion: vmkeep.io/v1alpha1
+kind: Image
+metadata: {name: os}
+spec: {size: 1Gi, source: {blank: {}}}
+---
+apiVersion: vmkeep.io/v1alpha1
+kind: Image
+metadata: {name: disk}
+spec: {persistent: true, size: 1Gi, source: {blank: {}}}
+---
+apiVersion: vmkeep.io/v1alpha1
+kind: Template
+metadata: {name: shared}
+spec: {cpu: 1, memory: 128Mi, disks: [{name: root, image: os}]}
+---
+apiVersion: vmkeep.io/v1alpha1
+kind: Template
+metadata: {name: exclusive}
+spec: {cpu: 1, memory: 128Mi, disks: [{name: data, image: disk}]}
+---
+apiVersion: vmkeep.io/v1alpha1
+kind: VirtualMachine
+metadata: {name: clone-1}
+spec: {templateRef: {name: shared}}
+---
+apiVersion: vmkeep.io/v1alpha1
+kind: VirtualMachine
+metadata: {name: clone-2}
+spec: {templateRef: {name: shared}}
+---
+apiVersion: vmkeep.io/v1alpha1
+kind: VirtualMachine
+metadata: {name: holder}
+spec: {templateRef: {name: exclusive}, onImageConflict: Reject}
+"#;
+
+/// Applied once `holder` holds the persistent image.
+const LATECOMER: &str = r#"
+apiVersion: vmkeep.io/v1alpha1
+kind: VirtualMachine
+metadata: {name: latecomer}
+spec: {templateRef: {name: exclusive}, onImageConflict: Reject}
+"#;
+
+async fn wait_phase(vms: &Api<VirtualMachine>, name: &str, phase: VirtualMachinePhase) -> VirtualMachine {
+    wait_for(&format!("VirtualMachine {name} to be {phase:?}"), LONG, async || {
+        vms.get_opt(name).await.expect("get vm").filter(|vm| vm.status.as_ref().and_then(|s| s.phase) == Some(phase))
+    })
+    .await
+}
+
+/// The core scenarios with the given operator running: clones per VM, one holder of a
+/// persistent image, a second claim rejected; then everything deleted through the finalizers.
+async fn run_core_scenarios(client: Client, namespace: &str) {
+    kubectl_ok(&["apply", "-n", namespace, "-f", "-"], Some(SCENARIO));
+    let vms: Api<VirtualMachine> = Api::namespaced(client.clone(), namespace);
+    let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), namespace);
+    for vm in ["clone-1", "clone-2"] {
+        wait_phase(&vms, vm, VirtualMachinePhase::Starting).await;
+        let pvc = pvcs.get(&names::vm_disk_pvc(vm, "root")).await.expect("the VM's own clone PVC");
+        let source = pvc.spec.and_then(|s| s.data_source).expect("the clone has a dataSource");
+        assert_eq!((source.kind.as_str(), source.name), ("PersistentVolumeClaim", names::image_pvc("os")));
+    }
+
+    let holder = wait_phase(&vms, "holder", VirtualMachinePhase::Starting).await;
+    let disks = holder.status.expect("status").disks;
+    assert_eq!(disks.iter().map(|d| d.pvc_name.clone()).collect::<Vec<_>>(), [Some(names::image_pvc("disk"))]);
+    let images: Api<Image> = Api::namespaced(client, namespace);
+    wait_for("Image disk to be claimed by holder", LONG, async || {
+        let claimed_by = images.get("disk").await.expect("get image").status?.claimed_by?;
+        (claimed_by.name == "holder").then_some(())
+    })
+    .await;
+    kubectl_ok(&["apply", "-n", namespace, "-f", "-"], Some(LATECOMER));
+    let rejected = wait_phase(&vms, "latecomer", VirtualMachinePhase::Rejected).await;
+    let conditions = rejected.status.expect("status").conditions;
+    let claimed = conditions.iter().find(|c| c.r#type == "ImagesClaimed").expect("condition ImagesClaimed");
+    assert_eq!(claimed.reason, "ImageInUse");
+
+    assert!(delete_vmkeep_objects(namespace), "the operator did not finish deleting the VMs and images");
+}
+
+#[tokio::test]
+async fn the_chart_rbac_is_enough_for_the_operator_and_no_more() {
+    install_crds();
+    let ns = TestNamespace::new("install-rbac");
+    let release = ns.name.clone();
+    let only = ["serviceaccount", "clusterrole", "clusterrolebinding"].map(|t| format!("templates/{t}.yaml"));
+    let rbac = render(&release, &ns.name, &only.iter().flat_map(|t| ["--show-only", t.as_str()]).collect::<Vec<_>>());
+    assert!(rbac.status.success(), "helm template failed:\n{}", text(&rbac.stderr));
+    let rbac = text(&rbac.stdout);
+    let rendered = objects(&rbac);
+    let cluster_scoped: Vec<String> = rendered.iter().filter(|o| is_cluster_scoped(o)).map(reference).collect();
+    let _cluster_cleanup = OnDrop(|| delete_quietly(&cluster_scoped, &ns.name));
+    kubectl_ok(&["apply", "-n", &ns.name, "-f", "-"], Some(&rbac));
+    let sa = rendered.iter().find(|o| o["kind"] == "ServiceAccount").expect("a ServiceAccount");
+    let sa = sa["metadata"]["name"].as_str().expect("name").to_owned();
+    let user = format!("system:serviceaccount:{}:{sa}", ns.name);
+
+    let config = std::env::temp_dir().join(format!("{}.kubeconfig", ns.name));
+    let _config_cleanup = OnDrop(|| {
+        let _ = std::fs::remove_file(&config);
+    });
+    token_kubeconfig(&config, &service_account_token(&ns.name, &sa).await, &ns.name);
+    let audit_log = kubeconfig().parent().expect("kubeconfig folder").join("audit.log");
+    let audit_start = std::fs::metadata(&audit_log).map(|m| m.len()).unwrap_or(0);
+
+    // The chart's ServiceAccount, with leader election (the chart's leaderElection.enabled)
+    // renewing its Lease every second.
+    let election = ["--leader-elect", "--leader-election-namespace", &ns.name, "--leader-election-seconds", "3"];
+    let args = [&["--namespace", ns.name.as_str()][..], &election[..]].concat();
+    let mut operator = Operator::start_with_kubeconfig("install-rbac", &config, &args);
+    let log = operator.log.clone();
+    let _objects_cleanup = OnDrop(|| {
+        delete_vmkeep_objects(&ns.name);
+        // A scenario that times out for want of a permission says so in the operator's log.
+        if std::thread::panicking() {
+            eprintln!("refused requests in {}:\n{}", log.display(), refusals(&log).join("\n"));
+        }
+    });
+    operator.ready().await;
+    run_core_scenarios(client().await, &ns.name).await;
+    assert!(operator.exited().is_none(), "the operator died:\n{}", operator.log_text());
+    let refused = refusals(&log);
+    assert!(refused.is_empty(), "the operator was refused requests:\n{}", refused.join("\n"));
+
+    if is_local_cluster() {
+        let (count, refused) = audited_requests(&audit_log, audit_start, &user);
+        assert!(count > 0, "no request of {user} in {}", audit_log.display());
+        assert!(refused.is_empty(), "requests of {user} answered 403:\n{}", refused.join("\n"));
+        eprintln!("audit log: {count} requests of {user}, none refused");
+    } else {
+        eprintln!("not the local control plane: no audit log to check for 403s (the operator's log has none)");
+    }
+
+    // No rule, no access: Secrets, other kinds, verbs the rules leave out.
+    let refused: [&[&str]; 6] = [
+        &["get", "secrets"],
+        &["get", "secrets", "--all-namespaces"],
+        &["get", "deployments"],
+        &["delete", "persistentvolumeclaim", "x"],
+        &["create", "configmap", "x", "--from-literal=a=b"],
+        &["delete", "images.vmkeep.io", "x"],
+    ];
+    for args in refused {
+        let out = kubectl_with(&config, &[args, &["-n", &ns.name]].concat(), None);
+        let stderr = text(&out.stderr);
+        assert!(!out.status.success() && stderr.contains("is forbidden: User"), "{user} may {args:?}: {stderr}");
+    }
+}
+
+#[tokio::test]
+async fn the_plain_manifests_install_and_uninstall_without_leftovers() {
+    install_crds();
+    let deploy = repo().join("deploy");
+    let deploy = deploy.to_str().unwrap();
+    let manifest = std::fs::read_to_string(repo().join("deploy/vmkeep.yaml")).expect("deploy/vmkeep.yaml");
+    let cluster_scoped: Vec<String> =
+        objects(&manifest).iter().filter(|o| is_cluster_scoped(o)).map(reference).collect();
+    assert!(cluster_scoped.contains(&"namespace/vmkeep".to_owned()), "{cluster_scoped:?}");
+    // deploy/ has fixed names: never replace an install that is not this test's (marked by
+    // this label on its Namespace), only what an interrupted run of it left behind.
+    const MARK: &str = "vmkeep.io/installed-by-test=install";
+    let marked = ["get", "namespaces", "-l", MARK, "--field-selector", "metadata.name=vmkeep", "-o", "name"];
+    let ours = !kubectl_ok(&marked, None).trim().is_empty();
+    let present = existing(&cluster_scoped, "vmkeep");
+    assert!(ours || present.is_empty(), "{present:?} exist and are not this test's: not touching another install");
+    if ours {
+        kubectl_ok(&["delete", "-f", deploy, "--ignore-not-found", "--timeout=120s"], None);
+    }
+
+    let _cleanup = OnDrop(|| {
+        let _ = kubectl(&["delete", "-f", deploy, "--ignore-not-found", "--wait=false"], None);
+    });
+    kubectl_ok(&["apply", "-f", deploy], None);
+    kubectl_ok(&["label", "namespace", "vmkeep", MARK], None);
+    let installed = existing(&cluster_scoped, "vmkeep");
+    assert_eq!(installed.len(), cluster_scoped.len(), "{installed:?}");
+    kubectl_ok(&["get", "deployment/vmkeep", "serviceaccount/vmkeep", "service/vmkeep-metrics", "-n", "vmkeep"], None);
+
+    kubectl_ok(&["delete", "-f", deploy, "--timeout=120s"], None);
+    wait_all_gone("kubectl delete to remove the cluster-scoped objects", &cluster_scoped, "vmkeep").await;
+    let crds = kubectl_ok(&["get", "-f", repo().join("crds").to_str().unwrap(), "-o", "name"], None);
+    assert_eq!(crds.lines().count(), 3, "the CRDs must stay: {crds}");
+}
+
+#[tokio::test]
+async fn the_offline_image_runs_as_nonroot() {
+    let root = Command::new("id").arg("-u").output().is_ok_and(|o| text(&o.stdout).trim() == "0");
+    if !root || !repo().join("hack/image.sh").exists() {
+        eprintln!("skipped: hack/image.sh needs root (and the script)");
+        return;
+    }
+    let logs = repo().join("target/e2e-logs");
+    std::fs::create_dir_all(&logs).expect("log folder");
+    let (stdout_path, stderr_path) = (logs.join("image.stdout"), logs.join("image.stderr"));
+    // A cache of its own in target/: the developer's ~/.cache/vmkeep/image stays untouched.
+    let cache: PathBuf = repo().join("target/e2e-image");
+    let mut child = tokio::process::Command::new("bash")
+        .current_dir(repo())
+        .env("VMKEEP_CACHE", &cache)
+        .args(["hack/image.sh", "--binary", env!("CARGO_BIN_EXE_vmkeep")])
+        .stdin(Stdio::null())
+        .stdout(File::create(&stdout_path).expect("stdout file"))
+        .stderr(File::create(&stderr_path).expect("stderr file"))
+        .kill_on_drop(true)
+        .spawn()
+        .expect("cannot run hack/image.sh");
+    let status = wait_for("hack/image.sh to finish", IMAGE_BUILD, async || child.try_wait().expect("try_wait")).await;
+    let (stdout, stderr) =
+        (std::fs::read_to_string(&stdout_path).unwrap(), std::fs::read_to_string(&stderr_path).unwrap());
+    assert!(status.success(), "hack/image.sh failed:\n{stderr}");
+    assert!(stderr.contains("run as 65532:65532 on a read-only root"), "the check did not run as 65532:\n{stderr}");
+    let reference = stdout.trim().lines().last().unwrap_or_default();
+    let layout = cache.join("image/oci");
+    assert_eq!(reference, format!("{}:{}", layout.display(), env!("CARGO_PKG_VERSION")));
+    assert!(layout.join("index.json").exists(), "no OCI layout at {}", layout.display());
+}
