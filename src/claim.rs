@@ -12,7 +12,7 @@
 use k8s_openapi::api::{coordination::v1::Lease, core::v1::Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, Time};
 use kube::{
-    Api, ResourceExt,
+    Api, Client, ResourceExt,
     api::{DeleteParams, ListParams, PostParams, Preconditions},
 };
 use tracing::info;
@@ -47,7 +47,17 @@ fn state_of(lease: Option<&Lease>, vm_uid: &str) -> ClaimState {
 
 /// Who holds the claim on `image`, read from the API server.
 pub async fn state(ctx: &Context, namespace: &str, image: &str, vm_uid: &str) -> Result<ClaimState, Error> {
-    let leases: Api<Lease> = Api::namespaced(ctx.client.clone(), namespace);
+    Ok(read_state(&ctx.client, namespace, image, vm_uid).await?)
+}
+
+/// [`state`] with a bare client: the admission webhook reads claims without a controller.
+pub async fn read_state(
+    client: &Client,
+    namespace: &str,
+    image: &str,
+    vm_uid: &str,
+) -> Result<ClaimState, kube::Error> {
+    let leases: Api<Lease> = Api::namespaced(client.clone(), namespace);
     let lease = leases.get_opt(&names::claim_lease(image)).await?;
     Ok(state_of(lease.as_ref(), vm_uid))
 }

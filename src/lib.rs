@@ -4,6 +4,7 @@
 //! - [`operator`]: `vmkeep run`: connect, wait for the CRDs, serve health and metrics, run the
 //!   controllers, stop cleanly on SIGTERM.
 //! - [`controller`]: the reconcilers and what they share.
+//! - [`webhook`]: the optional validating admission webhook and its certificates.
 //! - [`health`], [`metrics`], [`telemetry`]: the operator's HTTP endpoints, Prometheus
 //!   metrics and logging.
 
@@ -17,3 +18,4 @@ pub mod metrics;
 pub mod operator;
 pub mod plan;
 pub mod telemetry;
+pub mod webhook;

@@ -3,8 +3,8 @@
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use anyhow::Context as _;
-use clap::{Parser, Subcommand};
-use vmkeep::{api, controller, launcher, leader, operator, telemetry};
+use clap::{Args, Parser, Subcommand};
+use vmkeep::{api, controller, launcher, leader, operator, telemetry, webhook};
 
 #[derive(Parser)]
 #[command(name = "vmkeep", version, about = "VM disk images on Kubernetes, persistent or cloned per VM")]
@@ -51,6 +51,8 @@ enum Command {
         /// Seconds a leader Lease stays valid without renewal; a standby takes over after it.
         #[arg(long, default_value_t = 15, value_parser = clap::value_parser!(u64).range(3..))]
         leader_election_seconds: u64,
+        #[command(flatten)]
+        webhook: Box<WebhookArgs>,
     },
     /// Inside a launcher Pod: hold the VM's disks (checking each is there) until SIGTERM.
     Launch {
@@ -84,6 +86,7 @@ async fn main() -> anyhow::Result<()> {
             leader_election_lease,
             identity,
             leader_election_seconds,
+            webhook,
         } => {
             telemetry::init(log_format);
             let settings =
@@ -98,13 +101,76 @@ async fn main() -> anyhow::Result<()> {
                     renew: duration / 3,
                 }
             });
-            operator::run(operator::RunOptions { http_addr, settings, election }).await
+            let webhook = webhook.options()?;
+            operator::run(operator::RunOptions { http_addr, settings, election, webhook }).await
         }
         Command::Launch { vm, disks } => {
             telemetry::init(telemetry::LogFormat::Text);
             launcher::run(&vm, &disks).await
         }
         Command::Crd { dir } => write_crds(dir),
+    }
+}
+
+/// The validating admission webhook (off unless `--webhook-addr` is given).
+#[derive(Args)]
+struct WebhookArgs {
+    /// Serve the validating admission webhook over HTTPS here (`/validate`), e.g. 0.0.0.0:8443.
+    #[arg(long, env = "VMKEEP_WEBHOOK_ADDR")]
+    webhook_addr: Option<SocketAddr>,
+    /// NAMESPACE/NAME of the Secret where vmkeep keeps the webhook's CA and serving certificate
+    /// [default: $POD_NAMESPACE/vmkeep-webhook-tls].
+    #[arg(long, value_parser = parse_namespaced, conflicts_with = "webhook_cert_dir")]
+    webhook_secret: Option<(String, String)>,
+    /// The ValidatingWebhookConfiguration whose caBundle vmkeep keeps up to date.
+    #[arg(long, conflicts_with = "webhook_cert_dir")]
+    webhook_config: Option<String>,
+    /// The names the serving certificate is valid for (DNS names or IP addresses, comma
+    /// separated): the webhook Service's `<service>.<namespace>.svc` names.
+    #[arg(long, value_delimiter = ',', conflicts_with = "webhook_cert_dir")]
+    webhook_dns_names: Vec<String>,
+    /// Serve `tls.crt` and `tls.key` from this folder (e.g. a cert-manager Secret) instead of
+    /// managing a certificate; they are reloaded when they change.
+    #[arg(long)]
+    webhook_cert_dir: Option<PathBuf>,
+    /// Seconds between checks of the certificate (renewal, reload, caBundle).
+    #[arg(long, default_value_t = 3600, value_parser = clap::value_parser!(u64).range(1..))]
+    webhook_cert_check_seconds: u64,
+}
+
+impl WebhookArgs {
+    fn options(self) -> anyhow::Result<Option<webhook::Options>> {
+        let Some(addr) = self.webhook_addr else { return Ok(None) };
+        let certs = match self.webhook_cert_dir {
+            Some(dir) => webhook::certs::Source::Files { dir },
+            None => {
+                anyhow::ensure!(
+                    !self.webhook_dns_names.is_empty(),
+                    "--webhook-dns-names is required with --webhook-addr (or give --webhook-cert-dir)"
+                );
+                let (namespace, name) = self.webhook_secret.unwrap_or_else(|| {
+                    let namespace = std::env::var("POD_NAMESPACE").unwrap_or_else(|_| "default".into());
+                    (namespace, "vmkeep-webhook-tls".into())
+                });
+                webhook::certs::Source::Managed {
+                    namespace,
+                    name,
+                    config: self.webhook_config,
+                    dns_names: self.webhook_dns_names,
+                }
+            }
+        };
+        let check_every = Duration::from_secs(self.webhook_cert_check_seconds);
+        Ok(Some(webhook::Options { addr, certs, check_every }))
+    }
+}
+
+fn parse_namespaced(arg: &str) -> Result<(String, String), String> {
+    match arg.split_once('/') {
+        Some((namespace, name)) if !namespace.is_empty() && !name.is_empty() && !name.contains('/') => {
+            Ok((namespace.to_owned(), name.to_owned()))
+        }
+        _ => Err("expected NAMESPACE/NAME".into()),
     }
 }
 

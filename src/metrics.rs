@@ -29,6 +29,15 @@ pub struct WriteLabels {
     pub verb: &'static str,
 }
 
+/// Labels of admission reviews answered by the webhook.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReviewLabels {
+    /// `Image`, `Template`, `VirtualMachine` (or `other`).
+    pub kind: &'static str,
+    /// `allowed`, `denied`, or `unchecked` (admitted because it could not be decided in time).
+    pub verdict: &'static str,
+}
+
 /// Every metric the operator exports, registered once.
 pub struct Metrics {
     registry: Registry,
@@ -40,6 +49,7 @@ pub struct Metrics {
     pub failures: Family<FailureLabels, Counter>,
     pub reconcile_duration: Family<ReconcileLabels, Histogram>,
     pub api_writes: Family<WriteLabels, Counter>,
+    pub webhook_reviews: Family<ReviewLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -59,7 +69,13 @@ impl Default for Metrics {
         registry.register("reconcile_duration_seconds", "How long reconciles take", reconcile_duration.clone());
         let api_writes = Family::<WriteLabels, Counter>::default();
         registry.register("api_writes", "Write requests the operator sent to the API server", api_writes.clone());
-        Self { registry, ready, leader, reconciliations, failures, reconcile_duration, api_writes }
+        let webhook_reviews = Family::<ReviewLabels, Counter>::default();
+        registry.register(
+            "webhook_reviews",
+            "Admission reviews the webhook answered, by verdict",
+            webhook_reviews.clone(),
+        );
+        Self { registry, ready, leader, reconciliations, failures, reconcile_duration, api_writes, webhook_reviews }
     }
 }
 

@@ -3,7 +3,8 @@
 //! Order of events: bind the HTTP endpoints (so liveness answers at once), connect to the
 //! cluster with the usual kubeconfig rules, wait until every vmkeep CRD is established (not a
 //! crash loop when they are missing), report ready, run the controllers, and on SIGTERM or
-//! SIGINT stop them and exit 0.
+//! SIGINT stop them and exit 0. The admission webhook, when enabled, runs beside all of this
+//! from the moment the client exists: it neither waits for nor delays readiness.
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
@@ -16,7 +17,7 @@ use kube::{
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::{api, controller, health, leader::Election, metrics::Metrics};
+use crate::{api, controller, health, leader::Election, metrics::Metrics, webhook};
 
 /// How long in-flight reconciles may run after SIGTERM.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
@@ -29,6 +30,8 @@ pub struct RunOptions {
     pub settings: controller::Settings,
     /// Leader election, for more than one replica.
     pub election: Option<Election>,
+    /// The validating admission webhook (served by every replica, leader or not).
+    pub webhook: Option<webhook::Options>,
 }
 
 /// Runs the operator until SIGTERM or SIGINT.
@@ -45,6 +48,17 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     let server = tokio::spawn(server);
 
     let client = client().await?;
+    let webhook = match opts.webhook.clone() {
+        Some(webhook) => {
+            let wanted = webhook.addr;
+            let (addr, task) = webhook::start(webhook, client.clone(), metrics.clone(), shutdown.clone())
+                .await
+                .with_context(|| format!("cannot listen on {wanted}"))?;
+            info!(%addr, "serving the admission webhook at /validate");
+            Some(task)
+        }
+        None => None,
+    };
 
     let established = tokio::select! {
         () = wait_for_crds(&client) => true,
@@ -59,6 +73,9 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     health.set_ready(false);
     shutdown.cancel();
     server.await.context("the HTTP server task failed")?.context("the HTTP server failed")?;
+    if let Some(webhook) = webhook {
+        webhook.await.context("the webhook task failed")?;
+    }
     info!("stopped");
     outcome
 }

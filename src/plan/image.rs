@@ -9,7 +9,7 @@ use super::{
     names, quantity,
 };
 use crate::api::{
-    Image, ImageStatus,
+    Image, ImageSpec, ImageStatus,
     image::{ClaimHolder, ImagePhase, VolumeMode},
 };
 
@@ -86,10 +86,10 @@ enum Source {
     },
 }
 
-fn source(obs: &ImageObservation) -> Source {
-    let image = obs.image;
-    let spec = &image.spec;
-    let own_pvc = names::image_pvc(&image.name_any());
+/// Why an Image's spec can never work whatever else exists, as `(reason, message)`: its source
+/// names not exactly one kind, or a blank image has no positive size. The controller reports it
+/// as phase `Error`; the admission webhook denies it with the same message.
+pub fn spec_error(spec: &ImageSpec) -> Option<(&'static str, String)> {
     let src = &spec.source;
     let kinds = [
         src.blank.is_some(),
@@ -99,27 +99,29 @@ fn source(obs: &ImageObservation) -> Source {
         src.virtual_machine_disk.is_some(),
     ];
     if kinds.iter().filter(|k| **k).count() != 1 {
-        return Source::Blocked {
-            phase: ImagePhase::Error,
-            reason: "InvalidSource",
-            message: "spec.source must name exactly one of blank, pvc, image, http, virtualMachineDisk".into(),
-        };
+        let message = "spec.source must name exactly one of blank, pvc, image, http, virtualMachineDisk";
+        return Some(("InvalidSource", message.into()));
     }
     if src.blank.is_some() {
-        let Some(size) = spec.size.clone() else {
-            return Source::Blocked {
-                phase: ImagePhase::Error,
-                reason: "MissingSize",
-                message: "spec.size is required for a blank image".into(),
-            };
+        let Some(size) = &spec.size else {
+            return Some(("MissingSize", "spec.size is required for a blank image".into()));
         };
-        if quantity::bytes(&size).is_none_or(|b| b == 0) {
-            return Source::Blocked {
-                phase: ImagePhase::Error,
-                reason: "InvalidSize",
-                message: format!("spec.size {} is not a positive size", size.0),
-            };
+        if quantity::bytes(size).is_none_or(|b| b == 0) {
+            return Some(("InvalidSize", format!("spec.size {} is not a positive size", size.0)));
         }
+    }
+    None
+}
+
+fn source(obs: &ImageObservation) -> Source {
+    let image = obs.image;
+    let spec = &image.spec;
+    let own_pvc = names::image_pvc(&image.name_any());
+    let src = &spec.source;
+    if let Some((reason, message)) = spec_error(spec) {
+        return Source::Blocked { phase: ImagePhase::Error, reason, message };
+    }
+    if let (Some(_), Some(size)) = (&src.blank, spec.size.clone()) {
         let create = PvcRequest {
             name: own_pvc.clone(),
             size,

@@ -59,3 +59,17 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | 
 {{- define "vmkeep.launcherImage" -}}
 {{- default (include "vmkeep.image" .) .Values.launcherImage }}
 {{- end }}
+
+{{/* The webhook's Service, Secret (self-managed or cert-manager's) and cert-manager Certificate. */}}
+{{- define "vmkeep.webhookService" -}}
+{{- printf "%s-webhook" (include "vmkeep.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "vmkeep.webhookSecret" -}}
+{{- printf "%s-webhook-tls" (include "vmkeep.fullname" .) }}
+{{- end }}
+
+{{/* Whether vmkeep manages its own webhook certificate (and needs the RBAC for it). */}}
+{{- define "vmkeep.webhookSelfManaged" -}}
+{{- if and .Values.webhook.enabled (not .Values.webhook.certManager.enabled) }}true{{- end }}
+{{- end }}
