@@ -12,11 +12,20 @@ if [[ -z ${VMKEEP_TEST_KUBECONFIG:-} ]]; then
   if ! bash hack/cluster.sh status; then
     trap 'bash hack/cluster.sh down' EXIT
   fi
-  bash hack/cluster.sh up >/dev/null
+  kubeconfig=$(bash hack/cluster.sh up | tail -n 1)
   echo "testing against the local control plane"
 else
-  echo "testing against the cluster of $VMKEEP_TEST_KUBECONFIG"
+  kubeconfig=$VMKEEP_TEST_KUBECONFIG
+  echo "testing against the cluster of $kubeconfig"
 fi
 bash hack/cluster.sh tools >/dev/null # kubectl for the tests
 
 cargo test --locked "$@"
+
+# The benchmark harness at a small N, so it cannot rot (docs/performance.md has the real runs):
+# 20 VMs reach Starting and a restarted operator writes nothing. Skipped when only some tests
+# were asked for.
+if [[ $# -eq 0 ]]; then
+  echo "benchmark smoke test (cargo run --bin vmkeep-bench -- --smoke)"
+  cargo run --locked --quiet --bin vmkeep-bench -- --smoke --kubeconfig "$kubeconfig" --out-dir target/bench-smoke
+fi

@@ -68,3 +68,18 @@ pub async fn serve(
     let server = axum::serve(listener, router(state)).with_graceful_shutdown(shutdown);
     Ok((bound, async move { server.await }))
 }
+
+/// A plain blocking HTTP/1.0 GET of one of these endpoints: status code and body, or `None`
+/// when nothing answers. For the tools that watch an operator from outside (the e2e tests, the
+/// benchmark), which need no HTTP client for it.
+pub fn probe(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(2)).ok()?;
+    stream.set_read_timeout(Some(std::time::Duration::from_secs(10))).ok()?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    let status = response.split_whitespace().nth(1)?.parse().ok()?;
+    let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    Some((status, body))
+}

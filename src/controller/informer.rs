@@ -7,6 +7,7 @@
 //! every cache to be ready could wait for ever. Here each watch runs as its own task.
 
 use futures::{Stream, StreamExt};
+use k8s_openapi::api::core::v1::{Pod, PodStatus};
 use kube::{
     Api, Resource, ResourceExt,
     runtime::{
@@ -29,15 +30,17 @@ pub struct Informer<K: Resource<DynamicType = ()> + 'static> {
     subscribers: Vec<mpsc::UnboundedSender<K>>,
     api: Api<K>,
     config: watcher::Config,
+    slim: fn(&mut K),
 }
 
 impl<K> Informer<K>
 where
     K: Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
 {
-    pub fn new(api: Api<K>, config: watcher::Config) -> (Self, reflector::store::Writer<K>) {
+    /// `slim` drops what vmkeep never reads from a `K` before it is cached (see [`Self::run`]).
+    pub fn new(api: Api<K>, config: watcher::Config, slim: fn(&mut K)) -> (Self, reflector::store::Writer<K>) {
         let (store, writer) = reflector::store();
-        (Self { store, subscribers: Vec::new(), api, config }, writer)
+        (Self { store, subscribers: Vec::new(), api, config, slim }, writer)
     }
 
     /// A stream of every object the watch touches from now on (as controller triggers want it).
@@ -48,8 +51,8 @@ where
     }
 
     /// Runs the watch until `shutdown`: updates the cache, then tells every subscriber.
-    /// `managedFields` are dropped first: vmkeep never reads them and they are most of an
-    /// object's size.
+    /// `managedFields` are dropped first (vmkeep never reads them and they are most of an
+    /// object's size), then whatever this kind's `slim` drops.
     pub async fn run(
         self,
         mut writer: reflector::store::Writer<K>,
@@ -59,7 +62,10 @@ where
         let mut listed = false;
         let mut events = watcher::watcher(self.api, self.config)
             .default_backoff()
-            .modify(|o| o.managed_fields_mut().clear())
+            .modify(move |o| {
+                o.managed_fields_mut().clear();
+                (self.slim)(o);
+            })
             .boxed();
         loop {
             let event = tokio::select! {
@@ -83,5 +89,36 @@ where
                 }
             }
         }
+    }
+}
+
+/// Keeps every field.
+pub fn keep<K>(_: &mut K) {}
+
+/// A launcher Pod as the controllers read it: metadata (owner, deletion) and `status.phase`.
+/// Its spec (containers, volumes, security settings, what admission added) is most of its size,
+/// and with thousands of VMs most of the operator's memory.
+pub fn slim_pod(pod: &mut Pod) {
+    pod.spec = None;
+    pod.status = pod.status.take().map(|s| PodStatus { phase: s.phase, ..Default::default() });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_slim_pod_keeps_what_the_controllers_read() {
+        let mut pod: Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "vm-a-launcher", "ownerReferences": [
+                {"apiVersion": "vmkeep.io/v1alpha1", "kind": "VirtualMachine", "name": "vm-a", "uid": "u1"}]},
+            "spec": {"containers": [{"name": "launcher", "image": "launcher:1"}]},
+            "status": {"phase": "Running", "conditions": [{"type": "Ready", "status": "True"}]},
+        }))
+        .unwrap();
+        slim_pod(&mut pod);
+        assert_eq!(pod.metadata.owner_references.as_ref().map(Vec::len), Some(1));
+        assert!(pod.spec.is_none());
+        assert_eq!(pod.status, Some(PodStatus { phase: Some("Running".into()), ..Default::default() }));
     }
 }

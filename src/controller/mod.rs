@@ -154,13 +154,13 @@ pub async fn run(client: Client, metrics: Arc<Metrics>, settings: Settings, shut
     let all = watcher::Config::default;
     let (synced, synced_rx) = tokio::sync::watch::channel(0);
     let synced = Arc::new(synced);
-    let (mut images, images_w) = Informer::new(settings.api::<Image>(&client), all());
-    let (mut templates, templates_w) = Informer::new(settings.api::<Template>(&client), all());
-    let (mut vms, vms_w) = Informer::new(settings.api::<VirtualMachine>(&client), all());
+    let (mut images, images_w) = Informer::new(settings.api::<Image>(&client), all(), informer::keep);
+    let (mut templates, templates_w) = Informer::new(settings.api::<Template>(&client), all(), informer::keep);
+    let (mut vms, vms_w) = Informer::new(settings.api::<VirtualMachine>(&client), all(), informer::keep);
     // Children and claims: only what vmkeep made (label-selected).
-    let (mut pvcs, pvcs_w) = Informer::new(settings.api::<PersistentVolumeClaim>(&client), managed());
-    let (mut pods, pods_w) = Informer::new(settings.api::<Pod>(&client), managed());
-    let (mut leases, leases_w) = Informer::new(settings.api::<Lease>(&client), managed());
+    let (mut pvcs, pvcs_w) = Informer::new(settings.api::<PersistentVolumeClaim>(&client), managed(), informer::keep);
+    let (mut pods, pods_w) = Informer::new(settings.api::<Pod>(&client), managed(), informer::slim_pod);
+    let (mut leases, leases_w) = Informer::new(settings.api::<Lease>(&client), managed(), informer::keep);
 
     let stores = Stores {
         images: images.store.clone(),
