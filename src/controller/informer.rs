@@ -7,7 +7,9 @@
 //! every cache to be ready could wait for ever. Here each watch runs as its own task.
 
 use futures::{Stream, StreamExt};
-use k8s_openapi::api::core::v1::{Pod, PodStatus};
+use k8s_openapi::api::core::v1::{
+    PersistentVolumeClaim, PersistentVolumeClaimSpec, PersistentVolumeClaimStatus, Pod, PodStatus,
+};
 use kube::{
     Api, Resource, ResourceExt,
     runtime::{
@@ -103,6 +105,25 @@ pub fn slim_pod(pod: &mut Pod) {
     pod.status = pod.status.take().map(|s| PodStatus { phase: s.phase, ..Default::default() });
 }
 
+/// A PVC as the controllers read it: owner, deletion, size, class, volume mode, phase and
+/// capacity. Annotations the binder and provisioner add, access modes, data sources and
+/// conditions are dropped.
+pub fn slim_pvc(pvc: &mut PersistentVolumeClaim) {
+    pvc.metadata.annotations = None;
+    pvc.metadata.finalizers = None;
+    pvc.spec = pvc.spec.take().map(|s| PersistentVolumeClaimSpec {
+        resources: s.resources,
+        storage_class_name: s.storage_class_name,
+        volume_mode: s.volume_mode,
+        ..Default::default()
+    });
+    pvc.status = pvc.status.take().map(|s| PersistentVolumeClaimStatus {
+        phase: s.phase,
+        capacity: s.capacity,
+        ..Default::default()
+    });
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -120,5 +141,31 @@ mod tests {
         assert_eq!(pod.metadata.owner_references.as_ref().map(Vec::len), Some(1));
         assert!(pod.spec.is_none());
         assert_eq!(pod.status, Some(PodStatus { phase: Some("Running".into()), ..Default::default() }));
+    }
+
+    #[test]
+    fn a_slim_pvc_keeps_what_the_controllers_read() {
+        let mut pvc: PersistentVolumeClaim = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "vm-a-root", "annotations": {"pv.kubernetes.io/bind-completed": "yes"},
+                "ownerReferences": [{"apiVersion": "v1", "kind": "VirtualMachine", "name": "vm-a", "uid": "u1"}]},
+            "spec": {"accessModes": ["ReadWriteOnce"], "storageClassName": "standard", "volumeMode": "Block",
+                "resources": {"requests": {"storage": "1Gi"}}, "volumeName": "pv-1"},
+            "status": {"phase": "Bound", "capacity": {"storage": "2Gi"}, "accessModes": ["ReadWriteOnce"]},
+        }))
+        .unwrap();
+        slim_pvc(&mut pvc);
+        assert!(pvc.metadata.annotations.is_none());
+        assert_eq!(pvc.metadata.owner_references.as_ref().map(Vec::len), Some(1));
+        let spec = pvc.spec.unwrap();
+        assert_eq!(
+            (spec.storage_class_name.as_deref(), spec.volume_mode.as_deref()),
+            (Some("standard"), Some("Block"))
+        );
+        assert_eq!(spec.resources.and_then(|r| r.requests).map(|r| r["storage"].0.clone()), Some("1Gi".into()));
+        assert!(spec.access_modes.is_none() && spec.volume_name.is_none());
+        let status = pvc.status.unwrap();
+        assert_eq!(status.phase.as_deref(), Some("Bound"));
+        assert_eq!(status.capacity.map(|c| c["storage"].0.clone()), Some("2Gi".into()));
+        assert!(status.access_modes.is_none());
     }
 }

@@ -158,7 +158,8 @@ pub async fn run(client: Client, metrics: Arc<Metrics>, settings: Settings, shut
     let (mut templates, templates_w) = Informer::new(settings.api::<Template>(&client), all(), informer::keep);
     let (mut vms, vms_w) = Informer::new(settings.api::<VirtualMachine>(&client), all(), informer::keep);
     // Children and claims: only what vmkeep made (label-selected).
-    let (mut pvcs, pvcs_w) = Informer::new(settings.api::<PersistentVolumeClaim>(&client), managed(), informer::keep);
+    let (mut pvcs, pvcs_w) =
+        Informer::new(settings.api::<PersistentVolumeClaim>(&client), managed(), informer::slim_pvc);
     let (mut pods, pods_w) = Informer::new(settings.api::<Pod>(&client), managed(), informer::slim_pod);
     let (mut leases, leases_w) = Informer::new(settings.api::<Lease>(&client), managed(), informer::keep);
 

@@ -180,6 +180,8 @@ async fn provision(vm: &VirtualMachine, ctx: &Context) -> Result<Action, Error> 
 
     let children = plan::plan_children(vm.spec.run_strategy, &resolved.disks, &pvcs, &pod_name, &pod);
     let mut conflict = children.conflict.clone();
+    // The missing PVCs, sent at once (they are independent; the Pod waits for all of them).
+    let mut missing = Vec::new();
     for disk_name in &children.create_pvcs {
         let Some(disk) = resolved.disks.iter().find(|d| &d.name == disk_name) else { continue };
         let image = disk.image.as_ref().and_then(|i| images.get(i)).map(|i| i.as_ref());
@@ -193,12 +195,14 @@ async fn provision(vm: &VirtualMachine, ctx: &Context) -> Result<Action, Error> 
             write_status(ctx, vm, Some(&resolved), &Verdict::Blocked { blocker, claimed: true }).await?;
             return Ok(Action::await_change());
         }
-        let pvc = build::vm_disk_pvc(vm, disk, image, source, &ctx.settings.access_mode);
-        let pvc_name = pvc.name_any();
-        if apply::create_child(ctx, &pvc_api, &pvc, &uid).await? {
-            pvcs.insert(pvc_name, Child::Ours { phase: Some("Pending".into()), deleting: false });
+        missing.push(build::vm_disk_pvc(vm, disk, image, source, &ctx.settings.access_mode));
+    }
+    let created = futures::future::join_all(missing.iter().map(|pvc| apply::create_child(ctx, &pvc_api, pvc, &uid)));
+    for (pvc, created) in missing.iter().zip(created.await) {
+        if created? {
+            pvcs.insert(pvc.name_any(), Child::Ours { phase: Some("Pending".into()), deleting: false });
         } else {
-            conflict.get_or_insert(("PersistentVolumeClaim", pvc_name));
+            conflict.get_or_insert(("PersistentVolumeClaim", pvc.name_any()));
         }
     }
     if conflict.is_none() {

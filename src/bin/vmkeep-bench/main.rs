@@ -40,7 +40,7 @@ use clap::Parser;
 use kube::{Api, Client};
 use operator::{Metrics, Operator, mib, round3};
 use serde_json::{Value, json};
-use vmkeep::api::VirtualMachine;
+use vmkeep::api::{Image, VirtualMachine};
 use workload::Workload;
 
 #[derive(Parser, Debug)]
@@ -357,13 +357,16 @@ impl Bench {
             Some((floor, floor_writes))
         };
 
-        // Clean up while the operator runs (persistent VMs hold a finalizer).
+        // Clean up while the operator runs: persistent VMs and Images hold finalizers, and an
+        // Image lets go only after its last VM is gone.
         let mut cleanup = json!({"kept": self.args.keep});
         if !self.args.keep {
             let t = Instant::now();
             workload::delete_namespace(&self.client, &ns).await?;
+            let deadline = Duration::from_secs(120 + n as u64 / 10);
             let vms: Api<VirtualMachine> = Api::namespaced(self.client.clone(), &ns);
-            let gone = workload::none_left(&vms, Duration::from_secs(120 + n as u64 / 10)).await?;
+            let images: Api<Image> = Api::namespaced(self.client.clone(), &ns);
+            let gone = workload::none_left(&vms, deadline).await? && workload::none_left(&images, deadline).await?;
             cleanup["vms_deleted_seconds"] = json!(round3(t.elapsed().as_secs_f64()));
             cleanup["vms_deleted"] = json!(gone);
             if floor.is_some() {
