@@ -14,12 +14,12 @@ use kube::{
     Api, Resource, ResourceExt,
     runtime::{
         WatchStreamExt,
-        reflector::{self, Store},
+        reflector::{self, ObjectRef, Store},
         watcher::{self, Event},
     },
 };
 use serde::de::DeserializeOwned;
-use std::sync::Arc;
+use std::{collections::HashMap, sync::Arc};
 
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
@@ -29,7 +29,7 @@ use tracing::warn;
 /// list counts it in as synced (see [`super::Stores::ready`]).
 pub struct Informer<K: Resource<DynamicType = ()> + 'static> {
     pub store: Store<K>,
-    subscribers: Vec<mpsc::UnboundedSender<K>>,
+    subscribers: Vec<Subscriber<K>>,
     api: Api<K>,
     config: watcher::Config,
     slim: fn(&mut K),
@@ -47,8 +47,25 @@ where
 
     /// A stream of every object the watch touches from now on (as controller triggers want it).
     pub fn subscribe(&mut self) -> impl Stream<Item = Result<K, watcher::Error>> + Send + 'static {
+        self.subscribe_with(None)
+    }
+
+    /// Like [`Self::subscribe`], but a changed object is only passed on when `view` of it changed
+    /// (deletions always are): for a controller that reads a few fields of a busy object, e.g.
+    /// VMs, which must not all be woken each time an Image's count of running VMs moves.
+    pub fn subscribe_view(
+        &mut self,
+        view: fn(&K) -> u64,
+    ) -> impl Stream<Item = Result<K, watcher::Error>> + Send + 'static {
+        self.subscribe_with(Some(view))
+    }
+
+    fn subscribe_with(
+        &mut self,
+        view: Option<fn(&K) -> u64>,
+    ) -> impl Stream<Item = Result<K, watcher::Error>> + Send + 'static {
         let (tx, rx) = mpsc::unbounded_channel();
-        self.subscribers.push(tx);
+        self.subscribers.push(Subscriber { tx, view, seen: HashMap::new() });
         futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|k| (Ok(k), rx)) })
     }
 
@@ -56,7 +73,7 @@ where
     /// `managedFields` are dropped first (vmkeep never reads them and they are most of an
     /// object's size), then whatever this kind's `slim` drops.
     pub async fn run(
-        self,
+        mut self,
         mut writer: reflector::store::Writer<K>,
         synced: Arc<watch::Sender<usize>>,
         shutdown: CancellationToken,
@@ -83,14 +100,46 @@ where
                         listed = true;
                         synced.send_modify(|n| *n += 1);
                     }
-                    if let Event::Apply(obj) | Event::Delete(obj) | Event::InitApply(obj) = &event {
-                        for subscriber in &self.subscribers {
-                            let _ = subscriber.send(obj.clone());
+                    match &event {
+                        Event::Apply(obj) | Event::InitApply(obj) => {
+                            for subscriber in &mut self.subscribers {
+                                subscriber.changed(obj);
+                            }
                         }
+                        Event::Delete(obj) => {
+                            for subscriber in &mut self.subscribers {
+                                subscriber.deleted(obj);
+                            }
+                        }
+                        Event::Init | Event::InitDone => {}
                     }
                 }
             }
         }
+    }
+}
+
+/// One subscriber: its channel, and with a `view`, the last view passed on per object.
+struct Subscriber<K: Resource<DynamicType = ()> + 'static> {
+    tx: mpsc::UnboundedSender<K>,
+    view: Option<fn(&K) -> u64>,
+    seen: HashMap<ObjectRef<K>, u64>,
+}
+
+impl<K: Resource<DynamicType = ()> + Clone + 'static> Subscriber<K> {
+    fn changed(&mut self, obj: &K) {
+        if let Some(view) = self.view {
+            let now = view(obj);
+            if self.seen.insert(ObjectRef::from_obj(obj), now) == Some(now) {
+                return;
+            }
+        }
+        let _ = self.tx.send(obj.clone());
+    }
+
+    fn deleted(&mut self, obj: &K) {
+        self.seen.remove(&ObjectRef::from_obj(obj));
+        let _ = self.tx.send(obj.clone());
     }
 }
 

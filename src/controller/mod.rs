@@ -31,7 +31,7 @@ use tracing::warn;
 use crate::{
     api::{Image, Template, VirtualMachine},
     metrics::{FailureLabels, Metrics, WriteLabels},
-    plan::names,
+    plan::{names, virtual_machine as plan},
 };
 
 /// Operator settings the controllers use.
@@ -192,8 +192,14 @@ pub async fn run(client: Client, metrics: Arc<Metrics>, settings: Settings, shut
             .with_config(config.clone())
             .owns_stream(pvcs.subscribe())
             .owns_stream(pods.subscribe())
-            .watches_stream(templates.subscribe(), move |t| virtual_machine::vms_of_template(&by_template, &t))
-            .watches_stream(images.subscribe(), move |i| virtual_machine::vms_of_image(&by_image, &i))
+            // Only changes VMs read: an Image's status counts move with every VM, and waking
+            // every VM of a busy image each time made reconciles grow with the square of VMs.
+            .watches_stream(templates.subscribe_view(plan::template_view), move |t| {
+                virtual_machine::vms_of_template(&by_template, &t)
+            })
+            .watches_stream(images.subscribe_view(plan::image_view), move |i| {
+                virtual_machine::vms_of_image(&by_image, &i)
+            })
             .watches_stream(leases.subscribe(), move |l| virtual_machine::vms_of_lease(&by_lease, &l))
             .graceful_shutdown_on(shutdown.clone().cancelled_owned())
             .run(virtual_machine::reconcile, error_policy("VirtualMachine"), ctx.clone())
@@ -216,7 +222,9 @@ pub async fn run(client: Client, metrics: Arc<Metrics>, settings: Settings, shut
         Controller::for_stream(templates.subscribe(), stores.templates.clone())
             .with_config(config)
             .watches_stream(vms.subscribe(), template::template_of_vm)
-            .watches_stream(images.subscribe(), move |i| template::templates_of_image(&by_image, &i))
+            .watches_stream(images.subscribe_view(plan::image_view), move |i| {
+                template::templates_of_image(&by_image, &i)
+            })
             .graceful_shutdown_on(shutdown.clone().cancelled_owned())
             .run(template::reconcile, error_policy("Template"), ctx.clone())
             .for_each(|_| async {})

@@ -1407,3 +1407,31 @@ fn launcher_volume_names_fit_a_dns_label() {
     let volume = pod["spec"]["volumes"][0]["name"].as_str().unwrap().to_owned();
     assert!(volume.len() <= 63, "volume name {volume} has {} characters", volume.len());
 }
+
+#[test]
+fn vms_see_an_image_change_only_when_what_they_read_changes() {
+    let base = usable("base", false, "OS", "1Gi");
+    let view = vm_plan::image_view(&base);
+    let mut busier = base.clone();
+    let status = busier.status.as_mut().unwrap();
+    status.running_vms = Some(7);
+    status.consumers = vec!["vm-a".into(), "vm-b".into()];
+    assert_eq!(vm_plan::image_view(&busier), view, "counts of users are not read by VMs");
+    for change in [
+        |i: &mut Image| i.status.as_mut().unwrap().phase = Some(ImagePhase::Used),
+        |i: &mut Image| i.status.as_mut().unwrap().persistent = Some(true),
+        |i: &mut Image| i.status.as_mut().unwrap().capacity = Some(q("2Gi")),
+        |i: &mut Image| i.metadata.generation = Some(2),
+        |i: &mut Image| i.metadata.deletion_timestamp = Some(at(1)),
+    ] {
+        let mut changed = base.clone();
+        change(&mut changed);
+        assert_ne!(vm_plan::image_view(&changed), view, "{changed:?}");
+    }
+    let t = template("[{name: root, image: base}]");
+    let mut counted = t.clone();
+    counted.status = Some(parse("instances: 3"));
+    assert_eq!(vm_plan::template_view(&counted), vm_plan::template_view(&t));
+    counted.metadata.generation = Some(counted.metadata.generation.unwrap_or(1) + 1);
+    assert_ne!(vm_plan::template_view(&counted), vm_plan::template_view(&t));
+}

@@ -15,7 +15,7 @@ use super::{
     names, quantity,
 };
 use crate::api::{
-    Image,
+    Image, Template,
     image::{ImagePhase, ImageType},
     template::TemplateSpec,
     virtual_machine::{
@@ -78,6 +78,30 @@ pub fn usable_image(name: &str, image: Option<&Image>) -> Result<UsableImage, Bl
             Err(Blocker::pending("ImageNotReady", format!("image {name} is not ready ({phase})")))
         }
     }
+}
+
+/// What of an Image the decisions of VMs and Templates read ([`usable_image`]), as one hash:
+/// a VM is woken when it changes, not when the Image's count of running VMs or its consumers do.
+pub fn image_view(image: &Image) -> u64 {
+    let status = image.status.as_ref();
+    fingerprint(&(
+        &image.metadata.uid,
+        image.metadata.generation,
+        image.metadata.deletion_timestamp.is_some(),
+        status.map(|s| (s.phase, s.persistent, &s.pvc_name, &s.capacity)),
+    ))
+}
+
+/// What of a Template the decisions of VMs read: its spec (and which Template it is).
+pub fn template_view(template: &Template) -> u64 {
+    fingerprint(&(&template.metadata.uid, template.metadata.generation, template.metadata.deletion_timestamp.is_some()))
+}
+
+fn fingerprint(value: &impl std::fmt::Debug) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    format!("{value:?}").hash(&mut hasher);
+    hasher.finish()
 }
 
 /// One disk of a Template, checked against its image.
