@@ -14,7 +14,7 @@ use kube::{
     Api, Resource, ResourceExt,
     runtime::{
         WatchStreamExt,
-        reflector::{self, ObjectRef, Store},
+        reflector::{self, Store},
         watcher::{self, Event},
     },
 };
@@ -22,6 +22,8 @@ use serde::de::DeserializeOwned;
 use std::{collections::HashMap, sync::Arc};
 
 use tokio::sync::{mpsc, watch};
+
+use crate::plan::virtual_machine as plan;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
@@ -119,18 +121,27 @@ where
     }
 }
 
-/// One subscriber: its channel, and with a `view`, the last view passed on per object.
+/// One subscriber: its channel, and with a `view`, the last view passed on per object (keyed
+/// by a hash of its uid: 16 bytes an object, for tens of thousands of PVCs).
 struct Subscriber<K: Resource<DynamicType = ()> + 'static> {
     tx: mpsc::UnboundedSender<K>,
     view: Option<fn(&K) -> u64>,
-    seen: HashMap<ObjectRef<K>, u64>,
+    seen: HashMap<u64, u64>,
+}
+
+fn key<K: Resource>(obj: &K) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let meta = obj.meta();
+    let mut hasher = std::hash::DefaultHasher::new(); // fixed keys: the same object, the same key
+    (&meta.uid, &meta.namespace, &meta.name).hash(&mut hasher);
+    hasher.finish()
 }
 
 impl<K: Resource<DynamicType = ()> + Clone + 'static> Subscriber<K> {
     fn changed(&mut self, obj: &K) {
         if let Some(view) = self.view {
             let now = view(obj);
-            if self.seen.insert(ObjectRef::from_obj(obj), now) == Some(now) {
+            if self.seen.insert(key(obj), now) == Some(now) {
                 return;
             }
         }
@@ -138,9 +149,21 @@ impl<K: Resource<DynamicType = ()> + Clone + 'static> Subscriber<K> {
     }
 
     fn deleted(&mut self, obj: &K) {
-        self.seen.remove(&ObjectRef::from_obj(obj));
+        self.seen.remove(&key(obj));
         let _ = self.tx.send(obj.clone());
     }
+}
+
+/// [`plan::child_view`] of a PVC.
+pub fn pvc_view(pvc: &PersistentVolumeClaim) -> u64 {
+    let status = pvc.status.as_ref();
+    let capacity = status.and_then(|s| s.capacity.as_ref()?.get("storage"));
+    plan::child_view(pvc, status.and_then(|s| s.phase.as_deref()), capacity)
+}
+
+/// [`plan::child_view`] of a Pod.
+pub fn pod_view(pod: &Pod) -> u64 {
+    plan::child_view(pod, pod.status.as_ref().and_then(|s| s.phase.as_deref()), None)
 }
 
 /// Keeps every field.
@@ -216,5 +239,35 @@ mod tests {
         assert_eq!(status.phase.as_deref(), Some("Bound"));
         assert_eq!(status.capacity.map(|c| c["storage"].0.clone()), Some("2Gi".into()));
         assert!(status.access_modes.is_none());
+    }
+}
+
+#[cfg(test)]
+mod subscriber_tests {
+    use super::*;
+
+    fn pvc(rv: &str, phase: &str, annotation: &str) -> PersistentVolumeClaim {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "vm-a-root", "namespace": "ns", "uid": "u1", "resourceVersion": rv,
+                "annotations": {"pv.kubernetes.io/bind-completed": annotation}},
+            "status": {"phase": phase},
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn a_view_subscriber_hears_of_changes_it_reads_and_of_every_deletion() {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let mut subscriber = Subscriber { tx, view: Some(pvc_view), seen: HashMap::new() };
+        subscriber.changed(&pvc("1", "Pending", "no"));
+        subscriber.changed(&pvc("2", "Pending", "yes")); // the binder's annotation: not read
+        subscriber.changed(&pvc("3", "Bound", "yes"));
+        subscriber.deleted(&pvc("4", "Bound", "yes"));
+        subscriber.changed(&pvc("5", "Bound", "yes")); // made again after its deletion
+        let mut heard = Vec::new();
+        while let Ok(p) = rx.try_recv() {
+            heard.push(p.metadata.resource_version.unwrap());
+        }
+        assert_eq!(heard, ["1", "3", "4", "5"]);
     }
 }

@@ -190,8 +190,8 @@ pub async fn run(client: Client, metrics: Arc<Metrics>, settings: Settings, shut
         let (by_template, by_image, by_lease) = (stores.clone(), stores.clone(), stores.clone());
         Controller::for_stream(vms.subscribe(), stores.vms.clone())
             .with_config(config.clone())
-            .owns_stream(pvcs.subscribe())
-            .owns_stream(pods.subscribe())
+            .owns_stream(pvcs.subscribe_view(informer::pvc_view))
+            .owns_stream(pods.subscribe_view(informer::pod_view))
             // Only changes VMs read: an Image's status counts move with every VM, and waking
             // every VM of a busy image each time made reconciles grow with the square of VMs.
             .watches_stream(templates.subscribe_view(plan::template_view), move |t| {
@@ -209,7 +209,7 @@ pub async fn run(client: Client, metrics: Arc<Metrics>, settings: Settings, shut
         let by_image = stores.clone();
         Controller::for_stream(images.subscribe(), stores.images.clone())
             .with_config(config.clone())
-            .owns_stream(pvcs.subscribe())
+            .owns_stream(pvcs.subscribe_view(informer::pvc_view))
             .watches_stream(vms.subscribe(), image::images_of_vm)
             .watches_stream(leases.subscribe(), image::image_of_lease)
             .watches_stream(images.subscribe(), move |i| image::clones_of(&by_image, &i))

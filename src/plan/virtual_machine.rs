@@ -97,6 +97,15 @@ pub fn template_view(template: &Template) -> u64 {
     fingerprint(&(&template.metadata.uid, template.metadata.generation, template.metadata.deletion_timestamp.is_some()))
 }
 
+/// What of a VM's PVC or launcher Pod the controllers read (`child_state`, the Image's
+/// `pvc_view`): which object, its owners, deletion, phase and capacity. The binder's and
+/// provisioner's annotation updates do not wake a VM.
+pub fn child_view<K: kube::Resource>(child: &K, phase: Option<&str>, capacity: Option<&Quantity>) -> u64 {
+    let meta = child.meta();
+    let owners: Vec<&str> = meta.owner_references.iter().flatten().map(|o| o.uid.as_str()).collect();
+    fingerprint(&(&meta.uid, owners, meta.deletion_timestamp.is_some(), phase, capacity))
+}
+
 fn fingerprint(value: &impl std::fmt::Debug) -> u64 {
     use std::hash::{Hash, Hasher};
     let mut hasher = std::collections::hash_map::DefaultHasher::new();

@@ -159,6 +159,9 @@ async fn run(mut args: Args) -> anyhow::Result<ExitCode> {
     let bench = Bench { args, kubeconfig, audit_path, operator_bin, client, floor_client, quiet };
 
     let started = jiff::Timestamp::now();
+    // The commit measured is the one checked out when the run starts.
+    let commit = git(&["rev-parse", "--short", "HEAD"]);
+    let dirty = git(&["status", "--porcelain", "--untracked-files=no"]).is_some_and(|s| !s.is_empty());
     let load_start = loadavg();
     let mut runs = Vec::new();
     let mut verdicts = Vec::new();
@@ -172,8 +175,6 @@ async fn run(mut args: Args) -> anyhow::Result<ExitCode> {
         verdicts.push(verdict);
         points.push(point);
     }
-    let commit = git(&["rev-parse", "--short", "HEAD"]);
-    let dirty = git(&["status", "--porcelain", "--untracked-files=no"]).is_some_and(|s| !s.is_empty());
     let results = json!({
         "tool": "vmkeep-bench",
         "version": env!("CARGO_PKG_VERSION"),
