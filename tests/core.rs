@@ -4,7 +4,7 @@
 
 mod support;
 
-use std::time::Duration;
+use std::{collections::BTreeMap, time::Duration};
 
 use k8s_openapi::api::{
     coordination::v1::Lease,
@@ -429,7 +429,16 @@ async fn a_foreign_pvc_with_the_disk_name_is_left_alone() {
     assert!(message.contains("PersistentVolumeClaim vm-root"), "{message}");
     let after = env.pvc("vm-root").await.unwrap();
     assert_eq!(after.owner_references(), before.owner_references(), "vmkeep adopted the PVC");
-    assert_eq!((after.labels(), after.annotations()), (before.labels(), before.annotations()));
+    // The PV binder and provisioner annotate it meanwhile; any other change would be vmkeep's.
+    let own = |p: &PersistentVolumeClaim| -> BTreeMap<String, String> {
+        let binder = ["pv.kubernetes.io/", "volume.beta.kubernetes.io/", "volume.kubernetes.io/"];
+        p.annotations()
+            .iter()
+            .filter(|(k, _)| !binder.iter().any(|b| k.starts_with(b)))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    };
+    assert_eq!((after.labels(), own(&after)), (before.labels(), own(&before)));
     let managers: Vec<_> = after.managed_fields().iter().filter_map(|m| m.manager.clone()).collect();
     assert!(!managers.iter().any(|m| m == names::FIELD_MANAGER), "vmkeep wrote to the PVC: {managers:?}");
     assert!(env.pod("vm-launcher").await.is_none(), "a Pod started without its disk");
