@@ -17,8 +17,8 @@ use kube::{
 };
 use support::*;
 use vmkeep::{
-    api::{Condition, ConditionStatus, Image, VirtualMachine, image::ImagePhase, virtual_machine::VirtualMachinePhase},
-    plan::names,
+    api::{ConditionStatus, Image, VirtualMachine, image::ImagePhase, virtual_machine::VirtualMachinePhase},
+    plan::{conditions::find as condition, names},
 };
 
 const LONG: Duration = Duration::from_secs(60);
@@ -57,10 +57,6 @@ fn vm(name: &str, template: &str, on_conflict: &str) -> String {
 
 fn apply(ns: &TestNamespace, yaml: &str) {
     kubectl_ok(&["apply", "-n", &ns.name, "-f", "-"], Some(yaml));
-}
-
-fn condition<'a>(conditions: &'a [Condition], r#type: &str) -> Option<&'a Condition> {
-    conditions.iter().find(|c| c.r#type == r#type)
 }
 
 /// The cluster, its CRDs, a namespace and an operator serving it. Dropping it deletes the

@@ -398,8 +398,8 @@ impl Bench {
         let resync_metric_writes = resync_metrics.sum("vmkeep_api_writes_total", "");
         let total_writes = if audit_used { op_writes.len() as u64 } else { metric_writes.max(0.0) as u64 };
         let resync_count = if audit_used { resync_op.len() as u64 } else { resync_metric_writes as u64 };
-        let per_vm = attribute(&workload, &op_writes, &batch.starting_at);
         let attribution = Attribution::new(&workload);
+        let per_vm = attribute(&workload, &attribution, &op_writes, &batch.starting_at);
         let pvc_creates: u64 = per_vm.values().map(|c| c.pvc_creates).sum();
         let pvcs_per_vm = pvc_creates as f64 / n.max(1) as f64;
         let writes_per_vm = total_writes as f64 / n.max(1) as f64;
@@ -582,6 +582,7 @@ impl Attribution {
 /// PVC creates.
 fn attribute(
     workload: &Workload,
+    attribution: &Attribution,
     writes: &[&Write],
     starting_at: &BTreeMap<String, jiff::Timestamp>,
 ) -> BTreeMap<String, VmWrites> {
@@ -590,7 +591,6 @@ fn attribute(
         .iter()
         .map(|v| (v.name.clone(), VmWrites { persistent: v.persistent_image.is_some(), ..Default::default() }))
         .collect();
-    let attribution = Attribution::new(workload);
     for w in writes {
         let Some(vm) = attribution.vm_of(w) else { continue };
         let before_starting = matches!((w.at, starting_at.get(&vm)), (Some(at), Some(starting)) if at <= *starting);

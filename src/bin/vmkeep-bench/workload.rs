@@ -30,8 +30,8 @@ use kube::{
 use serde_json::json;
 use tokio::sync::{mpsc, oneshot};
 use vmkeep::{
-    api::{ConditionStatus, Image, Template, VirtualMachine, image::ImagePhase, virtual_machine::VirtualMachinePhase},
-    plan::names,
+    api::{ConditionStatus, Image, Template, VirtualMachine, virtual_machine::VirtualMachinePhase},
+    plan::{conditions::find, names, template},
 };
 
 /// A client for `kubeconfig` that says who it is in the `User-Agent` header (the audit log
@@ -195,8 +195,9 @@ where
         .await
 }
 
-/// Creates the Images and Templates and waits until every Image is ready and every Template
-/// says so.
+/// Creates the Images and Templates and waits until every Template is `Ready`: the operator
+/// says so only when every image it names is usable (the check a new VM makes), and every image
+/// of the workload is named by a template.
 pub async fn setup(client: &Client, ns: &str, workload: &Workload, concurrency: usize) -> anyhow::Result<()> {
     let images: Api<Image> = Api::namespaced(client.clone(), ns);
     let templates: Api<Template> = Api::namespaced(client.clone(), ns);
@@ -204,37 +205,22 @@ pub async fn setup(client: &Client, ns: &str, workload: &Workload, concurrency: 
     create_all(&templates, &workload.templates, concurrency).await?;
     let deadline = Instant::now() + Duration::from_secs(60 + workload.images.len() as u64 / 5);
     loop {
-        let ready_images = images
-            .list(&ListParams::default())
-            .await?
-            .items
-            .iter()
-            .filter(|i| {
-                matches!(
-                    i.status.as_ref().and_then(|s| s.phase),
-                    Some(ImagePhase::Ready | ImagePhase::Used | ImagePhase::UsedPersistent)
-                )
-            })
-            .count();
-        let ready_templates = templates
+        let ready = templates
             .list(&ListParams::default())
             .await?
             .items
             .iter()
             .filter(|t| {
-                t.status
-                    .iter()
-                    .flat_map(|s| &s.conditions)
-                    .any(|c| c.r#type == "Ready" && c.status == ConditionStatus::True)
+                let conditions = t.status.as_ref().map_or(&[][..], |s| &s.conditions[..]);
+                find(conditions, template::READY).is_some_and(|c| c.status == ConditionStatus::True)
             })
             .count();
-        if ready_images == workload.images.len() && ready_templates == workload.templates.len() {
+        if ready == workload.templates.len() {
             return Ok(());
         }
         if Instant::now() > deadline {
             bail!(
-                "setup: {ready_images}/{} images and {ready_templates}/{} templates ready after the deadline",
-                workload.images.len(),
+                "setup: {ready}/{} templates ready (their images usable) after the deadline",
                 workload.templates.len()
             );
         }
