@@ -115,9 +115,10 @@ async fn provision(vm: &VirtualMachine, ctx: &Context) -> Result<Action, Error> 
     for image in &wanted {
         states.insert(image.clone(), claim::state(ctx, &ns, image, &uid).await?);
     }
-    let others = ctx.stores.vms.state();
     loop {
-        let earlier = |image: &str| plan::earlier_waiter(vm, others.iter().map(|o| o.as_ref()), image);
+        // The other VMs are only read for a Wait VM with a free image (a snapshot of the whole
+        // cache: not on every reconcile).
+        let earlier = |image: &str| plan::earlier_waiter(vm, ctx.stores.vms.state().iter().map(|o| o.as_ref()), image);
         match plan::plan_claims(vm.spec.on_image_conflict, &states, earlier) {
             ClaimPlan::Held => break,
             ClaimPlan::Take(free) => {
