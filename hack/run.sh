@@ -2,10 +2,11 @@
 # Runs vmkeep.
 #
 #   hack/run.sh [KUBECONFIG]   build vmkeep, install its CRDs and start the operator in the
-#                              background against that cluster, or against the local control
-#                              plane (started on demand) when none is given; prints the
+#                              background against that cluster, or against the local cluster
+#                              (control plane and one node, started on demand, with the
+#                              launcher image imported) when none is given; prints the
 #                              kubeconfig path to use with kubectl
-#   hack/run.sh stop           stop the operator and the local control plane
+#   hack/run.sh stop           stop the operator and the local cluster
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CACHE=${VMKEEP_CACHE:-$HOME/.cache/vmkeep}
@@ -25,15 +26,16 @@ if [[ ${1:-} == stop ]]; then
   exit 0
 fi
 
+command -v cargo >/dev/null || { echo "cargo not found: install Rust (>= 1.89) with rustup" >&2; exit 1; }
 if [[ -n ${1:-} ]]; then
   kubeconfig=$(realpath "$1")
+  cargo build --locked --quiet --bin vmkeep
 else
-  kubeconfig=$(bash hack/cluster.sh up)
+  kubeconfig=$(bash hack/cluster.sh up | tail -n 1)
+  # The launcher image (and the others) into the node, so the examples' VMs run.
+  bash hack/images.sh >/dev/null
 fi
 kubectl="$(bash hack/cluster.sh tools)/kubectl"
-
-command -v cargo >/dev/null || { echo "cargo not found: install Rust (>= 1.89) with rustup" >&2; exit 1; }
-cargo build --locked --quiet --bin vmkeep
 "$kubectl" --kubeconfig "$kubeconfig" apply --server-side -f crds/ >/dev/null
 
 stop_operator

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Runs every test: unit tests, the CRD drift test, and the tests against a real API server.
-# The API-server tests use the local control plane (started here, stopped afterwards if this
-# script started it) unless VMKEEP_TEST_KUBECONFIG names another cluster (kind, k3d, a real one).
+# Runs every test: unit tests, the CRD drift test, and the tests against a real cluster.
+# They use the local cluster (control plane and one node, started here and stopped afterwards if
+# this script started it; the images of hack/images.sh imported into its node) unless
+# VMKEEP_TEST_KUBECONFIG names another cluster (kind, k3d, a real one: load the images of
+# hack/images.sh into it for the tests that run Pods).
 # Extra arguments go to `cargo test` (e.g. `hack/test.sh --test foundation`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,7 +15,10 @@ if [[ -z ${VMKEEP_TEST_KUBECONFIG:-} ]]; then
     trap 'bash hack/cluster.sh down' EXIT
   fi
   kubeconfig=$(bash hack/cluster.sh up | tail -n 1)
-  echo "testing against the local control plane"
+  # The operator, launcher and pause images, built from this checkout and imported into the
+  # node's containerd (the in-cluster install tests and the launcher Pods run them).
+  bash hack/images.sh >/dev/null
+  echo "testing against the local cluster (control plane and one node)"
 else
   kubeconfig=$VMKEEP_TEST_KUBECONFIG
   echo "testing against the cluster of $kubeconfig"

@@ -23,8 +23,8 @@ enum Command {
         /// Log format.
         #[arg(long, env = "VMKEEP_LOG_FORMAT", value_enum, default_value_t)]
         log_format: telemetry::LogFormat,
-        /// The container image of launcher Pods (runs `vmkeep launch`).
-        #[arg(long, env = "VMKEEP_LAUNCHER_IMAGE", default_value = concat!("vmkeep:", env!("CARGO_PKG_VERSION")))]
+        /// The container image of launcher Pods (runs `vmkeep launch`; holds QEMU and qemu-img).
+        #[arg(long, env = "VMKEEP_LAUNCHER_IMAGE", default_value = concat!("vmkeep-launcher:", env!("CARGO_PKG_VERSION")))]
         launcher_image: String,
         /// The access mode of the PVCs vmkeep creates; ReadWriteOncePod needs Kubernetes >= 1.27.
         #[arg(long, env = "VMKEEP_PVC_ACCESS_MODE", default_value = "ReadWriteOnce",

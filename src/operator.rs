@@ -137,7 +137,23 @@ pub async fn client() -> anyhow::Result<Client> {
         .await
         .context("cannot build a Kubernetes client (KUBECONFIG, ~/.kube/config or in-cluster)")?;
     config.headers.push((http::header::USER_AGENT, http::HeaderValue::from_static(USER_AGENT)));
+    info!(server = %config.cluster_url, credentials = %credentials(&config), "connecting to the API server");
     Ok(Client::try_from(config)?)
+}
+
+/// The token file of in-cluster credentials (kube's in-cluster config reads it).
+const SERVICE_ACCOUNT_TOKEN: &str = "/var/run/secrets/kubernetes.io/serviceaccount/token";
+
+/// Which credentials the client uses, for the start-up log: `ServiceAccount <namespace>/<name>`
+/// in a Pod (the name from `VMKEEP_SERVICE_ACCOUNT`, which the chart sets from the Pod's
+/// `spec.serviceAccountName`), else `kubeconfig`.
+fn credentials(config: &kube::Config) -> String {
+    if config.auth_info.token_file.as_deref() != Some(SERVICE_ACCOUNT_TOKEN) {
+        return "kubeconfig".into();
+    }
+    let namespace = std::env::var("POD_NAMESPACE").unwrap_or_else(|_| config.default_namespace.clone());
+    let name = std::env::var("VMKEEP_SERVICE_ACCOUNT").unwrap_or_else(|_| "(name unknown)".into());
+    format!("ServiceAccount {namespace}/{name} (in-cluster token)")
 }
 
 /// Waits until every CRD of [`api::crds`] exists and is established, saying what it waits for

@@ -1,7 +1,10 @@
-//! The install paths against a real API server: the Helm chart (lint, render, install,
-//! uninstall, its values schema), the rendered `deploy/` manifests (up to date, and they
-//! install and uninstall cleanly), the chart's RBAC (enough for the operator, and no more), and
-//! the offline OCI image of `hack/image.sh`.
+//! The install paths against a real cluster: the Helm chart (lint, render, install, uninstall,
+//! its values schema), the rendered `deploy/` manifests (up to date, and they install and
+//! uninstall cleanly), the chart's RBAC (enough for the operator, and no more), and the offline
+//! OCI image of `hack/image.sh`. With a schedulable node the operator installed by `helm install`
+//! and by `kubectl apply -f deploy/` runs in the cluster with the chart's ServiceAccount, becomes
+//! Available and serves VMs that then run; its webhook answers through its Service. The images
+//! are the ones `hack/images.sh` imports into the local node (load them into another cluster).
 
 mod support;
 
@@ -24,6 +27,10 @@ use vmkeep::{
 };
 
 const CHART: &str = "charts/vmkeep";
+
+/// Serialises the tests of this file that run an operator: one installed in the cluster serves
+/// every namespace, so no other operator may serve any namespace meanwhile.
+static OPERATORS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 const LONG: Duration = Duration::from_secs(60);
 /// `hack/image.sh` installs Debian packages and downloads some on its first run.
 const IMAGE_BUILD: Duration = Duration::from_secs(900);
@@ -108,6 +115,7 @@ async fn wait_all_gone(what: &str, references: &[String], namespace: &str) {
 
 #[tokio::test]
 async fn the_chart_lints_renders_installs_and_uninstalls() {
+    let _alone = OPERATORS.lock().await;
     install_crds();
     let ns = TestNamespace::new("install-chart");
     // Cluster-scoped names derive from the release name: one per test run.
@@ -139,10 +147,79 @@ async fn the_chart_lints_renders_installs_and_uninstalls() {
         None,
     );
     assert!(!crd_owners.contains(&release), "the release took the CRDs: {crd_owners}");
+    // The release's Deployment and ServiceAccount are named after the release.
+    serves_in_cluster(&ns.name, &release, &release).await;
 
     helm_ok(&["uninstall", &release, "--namespace", &ns.name]);
     wait_all_gone("helm uninstall to remove the cluster-scoped objects", &cluster_scoped, &ns.name).await;
     wait_all_gone("helm uninstall to remove every object", &all, &ns.name).await;
+}
+
+#[tokio::test]
+async fn the_in_cluster_webhook_denies_a_second_claim_and_uninstall_leaves_nothing() {
+    let _alone = OPERATORS.lock().await;
+    install_crds();
+    if schedulable_node().is_none() {
+        eprintln!("skipped: the webhook is served by the operator's Pod, and the cluster has no schedulable node");
+        return;
+    }
+    let ns = TestNamespace::new("install-webhook");
+    let release = ns.name.clone();
+    let values = ["--set", "webhook.enabled=true"];
+    let rendered = render(&release, &ns.name, &values);
+    assert!(rendered.status.success(), "helm template failed:\n{}", text(&rendered.stderr));
+    let rendered = objects(&text(&rendered.stdout));
+    let all: Vec<String> = rendered.iter().map(reference).collect();
+    let cluster_scoped: Vec<String> = rendered.iter().filter(|o| is_cluster_scoped(o)).map(reference).collect();
+    let _cleanup = OnDrop(|| {
+        delete_vmkeep_objects(&ns.name);
+        let _ = helm(&["uninstall", &release, "--namespace", &ns.name, "--ignore-not-found"]);
+        delete_quietly(&cluster_scoped, &ns.name);
+    });
+    helm_ok(&[&["install", &release, CHART, "--namespace", &ns.name, "--skip-crds"], &values[..]].concat());
+    kubectl_ok(&["wait", "--for=condition=Available", &format!("deployment/{release}"), "-n", &ns.name, "--timeout=180s"], None);
+
+    kubectl_ok(&["apply", "-n", &ns.name, "-f", "-"], Some(SCENARIO));
+    let client = client().await;
+    let images: Api<Image> = Api::namespaced(client.clone(), &ns.name);
+    wait_for("Image disk to be claimed by holder", LONG, async || {
+        let claimed_by = images.get("disk").await.expect("get image").status?.claimed_by?;
+        (claimed_by.name == "holder").then_some(())
+    })
+    .await;
+    // The API server calls the webhook through its Service once the operator has written the
+    // caBundle; until then failurePolicy Ignore admits, so ask (dry run) until it answers.
+    let expected = vmkeep::plan::virtual_machine::in_use_message("disk", "holder");
+    wait_for("the webhook to deny the latecomer (dry run)", LONG, async || {
+        let out = kubectl(&["apply", "--dry-run=server", "-n", &ns.name, "-f", "-"], Some(LATECOMER));
+        (!out.status.success() && text(&out.stderr).contains(&expected)).then_some(())
+    })
+    .await;
+    let denied = kubectl(&["apply", "-n", &ns.name, "-f", "-"], Some(LATECOMER));
+    assert!(!denied.status.success(), "kubectl apply admitted a second claim");
+    let stderr = text(&denied.stderr);
+    assert!(stderr.contains("denied the request") && stderr.contains(&expected), "{stderr}");
+    let vms: Api<VirtualMachine> = Api::namespaced(client.clone(), &ns.name);
+    assert!(vms.get_opt("latecomer").await.expect("get vm").is_none(), "the denied VM exists");
+
+    assert!(delete_vmkeep_objects(&ns.name), "the operator did not finish deleting the VMs and images");
+    helm_ok(&["uninstall", &release, "--namespace", &ns.name]);
+    wait_all_gone("helm uninstall to remove every object", &all, &ns.name).await;
+    // Nothing else either: the webhook's certificate Secret (owned by the webhook configuration)
+    // and the operator's Pods go too; what is left is what every namespace has.
+    let left = wait_for("the namespace to hold only its defaults", Duration::from_secs(120), async || {
+        let listed = kubectl_ok(&["get", "pods,secrets,configmaps,services,serviceaccounts,leases", "-n", &ns.name, "-o", "name"], None);
+        let left: Vec<String> = listed
+            .lines()
+            .filter(|l| {
+                !(*l == "configmap/kube-root-ca.crt" || *l == "serviceaccount/default" || l.starts_with("secret/default-token-"))
+            })
+            .map(str::to_owned)
+            .collect();
+        left.is_empty().then_some(left)
+    })
+    .await;
+    assert!(left.is_empty());
 }
 
 #[tokio::test]
@@ -310,14 +387,53 @@ spec: {templateRef: {name: exclusive}, onImageConflict: Reject}
 
 async fn wait_phase(vms: &Api<VirtualMachine>, name: &str, phase: VirtualMachinePhase) -> VirtualMachine {
     wait_for(&format!("VirtualMachine {name} to be {phase:?}"), LONG, async || {
-        vms.get_opt(name).await.expect("get vm").filter(|vm| vm.status.as_ref().and_then(|s| s.phase) == Some(phase))
+        vms.get_opt(name).await.expect("get vm").filter(|vm| reached(vm.status.as_ref().and_then(|s| s.phase), phase))
     })
     .await
 }
 
+/// With a schedulable node: waits until the operator's Deployment `deployment` in `namespace` is
+/// Available, checks that it acts as ServiceAccount `sa` (its log, and the audit log of the
+/// local cluster), and that it serves VMs applied now, one of which then runs on the node.
+/// Without a node it says so and checks nothing.
+async fn serves_in_cluster(namespace: &str, deployment: &str, sa: &str) {
+    if schedulable_node().is_none() {
+        eprintln!("no schedulable node: not running the operator in the cluster");
+        return;
+    }
+    let audit_log = kubeconfig().parent().expect("kubeconfig folder").join("audit.log");
+    let audit_start = std::fs::metadata(&audit_log).map(|m| m.len()).unwrap_or(0);
+    let started = std::time::Instant::now();
+    let available = kubectl(
+        &["wait", "--for=condition=Available", &format!("deployment/{deployment}"), "-n", namespace, "--timeout=180s"],
+        None,
+    );
+    if !available.status.success() {
+        let pods = kubectl(&["describe", "pods", "-n", namespace], None);
+        panic!("the operator did not become Available: {}\n{}", text(&available.stderr), text(&pods.stdout));
+    }
+    eprintln!("operator Deployment Available after {:.1} s", started.elapsed().as_secs_f64());
+    let identity = format!("ServiceAccount {namespace}/{sa} (in-cluster token)");
+    let logs = kubectl_ok(&["logs", &format!("deployment/{deployment}"), "-n", namespace], None);
+    assert!(logs.contains(&identity), "the operator's log does not name {identity}:\n{logs}");
+
+    let scenario = TestNamespace::new("in-cluster");
+    run_core_scenarios(client().await, &scenario.name, true).await;
+    let logs = kubectl_ok(&["logs", &format!("deployment/{deployment}"), "-n", namespace], None);
+    assert!(!logs.to_lowercase().contains("forbidden"), "the operator was refused requests:\n{logs}");
+    if is_local_cluster() {
+        let user = format!("system:serviceaccount:{namespace}:{sa}");
+        let (count, refused) = audited_requests(&audit_log, audit_start, &user);
+        assert!(count > 0, "no request of {user} in {}", audit_log.display());
+        assert!(refused.is_empty(), "requests of {user} answered 403:\n{}", refused.join("\n"));
+        eprintln!("in-cluster operator: {count} writes as {user}, none refused");
+    }
+}
+
 /// The core scenarios with the given operator running: clones per VM, one holder of a
 /// persistent image, a second claim rejected; then everything deleted through the finalizers.
-async fn run_core_scenarios(client: Client, namespace: &str) {
+/// With `running`, one of the VMs must also reach `Running` (a node runs its launcher Pod).
+async fn run_core_scenarios(client: Client, namespace: &str, running: bool) {
     kubectl_ok(&["apply", "-n", namespace, "-f", "-"], Some(SCENARIO));
     let vms: Api<VirtualMachine> = Api::namespaced(client.clone(), namespace);
     let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), namespace);
@@ -342,12 +458,27 @@ async fn run_core_scenarios(client: Client, namespace: &str) {
     let conditions = rejected.status.expect("status").conditions;
     let claimed = conditions.iter().find(|c| c.r#type == "ImagesClaimed").expect("condition ImagesClaimed");
     assert_eq!(claimed.reason, "ImageInUse");
+    if running {
+        // Each launcher requests a whole cpu: on a small node only some of them run.
+        let running = wait_for("a VM to run", Duration::from_secs(120), async || {
+            for name in ["clone-1", "clone-2", "holder"] {
+                let vm = vms.get(name).await.expect("get vm");
+                if vm.status.and_then(|s| s.phase) == Some(VirtualMachinePhase::Running) {
+                    return Some(name);
+                }
+            }
+            None
+        })
+        .await;
+        eprintln!("VirtualMachine {running} runs on the node");
+    }
 
     assert!(delete_vmkeep_objects(namespace), "the operator did not finish deleting the VMs and images");
 }
 
 #[tokio::test]
 async fn the_chart_rbac_is_enough_for_the_operator_and_no_more() {
+    let _alone = OPERATORS.lock().await;
     install_crds();
     let ns = TestNamespace::new("install-rbac");
     let release = ns.name.clone();
@@ -385,7 +516,7 @@ async fn the_chart_rbac_is_enough_for_the_operator_and_no_more() {
         }
     });
     operator.ready().await;
-    run_core_scenarios(client().await, &ns.name).await;
+    run_core_scenarios(client().await, &ns.name, false).await;
     assert!(operator.exited().is_none(), "the operator died:\n{}", operator.log_text());
     let refused = refusals(&log);
     assert!(refused.is_empty(), "the operator was refused requests:\n{}", refused.join("\n"));
@@ -417,6 +548,7 @@ async fn the_chart_rbac_is_enough_for_the_operator_and_no_more() {
 
 #[tokio::test]
 async fn the_plain_manifests_install_and_uninstall_without_leftovers() {
+    let _alone = OPERATORS.lock().await;
     install_crds();
     let deploy = repo().join("deploy");
     let deploy = deploy.to_str().unwrap();
@@ -443,6 +575,7 @@ async fn the_plain_manifests_install_and_uninstall_without_leftovers() {
     let installed = existing(&cluster_scoped, "vmkeep");
     assert_eq!(installed.len(), cluster_scoped.len(), "{installed:?}");
     kubectl_ok(&["get", "deployment/vmkeep", "serviceaccount/vmkeep", "service/vmkeep-metrics", "-n", "vmkeep"], None);
+    serves_in_cluster("vmkeep", "vmkeep", "vmkeep").await;
 
     kubectl_ok(&["delete", "-f", deploy, "--timeout=120s"], None);
     wait_all_gone("kubectl delete to remove the cluster-scoped objects", &cluster_scoped, "vmkeep").await;

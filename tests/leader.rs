@@ -27,7 +27,7 @@ fn elected(name: &str, ns: &str) -> Operator {
 async fn wait_started(api: &Api<VirtualMachine>, name: &str) {
     wait_for(&format!("VirtualMachine {name} to start"), Duration::from_secs(60), async || {
         let vm = api.get_opt(name).await.expect("get vm")?;
-        (vm.status?.phase == Some(VirtualMachinePhase::Starting)).then_some(())
+        reached(vm.status?.phase, VirtualMachinePhase::Starting).then_some(())
     })
     .await;
 }

@@ -225,7 +225,7 @@ impl Env {
     async fn wait_vm(&self, name: &str, phase: VirtualMachinePhase) -> VirtualMachine {
         wait_for(&format!("VirtualMachine {name} to be {phase:?}"), LONG, async || {
             let vm = self.api::<VirtualMachine>().get_opt(name).await.expect("get vm")?;
-            (vm.status.as_ref()?.phase == Some(phase)).then_some(vm)
+            reached(vm.status.as_ref()?.phase, phase).then_some(vm)
         })
         .await
     }

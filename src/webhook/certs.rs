@@ -28,9 +28,10 @@ use jiff::{SignedDuration, Timestamp};
 use k8s_openapi::{
     ByteString,
     api::{admissionregistration::v1::ValidatingWebhookConfiguration, core::v1::Secret},
+    apimachinery::pkg::apis::meta::v1::OwnerReference,
 };
 use kube::{
-    Api, Client,
+    Api, Client, Resource, ResourceExt,
     api::{ObjectMeta, Patch, PatchParams, PostParams},
 };
 use rcgen::{
@@ -280,6 +281,18 @@ async fn check_managed(
 ) -> anyhow::Result<()> {
     let secrets: Api<Secret> = Api::namespaced(secret.client.clone(), secret.namespace);
     let existing = secrets.get_opt(secret.name).await.context("cannot read the webhook Secret")?;
+    // The configuration owns the Secret, so removing the webhook (helm uninstall) removes it too.
+    let configuration = match config {
+        Some(config) => Some(read_configuration(secret.client, config).await?),
+        None => None,
+    };
+    let owner = configuration.as_ref().and_then(|c| c.controller_owner_ref(&()));
+    let existing = match (existing, &owner) {
+        (Some(found), Some(owner)) if !found.owner_references().iter().any(|o| o.uid == owner.uid) => {
+            Some(adopt(&secrets, found, owner.clone()).await?)
+        }
+        (existing, _) => existing,
+    };
     let stored = existing.as_ref().and_then(Bundle::from_secret);
     let mut version = existing.as_ref().and_then(|s| s.metadata.resource_version.clone());
     let bundle = match (renewal_reason(stored.as_ref(), dns_names, Timestamp::now()), stored) {
@@ -291,12 +304,12 @@ async fn check_managed(
             let keep: Vec<String> =
                 [stored.and_then(|b| b.own_ca()), served.get().and_then(|c| c.ca)].into_iter().flatten().collect();
             let fresh = issue(dns_names, Timestamp::now(), &keep).context("cannot issue a certificate")?;
-            version = write_secret(&secrets, secret.name, existing, &fresh).await?;
+            version = write_secret(&secrets, secret.name, existing, owner, &fresh).await?;
             fresh
         }
     };
-    let patched = match config {
-        Some(config) => patch_ca_bundle(secret.client, config, &bundle.ca).await,
+    let patched = match configuration {
+        Some(configuration) => patch_ca_bundle(secret.client, configuration, &bundle.ca).await,
         None => Ok(false),
     };
     if matches!(patched, Ok(true)) {
@@ -324,13 +337,40 @@ async fn check_managed(
     patched.map(|_| ())
 }
 
-/// Creates the Secret, or replaces its data at the resourceVersion read; a conflict (another
-/// replica was quicker) is an error, and the next check reads the winner's Secret. Returns the
-/// resourceVersion written.
+/// The ValidatingWebhookConfiguration named `config`; an error when it does not exist.
+async fn read_configuration(client: &Client, config: &str) -> anyhow::Result<ValidatingWebhookConfiguration> {
+    let api: Api<ValidatingWebhookConfiguration> = Api::all(client.clone());
+    api.get_opt(config)
+        .await
+        .context("cannot read the ValidatingWebhookConfiguration")?
+        .with_context(|| format!("ValidatingWebhookConfiguration {config} does not exist"))
+}
+
+/// Adds `owner` (the webhook configuration, not as controller) to the Secret's owners, at the
+/// resourceVersion read: a Secret of an earlier vmkeep, or one a user made, goes with the webhook.
+async fn adopt(secrets: &Api<Secret>, mut secret: Secret, owner: OwnerReference) -> anyhow::Result<Secret> {
+    secret.metadata.owner_references.get_or_insert_default().push(owner_of_secret(owner));
+    let params = PostParams { field_manager: Some(names::FIELD_MANAGER.into()), ..Default::default() };
+    let name = secret.name_any();
+    secrets.replace(&name, &params, &secret).await.context("cannot set the webhook Secret's owner")
+}
+
+/// The configuration as the Secret's owner: not its controller, and it does not block the
+/// configuration's deletion (which would need the finalizers right on the configuration).
+fn owner_of_secret(mut owner: OwnerReference) -> OwnerReference {
+    owner.controller = None;
+    owner.block_owner_deletion = None;
+    owner
+}
+
+/// Creates the Secret (owned by `owner`, the webhook configuration, when given), or replaces its
+/// data at the resourceVersion read; a conflict (another replica was quicker) is an error, and
+/// the next check reads the winner's Secret. Returns the resourceVersion written.
 async fn write_secret(
     secrets: &Api<Secret>,
     name: &str,
     existing: Option<Secret>,
+    owner: Option<OwnerReference>,
     bundle: &Bundle,
 ) -> anyhow::Result<Option<String>> {
     let params = PostParams { field_manager: Some(names::FIELD_MANAGER.into()), ..Default::default() };
@@ -349,6 +389,7 @@ async fn write_secret(
                         (names::MANAGED_BY.to_owned(), names::MANAGER.to_owned()),
                         ("app.kubernetes.io/component".to_owned(), "webhook".to_owned()),
                     ])),
+                    owner_references: owner.map(|o| vec![owner_of_secret(o)]),
                     ..Default::default()
                 },
                 type_: Some("kubernetes.io/tls".into()),
@@ -361,15 +402,11 @@ async fn write_secret(
     }
 }
 
-/// Sets the caBundle of every webhook of `config` to `ca`, if any differs. Returns whether it
-/// wrote.
-async fn patch_ca_bundle(client: &Client, config: &str, ca: &str) -> anyhow::Result<bool> {
+/// Sets the caBundle of every webhook of the configuration `current` to `ca`, if any differs.
+/// Returns whether it wrote.
+async fn patch_ca_bundle(client: &Client, current: ValidatingWebhookConfiguration, ca: &str) -> anyhow::Result<bool> {
     let api: Api<ValidatingWebhookConfiguration> = Api::all(client.clone());
-    let current = api
-        .get_opt(config)
-        .await
-        .context("cannot read the ValidatingWebhookConfiguration")?
-        .with_context(|| format!("ValidatingWebhookConfiguration {config} does not exist"))?;
+    let config = current.name_any();
     let bundle = ByteString(ca.as_bytes().to_vec());
     let stale: Vec<serde_json::Value> = current
         .webhooks
@@ -383,7 +420,7 @@ async fn patch_ca_bundle(client: &Client, config: &str, ca: &str) -> anyhow::Res
     }
     let patch = Patch::Strategic(serde_json::json!({"webhooks": stale}));
     let params = PatchParams { field_manager: Some(names::FIELD_MANAGER.into()), ..Default::default() };
-    api.patch(config, &params, &patch).await.context("cannot patch the caBundle")?;
+    api.patch(&config, &params, &patch).await.context("cannot patch the caBundle")?;
     info!(%config, "patched the webhook caBundle");
     Ok(true)
 }

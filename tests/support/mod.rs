@@ -147,6 +147,28 @@ pub async fn wait_for<T>(what: &str, timeout: Duration, mut check: impl AsyncFnM
     }
 }
 
+/// The name of a node that Pods can run on (Ready, schedulable, without NoSchedule or NoExecute
+/// taints), if the cluster under test has one. Tests that need running Pods skip without it.
+pub fn schedulable_node() -> Option<String> {
+    let nodes: serde_json::Value = serde_json::from_str(&kubectl_ok(&["get", "nodes", "-o", "json"], None)).ok()?;
+    nodes["items"].as_array()?.iter().find_map(|node| {
+        let ready = node["status"]["conditions"].as_array()?.iter().any(|c| c["type"] == "Ready" && c["status"] == "True");
+        let tainted = node["spec"]["taints"]
+            .as_array()
+            .is_some_and(|taints| taints.iter().any(|t| t["effect"] == "NoSchedule" || t["effect"] == "NoExecute"));
+        let cordoned = node["spec"]["unschedulable"] == true;
+        (ready && !tainted && !cordoned).then(|| node["metadata"]["name"].as_str().map(str::to_owned))?
+    })
+}
+
+/// Whether a VM in phase `actual` has reached `wanted`. `Starting` is reached once the launcher
+/// Pod exists, so on a cluster whose Pods run a VM already `Running` has reached it too; every
+/// other phase is reached only by itself.
+pub fn reached(actual: Option<vmkeep::api::virtual_machine::VirtualMachinePhase>, wanted: vmkeep::api::virtual_machine::VirtualMachinePhase) -> bool {
+    use vmkeep::api::virtual_machine::VirtualMachinePhase::{Running, Starting};
+    actual == Some(wanted) || (wanted == Starting && actual == Some(Running))
+}
+
 /// A free port on 127.0.0.1.
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()

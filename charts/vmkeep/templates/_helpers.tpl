@@ -56,8 +56,15 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | 
 {{- end }}
 {{- end }}
 
+{{/* The launcher image: repository@digest, or repository:tag (tag defaults to appVersion). */}}
 {{- define "vmkeep.launcherImage" -}}
-{{- default (include "vmkeep.image" .) .Values.launcherImage }}
+{{- with .Values.launcher.image }}
+{{- if .digest }}
+{{- printf "%s@%s" .repository .digest }}
+{{- else }}
+{{- printf "%s:%s" .repository (default $.Chart.AppVersion .tag) }}
+{{- end }}
+{{- end }}
 {{- end }}
 
 {{/* The webhook's Service, Secret (self-managed or cert-manager's) and cert-manager Certificate. */}}

@@ -1,0 +1,162 @@
+//! On a node whose Pods really run: a VM reaches `Running` with its launcher Pod Ready on the
+//! node, and the claim on a persistent image moves to a waiting VM only after the kubelet has
+//! confirmed the old launcher Pod gone, even when that Pod ignores SIGTERM for its whole grace
+//! period (a guest that does not shut down).
+//!
+//! Needs a schedulable node (skipped, saying so, on a cluster without one). The SIGTERM part
+//! stops the launcher's process with SIGSTOP from this machine, so it runs on the local cluster
+//! only, where the node's processes are this machine's.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::{coordination::v1::Lease, core::v1::Pod};
+use kube::{Api, Client, ResourceExt};
+use support::*;
+use vmkeep::{
+    api::{VirtualMachine, virtual_machine::VirtualMachinePhase},
+    plan::{conditions::find as condition, names},
+};
+
+const LONG: Duration = Duration::from_secs(90);
+
+const SCENARIO: &str = r#"
+apiVersion: vmkeep.io/v1alpha1
+kind: Image
+metadata: {name: data}
+spec: {persistent: true, size: 1Gi, source: {blank: {}}}
+---
+apiVersion: vmkeep.io/v1alpha1
+kind: Template
+metadata: {name: t}
+spec: {cpu: 1, memory: 128Mi, disks: [{name: data, image: data}]}
+---
+apiVersion: vmkeep.io/v1alpha1
+kind: VirtualMachine
+metadata: {name: a}
+spec: {templateRef: {name: t}}
+"#;
+
+const WAITER: &str = r#"
+apiVersion: vmkeep.io/v1alpha1
+kind: VirtualMachine
+metadata: {name: b}
+spec: {templateRef: {name: t}, onImageConflict: Wait}
+"#;
+
+async fn phase(vms: &Api<VirtualMachine>, name: &str) -> Option<VirtualMachinePhase> {
+    vms.get_opt(name).await.expect("get vm")?.status?.phase
+}
+
+/// The uid of the VM holding the claim on image `data`, if any.
+async fn holder(leases: &Api<Lease>) -> Option<String> {
+    leases.get_opt(&names::claim_lease("data")).await.expect("get lease")?.spec?.holder_identity
+}
+
+/// The host pid of the `vmkeep launch` process of the Pod with `uid` (the kubelet's cgroupfs
+/// layout names each Pod's cgroup `pod<uid>`).
+fn launcher_pid(uid: &str) -> Option<u32> {
+    let needle = format!("pod{uid}");
+    std::fs::read_dir("/proc").ok()?.filter_map(Result::ok).find_map(|entry| {
+        let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
+        let cgroup = std::fs::read_to_string(entry.path().join("cgroup")).ok()?;
+        let cmdline = std::fs::read(entry.path().join("cmdline")).ok()?;
+        let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+        (cgroup.contains(&needle) && args.get(1) == Some(&&b"launch"[..])).then_some(pid)
+    })
+}
+
+#[tokio::test]
+async fn a_claim_moves_only_after_the_kubelet_confirms_the_launcher_gone() {
+    install_crds();
+    let Some(node) = schedulable_node() else {
+        eprintln!("skipped: the cluster has no schedulable node (Pods would never run)");
+        return;
+    };
+    let ns = TestNamespace::new("node-fencing");
+    let mut operator = Operator::for_namespace("node-fencing", &ns.name);
+    operator.ready().await;
+    let client: Client = client().await;
+    let vms: Api<VirtualMachine> = Api::namespaced(client.clone(), &ns.name);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns.name);
+    let leases: Api<Lease> = Api::namespaced(client.clone(), &ns.name);
+
+    let applied = Instant::now();
+    kubectl_ok(&["apply", "-n", &ns.name, "-f", "-"], Some(SCENARIO));
+    wait_for("VirtualMachine a to run", LONG, async || {
+        (phase(&vms, "a").await == Some(VirtualMachinePhase::Running)).then_some(())
+    })
+    .await;
+    eprintln!("apply -> VM a Running: {:.1} s", applied.elapsed().as_secs_f64());
+    let launcher = pods.get(&names::launcher_pod("a")).await.expect("a's launcher Pod");
+    let spec = launcher.spec.clone().expect("spec");
+    assert_eq!(spec.node_name.as_deref(), Some(node.as_str()), "the launcher runs on the node");
+    let log = kubectl_ok(&["logs", "-n", &ns.name, &names::launcher_pod("a")], None);
+    assert!(log.contains("holding the VM's disks"), "the launcher's log (kubectl logs):\n{log}");
+    let a_uid = vms.get("a").await.expect("a").uid().expect("uid");
+
+    kubectl_ok(&["apply", "-n", &ns.name, "-f", "-"], Some(WAITER));
+    let b = wait_for("VirtualMachine b to wait for the image", LONG, async || {
+        let vm = vms.get_opt("b").await.expect("get vm")?;
+        let conditions = &vm.status.as_ref()?.conditions;
+        (condition(conditions, "ImagesClaimed")?.reason == "WaitingForImage").then_some(vm)
+    })
+    .await;
+    let b_uid = b.uid().expect("uid");
+    assert_eq!(holder(&leases).await.as_deref(), Some(a_uid.as_str()));
+
+    if !is_local_cluster() {
+        eprintln!("skipped the SIGTERM part: it stops the launcher's process, which only the local node allows");
+        drop(operator);
+        return;
+    }
+    // The launcher ignores SIGTERM from now on: the kubelet waits the grace period, then kills it.
+    let uid = launcher.uid().expect("pod uid");
+    let pid = launcher_pid(&uid).expect("the launcher's process on this machine");
+    let stopped = std::process::Command::new("kill").args(["-STOP", &pid.to_string()]).status().expect("kill");
+    assert!(stopped.success(), "kill -STOP {pid}");
+    let grace = spec.termination_grace_period_seconds.unwrap_or(30);
+
+    let deleted = Instant::now();
+    kubectl_ok(&["delete", "vm", "a", "-n", &ns.name, "--wait=false"], None);
+    let mut terminating_seen = None;
+    let mut gone_at = None;
+    let moved_at = wait_for("the claim to move to b", Duration::from_secs(grace as u64 + 90), async || {
+        // Read the claim first: once it names b, a's launcher must already be gone.
+        let holder = holder(&leases).await;
+        let pod = pods.get_opt(&names::launcher_pod("a")).await.expect("get pod");
+        match (&holder, &pod) {
+            (Some(h), Some(pod)) if *h == b_uid => {
+                panic!("the claim moved to b while a's launcher Pod still exists: {:?}", pod.metadata)
+            }
+            (_, Some(pod)) if pod.metadata.deletion_timestamp.is_some() => {
+                terminating_seen.get_or_insert(deleted.elapsed());
+            }
+            (_, None) => {
+                gone_at.get_or_insert(deleted.elapsed());
+            }
+            _ => {}
+        }
+        (holder.as_deref() == Some(b_uid.as_str())).then(|| deleted.elapsed())
+    })
+    .await;
+    let gone_at = gone_at.expect("a's launcher Pod was seen gone before the claim moved");
+    assert!(terminating_seen.is_some(), "a's launcher Pod was never seen Terminating");
+    // The kubelet waited for the process (SIGTERM ignored) until the grace period ended.
+    assert!(
+        gone_at >= Duration::from_secs(grace as u64 - 2),
+        "a's launcher Pod was gone after {gone_at:?}, before its grace period of {grace} s"
+    );
+    eprintln!(
+        "a deleted: launcher Terminating for {:.1} s (grace {grace} s, SIGTERM ignored), claim to b {:.1} s after it was gone",
+        gone_at.as_secs_f64(),
+        (moved_at - gone_at).as_secs_f64()
+    );
+    wait_for("VirtualMachine b to run", LONG, async || {
+        (phase(&vms, "b").await == Some(VirtualMachinePhase::Running)).then_some(())
+    })
+    .await;
+    kubectl_ok(&["delete", "vm", "b", "-n", &ns.name, "--timeout=90s"], None);
+    kubectl_ok(&["delete", "images,templates", "--all", "-n", &ns.name, "--timeout=90s"], None);
+}
