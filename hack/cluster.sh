@@ -249,6 +249,32 @@ node_prepare() { # before the API server: it listens on the bridge
   fi
   ip link set "$BRIDGE" up
   iptables -C "${NO_EGRESS[@]}" 2>/dev/null || iptables -I "${NO_EGRESS[@]}"
+  # The KUBE-* chains there before (another kube-proxy's): `down` removes only the new ones.
+  local t
+  for t in "${IPTABLES_TABLES[@]}"; do
+    [[ -f $NODE_DIR/iptables.$t.before ]] || kube_chains "$t" >"$NODE_DIR/iptables.$t.before"
+  done
+}
+
+IPTABLES_TABLES=(filter nat mangle)
+kube_chains() { iptables -t "$1" -S 2>/dev/null | awk '/^-N KUBE-/ {print $2}' | sort; }
+
+# Removes the KUBE-* chains kube-proxy made (and the rules that jump to them), leaving those
+# that were there before `up`.
+iptables_cleanup() {
+  local t
+  for t in "${IPTABLES_TABLES[@]}"; do
+    local -a new
+    mapfile -t new < <(comm -13 "$NODE_DIR/iptables.$t.before" <(kube_chains "$t"))
+    ((${#new[@]})) || continue
+    local pattern rule c
+    pattern=$(IFS='|'; echo "${new[*]}")
+    local -a rules
+    mapfile -t rules < <(iptables -t "$t" -S | grep -E -- "^-A .* -j ($pattern)( |\$)" | sed 's/^-A /-D /' || true)
+    for rule in "${rules[@]}"; do eval "iptables -t $t $rule" || true; done
+    for c in "${new[@]}"; do iptables -t "$t" -F "$c" 2>/dev/null || true; done
+    for c in "${new[@]}"; do iptables -t "$t" -X "$c" 2>/dev/null || true; done
+  done
 }
 
 node_start() {
@@ -382,11 +408,7 @@ node_down() {
   # The Pods' containers: their shims outlive containerd, so kill the tasks through it.
   if [[ -S $SOCK ]] && alive containerd; then
     local c
-    for c in $(ctr_ tasks ls -q 2>/dev/null); do ctr_ tasks kill -s SIGKILL "$c" >/dev/null 2>&1 || true; done
-    for c in $(ctr_ tasks ls -q 2>/dev/null); do
-      wait_for 10 "task $c" bash -c "! ctr -a '$SOCK' -n k8s.io tasks ls -q | grep -qx '$c'" || true
-      ctr_ tasks delete -f "$c" >/dev/null 2>&1 || true
-    done
+    for c in $(ctr_ tasks ls -q 2>/dev/null); do ctr_ tasks delete -f "$c" >/dev/null 2>&1 || true; done
   fi
   stop_pid containerd
   local pid
@@ -402,9 +424,7 @@ node_down() {
     umount "$m" 2>/dev/null || umount -l "$m" 2>/dev/null || true
   done
   if ip link show "$BRIDGE" >/dev/null 2>&1; then ip link delete "$BRIDGE"; fi
-  if [[ -x $BIN/kube-proxy ]] && iptables -t nat -nL KUBE-SERVICES >/dev/null 2>&1; then
-    "$BIN/kube-proxy" --cleanup >/dev/null 2>&1 || true
-  fi
+  [[ -f $NODE_DIR/iptables.filter.before ]] && iptables_cleanup
   while iptables -C "${NO_EGRESS[@]}" 2>/dev/null; do iptables -D "${NO_EGRESS[@]}"; done
   if [[ -f $NODE_DIR/sysctl.saved ]]; then
     local kv

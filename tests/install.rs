@@ -177,7 +177,10 @@ async fn the_in_cluster_webhook_denies_a_second_claim_and_uninstall_leaves_nothi
         delete_quietly(&cluster_scoped, &ns.name);
     });
     helm_ok(&[&["install", &release, CHART, "--namespace", &ns.name, "--skip-crds"], &values[..]].concat());
-    kubectl_ok(&["wait", "--for=condition=Available", &format!("deployment/{release}"), "-n", &ns.name, "--timeout=180s"], None);
+    kubectl_ok(
+        &["wait", "--for=condition=Available", &format!("deployment/{release}"), "-n", &ns.name, "--timeout=180s"],
+        None,
+    );
 
     kubectl_ok(&["apply", "-n", &ns.name, "-f", "-"], Some(SCENARIO));
     let client = client().await;
@@ -208,11 +211,16 @@ async fn the_in_cluster_webhook_denies_a_second_claim_and_uninstall_leaves_nothi
     // Nothing else either: the webhook's certificate Secret (owned by the webhook configuration)
     // and the operator's Pods go too; what is left is what every namespace has.
     let left = wait_for("the namespace to hold only its defaults", Duration::from_secs(120), async || {
-        let listed = kubectl_ok(&["get", "pods,secrets,configmaps,services,serviceaccounts,leases", "-n", &ns.name, "-o", "name"], None);
+        let listed = kubectl_ok(
+            &["get", "pods,secrets,configmaps,services,serviceaccounts,leases", "-n", &ns.name, "-o", "name"],
+            None,
+        );
         let left: Vec<String> = listed
             .lines()
             .filter(|l| {
-                !(*l == "configmap/kube-root-ca.crt" || *l == "serviceaccount/default" || l.starts_with("secret/default-token-"))
+                !(*l == "configmap/kube-root-ca.crt"
+                    || *l == "serviceaccount/default"
+                    || l.starts_with("secret/default-token-"))
             })
             .map(str::to_owned)
             .collect();

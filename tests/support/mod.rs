@@ -152,7 +152,8 @@ pub async fn wait_for<T>(what: &str, timeout: Duration, mut check: impl AsyncFnM
 pub fn schedulable_node() -> Option<String> {
     let nodes: serde_json::Value = serde_json::from_str(&kubectl_ok(&["get", "nodes", "-o", "json"], None)).ok()?;
     nodes["items"].as_array()?.iter().find_map(|node| {
-        let ready = node["status"]["conditions"].as_array()?.iter().any(|c| c["type"] == "Ready" && c["status"] == "True");
+        let ready =
+            node["status"]["conditions"].as_array()?.iter().any(|c| c["type"] == "Ready" && c["status"] == "True");
         let tainted = node["spec"]["taints"]
             .as_array()
             .is_some_and(|taints| taints.iter().any(|t| t["effect"] == "NoSchedule" || t["effect"] == "NoExecute"));
@@ -164,7 +165,10 @@ pub fn schedulable_node() -> Option<String> {
 /// Whether a VM in phase `actual` has reached `wanted`. `Starting` is reached once the launcher
 /// Pod exists, so on a cluster whose Pods run a VM already `Running` has reached it too; every
 /// other phase is reached only by itself.
-pub fn reached(actual: Option<vmkeep::api::virtual_machine::VirtualMachinePhase>, wanted: vmkeep::api::virtual_machine::VirtualMachinePhase) -> bool {
+pub fn reached(
+    actual: Option<vmkeep::api::virtual_machine::VirtualMachinePhase>,
+    wanted: vmkeep::api::virtual_machine::VirtualMachinePhase,
+) -> bool {
     use vmkeep::api::virtual_machine::VirtualMachinePhase::{Running, Starting};
     actual == Some(wanted) || (wanted == Starting && actual == Some(Running))
 }
