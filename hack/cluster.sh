@@ -44,19 +44,10 @@ fi
 NODE_DIR=$STATE/node
 SOCK=$NODE_DIR/containerd/containerd.sock
 
-log() { printf '[cluster] %s\n' "$*" >&2; }
-die() { printf '[cluster] error: %s\n' "$*" >&2; exit 1; }
+LOG_PREFIX=cluster
+# shellcheck source=hack/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
-apt_updated=
-apt_install() {
-  local missing=()
-  for p in "$@"; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'ok installed' || missing+=("$p"); done
-  ((${#missing[@]})) || return 0
-  [[ $(id -u) == 0 ]] || die "missing Debian packages: ${missing[*]} (run as root or install them)"
-  if [[ -z $apt_updated ]]; then apt-get update -qq; apt_updated=1; fi
-  log "installing ${missing[*]}"
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-}
 
 # Debian's bookworm source package `kubernetes` ships its vendored Go modules, so it builds
 # with no Go module proxy.

@@ -20,8 +20,9 @@
 # unchanged inputs only re-runs the check.
 set -euo pipefail
 
-log() { printf '[image] %s\n' "$*" >&2; }
-die() { printf '[image] error: %s\n' "$*" >&2; exit 1; }
+LOG_PREFIX=image
+# shellcheck source=hack/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 self=$(realpath "$0")
 binary=
@@ -47,15 +48,6 @@ PACKAGES=(libc6 libgcc-s1 ca-certificates base-files)
 
 [[ $(id -u) == 0 ]] || die "run as root (apt-get, chown, chroot and unshare need it)"
 
-apt_updated=
-apt_install() {
-  local missing=()
-  for p in "$@"; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'ok installed' || missing+=("$p"); done
-  ((${#missing[@]})) || return 0
-  if [[ -z $apt_updated ]]; then apt-get update -qq; apt_updated=1; fi
-  log "installing ${missing[*]}"
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-}
 apt_install umoci binutils jq tar gzip util-linux coreutils
 
 # --- inputs ---------------------------------------------------------------------------------

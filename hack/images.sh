@@ -25,8 +25,9 @@
 # imported again. Needs root (apt-get, chroot, containerd).
 set -euo pipefail
 
-log() { printf '[images] %s\n' "$*" >&2; }
-die() { printf '[images] error: %s\n' "$*" >&2; exit 1; }
+LOG_PREFIX=images
+# shellcheck source=hack/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 self=$(realpath "$0")
 cd "$(dirname "$self")/.."
@@ -66,15 +67,6 @@ done
 ((${#names[@]})) || names=(pause operator launcher)
 [[ $(id -u) == 0 ]] || die "run as root (apt-get, chroot and containerd need it)"
 
-apt_updated=
-apt_install() {
-  local missing=()
-  for p in "$@"; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'ok installed' || missing+=("$p"); done
-  ((${#missing[@]})) || return 0
-  if [[ -z $apt_updated ]]; then apt-get update -qq; apt_updated=1; fi
-  log "installing ${missing[*]}"
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-}
 apt_install umoci jq tar gcc libc6-dev
 
 epoch=${SOURCE_DATE_EPOCH:-$(git log -1 --format=%ct 2>/dev/null || echo 0)}

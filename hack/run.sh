@@ -15,7 +15,12 @@ HTTP_ADDR=${VMKEEP_HTTP_ADDR:-127.0.0.1:18080}
 
 stop_operator() {
   if [[ -f $RUN/vmkeep.pid ]]; then
-    kill "$(cat "$RUN/vmkeep.pid")" 2>/dev/null || true
+    local pid
+    pid=$(cat "$RUN/vmkeep.pid")
+    kill "$pid" 2>/dev/null || true
+    # vmkeep exits on SIGTERM within its shutdown grace (20 s).
+    for _ in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.3; done
+    kill -9 "$pid" 2>/dev/null || true
     rm -f "$RUN/vmkeep.pid"
   fi
 }

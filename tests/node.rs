@@ -119,7 +119,7 @@ async fn a_claim_moves_only_after_the_kubelet_confirms_the_launcher_gone() {
     let grace = spec.termination_grace_period_seconds.unwrap_or(30);
 
     let deleted = Instant::now();
-    kubectl_ok(&["delete", "vm", "a", "-n", &ns.name, "--wait=false"], None);
+    kubectl_ok(&["delete", "virtualmachines.vmkeep.io", "a", "-n", &ns.name, "--wait=false"], None);
     let mut terminating_seen = None;
     let mut gone_at = None;
     let moved_at = wait_for("the claim to move to b", Duration::from_secs(grace as u64 + 90), async || {
@@ -157,6 +157,6 @@ async fn a_claim_moves_only_after_the_kubelet_confirms_the_launcher_gone() {
         (phase(&vms, "b").await == Some(VirtualMachinePhase::Running)).then_some(())
     })
     .await;
-    kubectl_ok(&["delete", "vm", "b", "-n", &ns.name, "--timeout=90s"], None);
+    kubectl_ok(&["delete", "virtualmachines.vmkeep.io", "b", "-n", &ns.name, "--timeout=90s"], None);
     kubectl_ok(&["delete", "images,templates", "--all", "-n", &ns.name, "--timeout=90s"], None);
 }
