@@ -303,7 +303,7 @@ fn token_kubeconfig(path: &Path, token: &str, namespace: &str) {
 }
 
 /// Requests of `user` in the API server's audit log from byte `from` on: how many, and the
-/// ones answered 403.
+/// ones authorization refused (403).
 fn audited_requests(log: &Path, from: u64, user: &str) -> (usize, Vec<String>) {
     let mut file = File::open(log).expect("open the audit log");
     file.seek(SeekFrom::Start(from)).expect("seek in the audit log");
@@ -318,9 +318,10 @@ fn audited_requests(log: &Path, from: u64, user: &str) -> (usize, Vec<String>) {
         // The last line may be half written.
         let Ok(event) = serde_json::from_str::<serde_json::Value>(&line) else { continue };
         count += 1;
-        // A namespace being deleted refuses new objects with 403 too: not a missing permission.
-        let terminating = event["responseStatus"]["message"].as_str().is_some_and(|m| m.contains("being terminated"));
-        if event["responseStatus"]["code"] == 403 && !terminating {
+        // Refused by authorization; admission refuses with 403 too (a namespace being deleted
+        // takes no new objects), after authorization allowed: that is no missing permission.
+        let allowed = event["annotations"]["authorization.k8s.io/decision"] == "allow";
+        if event["responseStatus"]["code"] == 403 && !allowed {
             refused.push(format!("{} {}: {}", event["verb"], event["requestURI"], event["annotations"]));
         }
     }
