@@ -308,8 +308,10 @@ async fn twenty_vms_racing_two_operators_get_exactly_one_holder() {
         for name in &names {
             env.delete_vm(name).await;
         }
+        // The holder goes once its launcher Pod is gone: on a node, after the kubelet confirms
+        // it (the Pod may still be starting when it is deleted).
         for name in &names {
-            env.wait_gone::<VirtualMachine>(name, LONG).await;
+            env.wait_gone::<VirtualMachine>(name, GC).await;
         }
         wait_for("the claim to be released", LONG, async || env.claim_holder("disk").await.is_none().then_some(()))
             .await;
