@@ -22,7 +22,9 @@ use vmkeep::{
 };
 
 const LONG: Duration = Duration::from_secs(60);
-/// Garbage collection of children of a custom resource waits for the collector's resync.
+/// Garbage collection of children of a custom resource waits for the collector's resync; a
+/// deleted VM whose launcher Pod runs on a node goes once the kubelet confirms the Pod gone
+/// (seconds, but more than a minute for a Pod deleted while it starts on a busy node).
 const GC: Duration = Duration::from_secs(150);
 
 fn image(name: &str, persistent: bool) -> String {
@@ -183,7 +185,7 @@ async fn non_persistent_vms_each_get_their_own_clone() {
     assert_eq!(base.status.unwrap().phase, Some(ImagePhase::Used));
 
     env.delete_vm("vm-2").await;
-    env.wait_gone::<VirtualMachine>("vm-2", LONG).await;
+    env.wait_gone::<VirtualMachine>("vm-2", GC).await;
     for child in ["vm-2-root", "vm-2-scratch"] {
         env.wait_gone::<PersistentVolumeClaim>(child, GC).await;
     }
@@ -230,7 +232,7 @@ async fn a_second_claim_on_a_persistent_image_is_rejected() {
 
     // Rejected stays Rejected, even once the image is free, until the spec changes.
     env.delete_vm("vm-a").await;
-    env.wait_gone::<VirtualMachine>("vm-a", LONG).await;
+    env.wait_gone::<VirtualMachine>("vm-a", GC).await;
     wait_for("the claim to be released", LONG, async || env.claim_holder("disk").await.is_none().then_some(())).await;
     assert_eq!(env.vm_phase("vm-b").await, Some(VirtualMachinePhase::Rejected));
     apply(&env.ns, &vm("vm-b", "t", "Wait"));
@@ -268,7 +270,7 @@ async fn a_waiting_vm_takes_the_image_only_after_the_holders_pod_is_gone() {
     env.api::<Pod>().patch("holder-launcher", &PatchParams::default(), &Patch::Merge(&release)).await.expect("release");
     env.wait_vm("waiter", VirtualMachinePhase::Starting).await;
     assert_eq!(env.claim_holder("disk").await.as_deref(), Some("waiter"));
-    env.wait_gone::<VirtualMachine>("holder", LONG).await;
+    env.wait_gone::<VirtualMachine>("holder", GC).await;
 }
 
 #[tokio::test]
@@ -385,7 +387,7 @@ async fn persistence_changes_and_deletions_wait_for_the_last_vm() {
 
     // Once the last VM is gone, the change would apply and the deletion goes ahead.
     env.delete_vm("vm").await;
-    env.wait_gone::<VirtualMachine>("vm", LONG).await;
+    env.wait_gone::<VirtualMachine>("vm", GC).await;
     env.wait_gone::<Image>("img", LONG).await;
     env.wait_gone::<PersistentVolumeClaim>("img-image", GC).await;
 }
