@@ -9,13 +9,15 @@ use anyhow::bail;
 use tracing::info;
 
 pub async fn run(vm: &str, disks: &[(String, PathBuf)]) -> anyhow::Result<()> {
+    // First of all: as PID 1 of its container, a signal without a handler is ignored, and a Pod
+    // deleted while it starts would wait its whole grace period.
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     for (name, path) in disks {
         if !path.exists() {
             bail!("disk {name} of VirtualMachine {vm} is not at {}", path.display());
         }
         info!(vm, disk = %name, path = %path.display(), "disk attached");
     }
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     info!(vm, disks = disks.len(), "holding the VM's disks until SIGTERM");
     tokio::select! {
         _ = term.recv() => {}
