@@ -47,7 +47,7 @@ fn boot(image: &Path, data: &Path, name: &str, dir: &Path) -> (String, Duration,
     let mut replies = BufReader::new(stream.try_clone().expect("clone"));
     let mut line = String::new();
     replies.read_line(&mut line).expect("QMP greeting");
-    let mut send = |command: &str| writeln!(&stream, "{{\"execute\": \"{command}\"}}").expect("QMP write");
+    let send = |command: &str| writeln!(&stream, "{{\"execute\": \"{command}\"}}").expect("QMP write");
     send("qmp_capabilities");
     let pressed = Instant::now();
     send("system_powerdown");
