@@ -195,15 +195,24 @@ start_bg() { # start_bg NAME COMMAND...
   echo $! >"$STATE/$name.pid"
 }
 
-alive() { [[ -f $STATE/$1.pid ]] && kill -0 "$(cat "$STATE/$1.pid")" 2>/dev/null; }
+# A process that exited but is not yet reaped by its parent (PID 1 here) is a zombie: gone.
+running() { local st; st=$(ps -o stat= -p "$1" 2>/dev/null) && [[ $st != Z* ]]; }
+stopped() { ! running "$1"; }
+alive() { [[ -f $STATE/$1.pid ]] && running "$(cat "$STATE/$1.pid")"; }
 
-stop_pid() { # stop_pid NAME: SIGTERM the recorded process, SIGKILL after 20 s
-  if alive "$1"; then
-    local pid; pid=$(cat "$STATE/$1.pid")
-    kill "$pid" 2>/dev/null || true
-    wait_for 20 "$1 to stop" bash -c "! kill -0 $pid 2>/dev/null" || kill -9 "$pid" 2>/dev/null || true
-  fi
-  rm -f "$STATE/$1.pid"
+stop_pid() { # stop_pid NAME...: SIGTERM the recorded processes at once, SIGKILL after 20 s
+  local n pids=()
+  for n in "$@"; do
+    if alive "$n"; then
+      pids+=("$(cat "$STATE/$n.pid")")
+      kill "${pids[-1]}" 2>/dev/null || true
+    fi
+  done
+  local pid
+  for pid in "${pids[@]}"; do
+    wait_for 20 "$pid to stop" stopped "$pid" || kill -9 "$pid" 2>/dev/null || true
+  done
+  for n in "$@"; do rm -f "$STATE/$n.pid"; done
 }
 
 kubectl_admin() { "$(cmd_tools)/kubectl" --kubeconfig "$KUBECONFIG_OUT" "$@"; }
@@ -393,9 +402,7 @@ token_of() { awk -F, -v u="$1" '$2 == u {print $1}' "$STATE/tokens.csv"; }
 
 node_down() {
   [[ -d $NODE_DIR ]] || return 0 # an API-only cluster, or none
-  stop_pid kube-proxy
-  stop_pid kube-scheduler
-  stop_pid kubelet
+  stop_pid kube-proxy kube-scheduler kubelet
   # The Pods' containers: their shims outlive containerd, so kill the tasks through it.
   if [[ -S $SOCK ]] && alive containerd; then
     local c
@@ -526,9 +533,17 @@ SC
 }
 
 cmd_down() {
+  # The volumes of this cluster's PersistentVolumes: the host-path provisioner writes them under
+  # /tmp/hostpath_pv and removes them only with their PVs.
+  local volumes=() v
+  if api_ready; then
+    mapfile -t volumes < <(kubectl_admin get pv -o jsonpath='{range .items[*]}{.spec.hostPath.path}{"\n"}{end}' 2>/dev/null |
+      grep '^/tmp/hostpath_pv/[^/]*$' || true)
+  fi
   node_down
-  local n
-  for n in kube-controller-manager kube-apiserver etcd; do stop_pid "$n"; done
+  stop_pid kube-controller-manager kube-apiserver
+  stop_pid etcd
+  for v in "${volumes[@]}"; do rm -rf -- "$v"; done
   rm -rf "$STATE"
   log "stopped"
 }
