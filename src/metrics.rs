@@ -16,7 +16,9 @@ pub struct ReconcileLabels {
 /// Labels of failed reconciles: the kind and the error's stable reason.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct FailureLabels {
+    /// The kind reconciled.
     pub kind: &'static str,
+    /// The error's stable reason (`Conflict`, `ReadFailed`, `WriteFailed`, `WriteTimeout`, ...).
     pub reason: &'static str,
 }
 
@@ -27,6 +29,8 @@ pub struct WriteLabels {
     pub resource: &'static str,
     /// `create`, `patch`, `update` or `delete`.
     pub verb: &'static str,
+    /// `ok`, `conflict`, `not_found`, `invalid`, `error` or `timeout`.
+    pub outcome: &'static str,
 }
 
 /// Labels of admission reviews answered by the webhook.
@@ -45,6 +49,7 @@ pub struct Metrics {
     pub ready: Gauge,
     /// 1 while this replica runs the controllers (leads, or needs no election).
     pub leader: Gauge,
+    /// Reconciles started, by kind.
     pub reconciliations: Family<ReconcileLabels, Counter>,
     pub failures: Family<FailureLabels, Counter>,
     pub reconcile_duration: Family<ReconcileLabels, Histogram>,

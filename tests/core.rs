@@ -7,154 +7,18 @@ mod support;
 use std::{collections::BTreeMap, time::Duration};
 
 use k8s_openapi::api::{
-    coordination::v1::Lease,
     core::v1::{PersistentVolumeClaim, Pod},
     events::v1::Event,
 };
 use kube::{
-    Api, Client, ResourceExt,
+    ResourceExt,
     api::{DeleteParams, ListParams, Patch, PatchParams},
 };
-use support::*;
+use support::{env::*, *};
 use vmkeep::{
     api::{ConditionStatus, Image, VirtualMachine, image::ImagePhase, virtual_machine::VirtualMachinePhase},
     plan::{conditions::find as condition, names},
 };
-
-const LONG: Duration = Duration::from_secs(60);
-/// Garbage collection of children of a custom resource waits for the collector's resync.
-const GC: Duration = Duration::from_secs(150);
-
-fn image(name: &str, persistent: bool) -> String {
-    format!(
-        "apiVersion: vmkeep.io/v1alpha1\nkind: Image\nmetadata: {{name: {name}}}\n\
-         spec: {{persistent: {persistent}, size: 1Gi, source: {{blank: {{}}}}}}\n---\n"
-    )
-}
-
-/// A template with one disk per `(disk, image)`; `None` is a volatile blank disk.
-fn template(name: &str, disks: &[(&str, Option<&str>)]) -> String {
-    let disks: Vec<String> = disks
-        .iter()
-        .map(|(disk, image)| match image {
-            Some(image) => format!("{{name: {disk}, image: {image}}}"),
-            None => format!("{{name: {disk}, blank: {{size: 1Gi}}}}"),
-        })
-        .collect();
-    format!(
-        "apiVersion: vmkeep.io/v1alpha1\nkind: Template\nmetadata: {{name: {name}}}\n\
-         spec: {{cpu: 1, memory: 256Mi, disks: [{}]}}\n---\n",
-        disks.join(", ")
-    )
-}
-
-fn vm(name: &str, template: &str, on_conflict: &str) -> String {
-    format!(
-        "apiVersion: vmkeep.io/v1alpha1\nkind: VirtualMachine\nmetadata: {{name: {name}}}\n\
-         spec: {{templateRef: {{name: {template}}}, onImageConflict: {on_conflict}}}\n---\n"
-    )
-}
-
-fn apply(ns: &TestNamespace, yaml: &str) {
-    kubectl_ok(&["apply", "-n", &ns.name, "-f", "-"], Some(yaml));
-}
-
-/// The cluster, its CRDs, a namespace and an operator serving it. Dropping it deletes the
-/// test's vmkeep objects while the operator still runs (their finalizers need it), then the
-/// namespace.
-struct Env {
-    ns: TestNamespace,
-    client: Client,
-    operator: Operator,
-}
-
-impl Drop for Env {
-    fn drop(&mut self) {
-        let _ = kubectl(
-            &[
-                "delete",
-                "virtualmachines,images,templates",
-                "--all",
-                "-n",
-                &self.ns.name,
-                "--wait=true",
-                "--timeout=90s",
-            ],
-            None,
-        );
-    }
-}
-
-impl Env {
-    async fn new(test: &str) -> Self {
-        install_crds();
-        let ns = TestNamespace::new(test);
-        let mut operator = Operator::for_namespace(test, &ns.name);
-        operator.ready().await;
-        Self { client: client().await, ns, operator }
-    }
-
-    fn api<K>(&self) -> Api<K>
-    where
-        K: kube::Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>,
-    {
-        Api::namespaced(self.client.clone(), &self.ns.name)
-    }
-
-    async fn vm(&self, name: &str) -> Option<VirtualMachine> {
-        self.api::<VirtualMachine>().get_opt(name).await.expect("get vm")
-    }
-
-    async fn vm_phase(&self, name: &str) -> Option<VirtualMachinePhase> {
-        self.vm(name).await?.status?.phase
-    }
-
-    async fn wait_vm(&self, name: &str, phase: VirtualMachinePhase) -> VirtualMachine {
-        wait_for(&format!("VirtualMachine {name} to be {phase:?}"), LONG, async || {
-            let vm = self.vm(name).await?;
-            (vm.status.as_ref()?.phase == Some(phase)).then_some(vm)
-        })
-        .await
-    }
-
-    async fn wait_image(&self, name: &str, what: &str, check: impl Fn(&Image) -> bool) -> Image {
-        wait_for(&format!("Image {name}: {what}"), LONG, async || {
-            let image = self.api::<Image>().get_opt(name).await.expect("get image")?;
-            check(&image).then_some(image)
-        })
-        .await
-    }
-
-    async fn pvc(&self, name: &str) -> Option<PersistentVolumeClaim> {
-        self.api::<PersistentVolumeClaim>().get_opt(name).await.expect("get pvc")
-    }
-
-    async fn pod(&self, name: &str) -> Option<Pod> {
-        self.api::<Pod>().get_opt(name).await.expect("get pod")
-    }
-
-    async fn claim_holder(&self, image: &str) -> Option<String> {
-        let lease = self.api::<Lease>().get_opt(&names::claim_lease(image)).await.expect("get lease")?;
-        lease.annotations().get(names::HOLDER_ANNOTATION).cloned()
-    }
-
-    async fn delete_vm(&self, name: &str) {
-        self.api::<VirtualMachine>().delete(name, &DeleteParams::default()).await.expect("delete vm");
-    }
-
-    async fn wait_gone<K>(&self, name: &str, timeout: Duration)
-    where
-        K: kube::Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
-            + Clone
-            + serde::de::DeserializeOwned
-            + std::fmt::Debug,
-    {
-        wait_for(&format!("{} {name} to be gone", K::kind(&())), timeout, async || {
-            self.api::<K>().get_opt(name).await.expect("get").is_none().then_some(())
-        })
-        .await
-    }
-}
 
 #[tokio::test]
 async fn non_persistent_vms_each_get_their_own_clone() {

@@ -404,7 +404,7 @@ async fn the_chart_rbac_is_enough_for_the_operator_and_no_more() {
         &["get", "secrets"],
         &["get", "secrets", "--all-namespaces"],
         &["get", "deployments"],
-        &["delete", "persistentvolumeclaim", "x"],
+        &["delete", "persistentvolumes", "x"],
         &["create", "configmap", "x", "--from-literal=a=b"],
         &["delete", "images.vmkeep.io", "x"],
     ];
