@@ -22,6 +22,13 @@ pub struct FailureLabels {
     pub reason: &'static str,
 }
 
+/// Labels of objects a watch could not read as their kind.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MalformedLabels {
+    /// The kind watched.
+    pub kind: &'static str,
+}
+
 /// Labels of API writes made by the operator.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct WriteLabels {
@@ -55,6 +62,8 @@ pub struct Metrics {
     pub reconcile_duration: Family<ReconcileLabels, Histogram>,
     pub api_writes: Family<WriteLabels, Counter>,
     pub webhook_reviews: Family<ReviewLabels, Counter>,
+    /// Objects skipped because they cannot be read as their kind.
+    pub malformed: Family<MalformedLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -80,7 +89,19 @@ impl Default for Metrics {
             "Admission reviews the webhook answered, by verdict",
             webhook_reviews.clone(),
         );
-        Self { registry, ready, leader, reconciliations, failures, reconcile_duration, api_writes, webhook_reviews }
+        let malformed = Family::<MalformedLabels, Counter>::default();
+        registry.register("malformed_objects", "Watched objects skipped as unreadable, by kind", malformed.clone());
+        Self {
+            registry,
+            ready,
+            leader,
+            reconciliations,
+            failures,
+            reconcile_duration,
+            api_writes,
+            webhook_reviews,
+            malformed,
+        }
     }
 }
 

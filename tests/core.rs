@@ -381,3 +381,33 @@ async fn api_writes_per_vm_stay_within_budget() {
     let all: u64 = spent.iter().map(|(_, n)| n).sum();
     assert!(all <= 6 + 4, "{all} writes in all: {spent:?}");
 }
+
+#[tokio::test]
+async fn a_malformed_object_is_skipped_and_reported_without_stalling_the_others() {
+    let env = Env::new("malformed").await;
+    // The API server accepts a cpu count beyond 32 bits; vmkeep cannot read it as a Template.
+    let broken = "apiVersion: vmkeep.io/v1alpha1\nkind: Template\nmetadata: {name: broken}\n\
+                  spec: {cpu: 3000000000, memory: 1Gi, disks: []}\n---\n";
+    apply(&env.ns, &(broken.to_owned() + &image("os", false) + &template("t", &[("root", Some("os"))])));
+    apply(&env.ns, &vm("vm", "t", "Reject"));
+    // The others flow: the VM starts, the readable Template has its status.
+    env.wait_vm("vm", VirtualMachinePhase::Starting).await;
+    let event = wait_for("a Warning Event Malformed on the broken Template", LONG, async || {
+        let events = env.api::<Event>().list(&ListParams::default()).await.expect("events").items;
+        events.into_iter().find(|e| {
+            e.reason.as_deref() == Some("Malformed")
+                && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("broken")
+        })
+    })
+    .await;
+    assert_eq!(event.type_.as_deref(), Some("Warning"));
+    assert!(event.note.unwrap_or_default().contains("cannot read this Template"));
+    assert!(env.operator.counter("malformed_objects", "kind=\"Template\"") >= 1);
+    // Fixed, it is read again.
+    apply(&env.ns, &template("broken", &[]));
+    wait_for("the fixed Template to get a status", LONG, async || {
+        let t = env.api::<vmkeep::api::Template>().get("broken").await.ok()?;
+        t.status.map(|_| ())
+    })
+    .await;
+}

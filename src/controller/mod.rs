@@ -17,6 +17,7 @@ use k8s_openapi::api::{
 };
 use kube::{
     Api, Client, Resource, ResourceExt,
+    core::DeserializeGuard,
     runtime::{
         Controller,
         controller::Action,
@@ -205,16 +206,22 @@ pub async fn run(client: Client, metrics: Arc<Metrics>, settings: Settings, shut
     let reporter = Reporter { controller: "vmkeep".into(), instance: std::env::var("POD_NAME").ok() };
     let recorder = Recorder::new(client.clone(), reporter);
     let writes = Writes::new(metrics.clone());
+    let malformed =
+        informer::Malformed { recorder: recorder.clone(), metrics: metrics.clone(), writes: writes.clone() };
     let (synced, synced_rx) = tokio::sync::watch::channel(0);
     let synced = Arc::new(synced);
-    let (mut images, images_w) = Informer::new(settings.api::<Image>(&client), all(), informer::keep);
-    let (mut templates, templates_w) = Informer::new(settings.api::<Template>(&client), all(), informer::keep);
-    let (mut vms, vms_w) = Informer::new(settings.api::<VirtualMachine>(&client), all(), informer::keep);
+    let (mut images, images_w) = Informer::new(settings.api::<DeserializeGuard<Image>>(&client), all(), informer::keep);
+    let (mut templates, templates_w) =
+        Informer::new(settings.api::<DeserializeGuard<Template>>(&client), all(), informer::keep);
+    let (mut vms, vms_w) =
+        Informer::new(settings.api::<DeserializeGuard<VirtualMachine>>(&client), all(), informer::keep);
     // Children and claims: only what vmkeep made (label-selected).
     let (mut pvcs, pvcs_w) =
-        Informer::new(settings.api::<PersistentVolumeClaim>(&client), managed(), informer::slim_pvc);
-    let (mut pods, pods_w) = Informer::new(settings.api::<Pod>(&client), managed(), informer::slim_pod);
-    let (mut leases, leases_w) = Informer::new(settings.api::<Lease>(&client), managed(), informer::keep);
+        Informer::new(settings.api::<DeserializeGuard<PersistentVolumeClaim>>(&client), managed(), informer::slim_pvc);
+    let (mut pods, pods_w) =
+        Informer::new(settings.api::<DeserializeGuard<Pod>>(&client), managed(), informer::slim_pod);
+    let (mut leases, leases_w) =
+        Informer::new(settings.api::<DeserializeGuard<Lease>>(&client), managed(), informer::keep);
 
     let stores = Stores {
         images: images.store.clone(),
@@ -294,12 +301,12 @@ pub async fn run(client: Client, metrics: Arc<Metrics>, settings: Settings, shut
     };
     let informers = async {
         tokio::join!(
-            images.run(images_w, synced.clone(), shutdown.clone()),
-            templates.run(templates_w, synced.clone(), shutdown.clone()),
-            vms.run(vms_w, synced.clone(), shutdown.clone()),
-            pvcs.run(pvcs_w, synced.clone(), shutdown.clone()),
-            pods.run(pods_w, synced.clone(), shutdown.clone()),
-            leases.run(leases_w, synced.clone(), shutdown.clone()),
+            images.run(images_w, synced.clone(), malformed.clone(), shutdown.clone()),
+            templates.run(templates_w, synced.clone(), malformed.clone(), shutdown.clone()),
+            vms.run(vms_w, synced.clone(), malformed.clone(), shutdown.clone()),
+            pvcs.run(pvcs_w, synced.clone(), malformed.clone(), shutdown.clone()),
+            pods.run(pods_w, synced.clone(), malformed.clone(), shutdown.clone()),
+            leases.run(leases_w, synced.clone(), malformed.clone(), shutdown.clone()),
         )
     };
     tokio::join!(informers, vm_ctl, image_ctl, template_ctl);

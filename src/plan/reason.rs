@@ -81,3 +81,8 @@ pub const APPLIED: &str = "Applied";
 // Template.
 /// Every image of the Template exists and is usable.
 pub const IMAGES_READY: &str = "ImagesReady";
+
+// Any kind.
+/// The object cannot be read as its kind (Warning Event, operator log and metrics): the
+/// controllers skip it instead of stalling their watch.
+pub const MALFORMED: &str = "Malformed";
