@@ -192,7 +192,9 @@ impl Claims {
                 info!(image = ?image_of(lease), holder = %h.name, "released persistent image");
                 Ok(Release::Released)
             }
-            Err(e) if matches!(e.code(), Some(404 | 409)) => Ok(Release::NotHeld),
+            Err(e) if e.code() == Some(404) => Ok(Release::NotHeld),
+            // 409: the Lease changed or was replaced since it was read: the caller retries from a
+            // fresh read (and then finds it held by another VM, or releases it).
             Err(e) => Err(e.into()),
         }
     }

@@ -404,3 +404,32 @@ async fn fault6_a_pending_persistence_change_applies_before_a_waiting_vm_proceed
         env.wait_gone::<VirtualMachine>(&b, LONG).await;
     }
 }
+
+#[tokio::test]
+async fn fault1_an_image_pvc_and_claim_made_with_owners_are_taken_out_of_garbage_collection() {
+    // What an older vmkeep made: the image PVC controlled by its Image, the claim owned by it.
+    let env = Env::new("fault1-upgrade").await;
+    apply(&env.ns, &(image("data", true) + &template("t", &[("disk", Some("data"))]) + &vm("a", "t", "Reject")));
+    env.wait_vm("a", VirtualMachinePhase::Starting).await;
+    let image = env.api::<Image>().get("data").await.unwrap();
+    let owner = serde_json::json!({"apiVersion": "vmkeep.io/v1alpha1", "kind": "Image", "name": "data",
+        "uid": image.uid().unwrap(), "controller": true, "blockOwnerDeletion": true});
+    let legacy = serde_json::json!({"metadata": {"ownerReferences": [owner],
+        "labels": {names::IMAGE_UID_LABEL: null}}});
+    let params = PatchParams::default();
+    env.api::<PersistentVolumeClaim>().patch("data-image", &params, &Patch::Merge(&legacy)).await.unwrap();
+    let legacy = serde_json::json!({"metadata": {"ownerReferences": [owner]}});
+    let lease = names::claim_lease("data");
+    env.api::<k8s_openapi::api::coordination::v1::Lease>()
+        .patch(&lease, &params, &Patch::Merge(&legacy))
+        .await
+        .unwrap();
+    wait_for("the PVC and the claim without owners", LONG, async || {
+        let pvc = env.pvc("data-image").await?;
+        let claim = env.claim("data").await?;
+        let labelled = pvc.labels().get(names::IMAGE_UID_LABEL) == image.uid().as_ref();
+        (pvc.owner_references().is_empty() && claim.owner_references().is_empty() && labelled).then_some(())
+    })
+    .await;
+    assert_eq!(env.claim_holder("data").await.as_deref(), Some("a"));
+}

@@ -13,6 +13,7 @@ use k8s_openapi::{
 };
 use kube::{
     Api, ResourceExt,
+    api::{Patch, PatchParams, PostParams},
     runtime::{controller::Action, reflector::ObjectRef},
 };
 
@@ -98,9 +99,19 @@ pub async fn reconcile(image: Arc<Image>, ctx: Arc<Context>) -> Result<Action, E
         Some(pvc_name) => pvc_view(pvc_api.get_opt(pvc_name).await?.as_ref(), &uid),
         None => {
             let cached = ctx.stores.pvcs.get(&ObjectRef::new(&names::image_pvc(&name)).within(&ns));
+            if let Some(pvc) = cached.as_deref()
+                && apply::owned_by(&pvc.metadata, &uid)
+            {
+                detach_pvc(&ctx, &pvc_api, &pvc.name_any(), &uid).await?;
+            }
             pvc_view(cached.as_deref(), &uid)
         }
     };
+    if let Some(lease) = lease.as_deref()
+        && !lease.owner_references().is_empty()
+    {
+        detach_claim(&ctx, lease).await?;
+    }
     let source_image = image.spec.source.image.as_ref().and_then(|s| ctx.stores.image(&ns, &s.name));
     let mut observation =
         ImageObservation { image: &image, pvc, source_image: source_image.as_deref(), consumers, claim: claim_holder };
@@ -129,6 +140,40 @@ pub async fn reconcile(image: Arc<Image>, ctx: Arc<Context>) -> Result<Action, E
         Some(_) => Action::requeue(Duration::from_secs(300)),
         None => Action::await_change(),
     })
+}
+
+// An image PVC or claim Lease made by an older vmkeep has the Image as owner, through which a
+// foreground or background deletion of the Image would take it while a VM holds it. Both are
+// taken out of garbage collection once, on the Image's next reconcile.
+
+/// Removes the owner references of an image PVC made by an older vmkeep and labels it with its
+/// Image's uid (how vmkeep knows it now).
+async fn detach_pvc(ctx: &Context, api: &Api<PersistentVolumeClaim>, name: &str, image_uid: &str) -> Result<(), Error> {
+    let patch = serde_json::json!({"metadata": {
+        "ownerReferences": null,
+        "labels": { names::IMAGE_UID_LABEL: names::label_value(image_uid) },
+    }});
+    let (params, patch) = (PatchParams::default(), Patch::Merge(&patch));
+    match ctx.writes.send("PersistentVolumeClaim", "patch", api.patch(name, &params, &patch)).await {
+        Ok(_) => Ok(()),
+        Err(e) if e.code() == Some(404) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Removes the owner references of a claim Lease made by an older vmkeep: an update checked
+/// against the resourceVersion read, so it never rewrites a claim that changed meanwhile.
+async fn detach_claim(ctx: &Context, lease: &Lease) -> Result<(), Error> {
+    let ns = lease.namespace().ok_or(Error::MissingNamespace)?;
+    let api: Api<Lease> = Api::namespaced(ctx.client.clone(), &ns);
+    let mut detached = lease.clone();
+    detached.metadata.owner_references = None;
+    let (name, params) = (lease.name_any(), PostParams::default());
+    match ctx.writes.send("Lease", "update", api.replace(&name, &params, &detached)).await {
+        Ok(_) => Ok(()),
+        Err(e) if matches!(e.code(), Some(404 | 409)) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// A VM change concerns the images it records (its use of them starts or ends).
