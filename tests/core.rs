@@ -6,10 +6,7 @@ mod support;
 
 use std::{collections::BTreeMap, time::Duration};
 
-use k8s_openapi::api::{
-    core::v1::{PersistentVolumeClaim, Pod},
-    events::v1::Event,
-};
+use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod};
 use kube::{
     ResourceExt,
     api::{DeleteParams, ListParams, Patch, PatchParams},
@@ -78,14 +75,7 @@ async fn a_second_claim_on_a_persistent_image_is_rejected() {
     assert_eq!(claimed.status, ConditionStatus::False);
     assert_eq!(claimed.reason, "ImageInUse");
     assert_eq!(claimed.message, "image disk is persistent and already in use by VirtualMachine vm-a");
-    let events = wait_for("a Warning Event ImageInUse for vm-b", LONG, async || {
-        let events = env.api::<Event>().list(&ListParams::default()).await.expect("events").items;
-        events.into_iter().find(|e| {
-            e.reason.as_deref() == Some("ImageInUse")
-                && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("vm-b")
-        })
-    })
-    .await;
+    let events = env.wait_event("ImageInUse", "vm-b").await;
     assert_eq!(events.type_.as_deref(), Some("Warning"));
     assert!(events.note.unwrap_or_default().contains("already in use by VirtualMachine vm-a"));
     assert!(env.pod("vm-b-launcher").await.is_none(), "a rejected VM got a Pod");
@@ -392,14 +382,7 @@ async fn a_malformed_object_is_skipped_and_reported_without_stalling_the_others(
     apply(&env.ns, &vm("vm", "t", "Reject"));
     // The others flow: the VM starts, the readable Template has its status.
     env.wait_vm("vm", VirtualMachinePhase::Starting).await;
-    let event = wait_for("a Warning Event Malformed on the broken Template", LONG, async || {
-        let events = env.api::<Event>().list(&ListParams::default()).await.expect("events").items;
-        events.into_iter().find(|e| {
-            e.reason.as_deref() == Some("Malformed")
-                && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("broken")
-        })
-    })
-    .await;
+    let event = env.wait_event("Malformed", "broken").await;
     assert_eq!(event.type_.as_deref(), Some("Warning"));
     assert!(event.note.unwrap_or_default().contains("cannot read this Template"));
     assert!(env.operator.counter("malformed_objects", "kind=\"Template\"") >= 1);

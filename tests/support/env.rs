@@ -6,8 +6,12 @@ use std::time::Duration;
 use k8s_openapi::api::{
     coordination::v1::Lease,
     core::v1::{PersistentVolumeClaim, Pod},
+    events::v1::Event,
 };
-use kube::{Api, Client, ResourceExt, api::DeleteParams};
+use kube::{
+    Api, Client, ResourceExt,
+    api::{DeleteParams, ListParams},
+};
 use vmkeep::{
     api::{Image, VirtualMachine, virtual_machine::VirtualMachinePhase},
     plan::names,
@@ -148,6 +152,18 @@ impl Env {
     /// The name of the VM holding `image`, if any.
     pub async fn claim_holder(&self, image: &str) -> Option<String> {
         self.claim(image).await?.annotations().get(names::HOLDER_ANNOTATION).cloned()
+    }
+
+    /// Waits for an Event with `reason` about the object named `regarding`.
+    pub async fn wait_event(&self, reason: &str, regarding: &str) -> Event {
+        wait_for(&format!("an Event {reason} about {regarding}"), LONG, async || {
+            let events = self.api::<Event>().list(&ListParams::default()).await.expect("events").items;
+            events.into_iter().find(|e| {
+                e.reason.as_deref() == Some(reason)
+                    && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(regarding)
+            })
+        })
+        .await
     }
 
     pub async fn delete_vm(&self, name: &str) {
