@@ -45,7 +45,7 @@ pub async fn reconcile(vm: Arc<VirtualMachine>, ctx: Arc<Context>) -> Result<Act
     for _ in 0..MAX_PASSES {
         let observed = observe(&ctx, &ns, &vm, &cached, &facts).await?;
         let decided = plan::decide(&observed);
-        match apply(&ctx, &ns, &vm, &decided).await? {
+        match apply(&ctx, &ns, &vm, &decided, &mut facts).await? {
             Applied::Done => return Ok(decided.requeue.map_or_else(Action::await_change, Action::requeue)),
             Applied::Learned(fact) => facts.learn(fact),
         }
@@ -141,6 +141,8 @@ enum Fact {
 struct Facts {
     claims: BTreeMap<String, ClaimState>,
     taken: BTreeSet<(&'static str, String)>,
+    /// The finalizer was added in an earlier pass (the VM object read has not got it).
+    finalizer_added: bool,
 }
 
 impl Facts {
@@ -230,10 +232,17 @@ enum Applied {
 
 /// Apply, in order: finalizer, claims to take, claims to release, PVCs, launcher Pod, status,
 /// Warning Event, finalizer removal.
-async fn apply(ctx: &Context, ns: &str, vm: &VirtualMachine, decided: &VmPlan) -> Result<Applied, Error> {
+async fn apply(
+    ctx: &Context,
+    ns: &str,
+    vm: &VirtualMachine,
+    decided: &VmPlan,
+    facts: &mut Facts,
+) -> Result<Applied, Error> {
     let uid = vm.uid().unwrap_or_default();
-    if decided.add_finalizer {
+    if decided.add_finalizer && !facts.finalizer_added {
         apply::add_finalizer(ctx, vm, names::VM_FINALIZER).await?;
+        facts.finalizer_added = true;
     }
     for image in &decided.take {
         let state = ctx.claims.take(image, vm).await?;
