@@ -1,13 +1,19 @@
-//! The exclusive claim on a persistent image: the one place that decides who holds an image.
+//! The exclusive claim on a persistent image: the one place that reads, takes and releases
+//! claims. The rules (who holds, who may take, which Pods fence a holder) are pure and live in
+//! [`crate::plan::claim`]; here is the IO, with its own error type and no dependency on the
+//! controllers, so the VM controller, the Image controller and the admission webhook share it.
 //!
 //! A claim is a `coordination.k8s.io/v1` Lease named after the image
 //! ([`names::claim_lease`]), whose `holderIdentity` is the holding VirtualMachine's uid. Taking a
 //! claim is a **create**: the API server lets exactly one create of a name succeed and answers
 //! every other with 409 AlreadyExists, however many reconciles, workers or operator replicas
-//! race. Releasing is a **delete with preconditions** (the Lease's uid and resourceVersion), so
-//! a release can never remove a claim that another VM took in the meantime. Reads go to the API
-//! server, not a cache: a stale cache may make a VM try a create that fails, never hold a claim
-//! it does not have.
+//! race. Releasing is **fenced**: only once no launcher Pod of the holder exists (asked of the
+//! API server, found by label and recorded uid, not by owner reference), and a **delete with
+//! preconditions** (the Lease's uid and resourceVersion), so a release can never remove a claim
+//! that another VM took in the meantime. The Lease has no owner reference: no deletion
+//! propagation policy can remove a claim; only its holder's release (or the orphan release
+//! below) does. Reads go to the API server, not a cache: a stale cache may make a VM try a
+//! create that fails, never hold a claim it does not have.
 
 use k8s_openapi::api::{coordination::v1::Lease, core::v1::Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, Time};
@@ -18,12 +24,50 @@ use kube::{
 use tracing::info;
 
 use crate::{
-    api::{Image, VirtualMachine, image::ClaimHolder},
-    controller::{Context, Error},
-    plan::{build, names, virtual_machine::ClaimState},
+    api::{VirtualMachine, image::ClaimHolder},
+    plan::{
+        build,
+        claim::{self as rules, ClaimState},
+        names,
+    },
+    write::{self, Writes},
 };
 
-/// Who holds `lease`'s image, as ClaimHolder (for `Image.status.claimedBy`).
+/// Why a claim could not be read, taken or released.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A read of a Lease, Pod or VirtualMachine failed.
+    #[error("reading {what}: {source}")]
+    Read {
+        what: &'static str,
+        #[source]
+        source: kube::Error,
+    },
+    /// A write (create or delete of a Lease) failed.
+    #[error(transparent)]
+    Write(#[from] write::Error),
+    /// The Lease has no namespace (it always has one when read from the API server).
+    #[error("the claim Lease has no namespace")]
+    MissingNamespace,
+}
+
+fn read(what: &'static str) -> impl FnOnce(kube::Error) -> Error {
+    move |source| Error::Read { what, source }
+}
+
+/// What a release did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Release {
+    /// The claim is gone.
+    Released,
+    /// The claim is not (or no longer) the holder's: nothing to do.
+    NotHeld,
+    /// A launcher Pod of the holder still exists: the claim stays until it is gone.
+    Fenced,
+}
+
+/// Who holds `lease`'s image (for `Image.status.claimedBy` and every decision): the one decoder
+/// of a claim Lease.
 pub fn holder(lease: &Lease) -> Option<ClaimHolder> {
     let spec = lease.spec.as_ref()?;
     let uid = spec.holder_identity.clone()?;
@@ -37,107 +81,121 @@ pub fn holder(lease: &Lease) -> Option<ClaimHolder> {
     Some(ClaimHolder { name, uid, since: Time(since) })
 }
 
-fn state_of(lease: Option<&Lease>, vm_uid: &str) -> ClaimState {
-    match lease.and_then(holder) {
-        None => ClaimState::Free,
-        Some(h) if h.uid == vm_uid => ClaimState::Mine,
-        Some(h) => ClaimState::Other { holder: h.name },
+/// The image a claim Lease is about.
+pub fn image_of(lease: &Lease) -> Option<&String> {
+    lease.annotations().get(names::IMAGE_ANNOTATION)
+}
+
+/// Reads, takes and releases claims.
+#[derive(Clone)]
+pub struct Claims {
+    client: Client,
+    writes: Option<Writes>,
+}
+
+impl Claims {
+    /// Claims through `client`; `writes` bounds and counts the writes (read-only users, like
+    /// the admission webhook, pass `None` and never write).
+    pub fn new(client: Client, writes: Option<Writes>) -> Self {
+        Self { client, writes }
     }
-}
 
-/// Who holds the claim on `image`, read from the API server.
-pub async fn state(ctx: &Context, namespace: &str, image: &str, vm_uid: &str) -> Result<ClaimState, Error> {
-    Ok(read_state(&ctx.client, namespace, image, vm_uid).await?)
-}
+    fn leases(&self, namespace: &str) -> Api<Lease> {
+        Api::namespaced(self.client.clone(), namespace)
+    }
 
-/// [`state`] with a bare client: the admission webhook reads claims without a controller.
-pub async fn read_state(
-    client: &Client,
-    namespace: &str,
-    image: &str,
-    vm_uid: &str,
-) -> Result<ClaimState, kube::Error> {
-    let leases: Api<Lease> = Api::namespaced(client.clone(), namespace);
-    let lease = leases.get_opt(&names::claim_lease(image)).await?;
-    Ok(state_of(lease.as_ref(), vm_uid))
-}
-
-/// Tries to take the claim on `image` for `vm`: exactly one of any number of concurrent
-/// callers gets `Mine`.
-pub async fn take(ctx: &Context, image: &Image, vm: &VirtualMachine) -> Result<ClaimState, Error> {
-    let namespace = image.namespace().ok_or(Error::MissingNamespace)?;
-    let leases: Api<Lease> = Api::namespaced(ctx.client.clone(), &namespace);
-    let lease =
-        build::claim_lease(image, &vm.name_any(), &vm.uid().unwrap_or_default(), MicroTime(jiff::Timestamp::now()));
-    ctx.wrote("Lease", "create");
-    match leases
-        .create(&PostParams { field_manager: Some(names::FIELD_MANAGER.into()), ..Default::default() }, &lease)
-        .await
-    {
-        Ok(_) => {
-            info!(image = %image.name_any(), vm = %vm.name_any(), "claimed persistent image");
-            Ok(ClaimState::Mine)
+    async fn write<T>(
+        &self,
+        verb: &'static str,
+        request: impl Future<Output = Result<T, kube::Error>>,
+    ) -> Result<T, write::Error> {
+        match &self.writes {
+            Some(writes) => writes.send("Lease", verb, request).await,
+            None => request.await.map_err(|source| write::Error::Api { resource: "Lease", verb, source }),
         }
-        Err(kube::Error::Api(e)) if e.code == 409 => {
-            state(ctx, &namespace, &image.name_any(), &vm.uid().unwrap_or_default()).await
+    }
+
+    /// Who holds `image`, read from the API server: the one holder reader.
+    pub async fn holder(&self, namespace: &str, image: &str) -> Result<Option<ClaimHolder>, Error> {
+        let lease = self.leases(namespace).get_opt(&names::claim_lease(image)).await.map_err(read("a claim"))?;
+        Ok(lease.as_ref().and_then(holder))
+    }
+
+    /// Who holds `image` as the VM with `vm_uid` sees it.
+    pub async fn state(&self, namespace: &str, image: &str, vm_uid: &str) -> Result<ClaimState, Error> {
+        Ok(rules::state_of(self.holder(namespace, image).await?.as_ref(), vm_uid))
+    }
+
+    /// Tries to take the claim on `image` for `vm`: exactly one of any number of concurrent
+    /// callers gets `Mine`; the others learn who holds it.
+    pub async fn take(&self, image: &str, vm: &VirtualMachine) -> Result<ClaimState, Error> {
+        let namespace = vm.namespace().ok_or(Error::MissingNamespace)?;
+        let uid = vm.uid().unwrap_or_default();
+        let lease = build::claim_lease(&namespace, image, &vm.name_any(), &uid, MicroTime(jiff::Timestamp::now()));
+        let params = PostParams { field_manager: Some(names::FIELD_MANAGER.into()), ..Default::default() };
+        match self.write("create", self.leases(&namespace).create(&params, &lease)).await {
+            Ok(_) => {
+                info!(%image, vm = %vm.name_any(), "claimed persistent image");
+                Ok(ClaimState::Mine)
+            }
+            Err(e) if e.code() == Some(409) => self.state(&namespace, image, &uid).await,
+            Err(e) => Err(e.into()),
         }
-        Err(e) => Err(e.into()),
     }
-}
 
-/// Releases `vm_uid`'s claim on `image`, if it holds it. Idempotent.
-pub async fn release(ctx: &Context, namespace: &str, image: &str, vm_uid: &str) -> Result<(), Error> {
-    let leases: Api<Lease> = Api::namespaced(ctx.client.clone(), namespace);
-    let name = names::claim_lease(image);
-    let Some(lease) = leases.get_opt(&name).await? else { return Ok(()) };
-    if state_of(Some(&lease), vm_uid) != ClaimState::Mine {
-        return Ok(());
+    /// Releases the claim on `image` if the VM with `holder_uid` holds it, fenced: only once no
+    /// launcher Pod of the holder exists. Every release goes through here.
+    pub async fn release(&self, namespace: &str, image: &str, holder_uid: &str) -> Result<Release, Error> {
+        let leases = self.leases(namespace);
+        let Some(lease) = leases.get_opt(&names::claim_lease(image)).await.map_err(read("a claim"))? else {
+            return Ok(Release::NotHeld);
+        };
+        match holder(&lease) {
+            Some(h) if h.uid == holder_uid => self.release_fenced(namespace, &lease, &h).await,
+            _ => Ok(Release::NotHeld),
+        }
     }
-    delete_exactly(ctx, &leases, &lease).await?;
-    info!(%image, %vm_uid, "released persistent image");
-    Ok(())
-}
 
-/// Deletes this very Lease (uid and resourceVersion preconditions); a Lease that is gone or
-/// was replaced in the meantime is left alone.
-async fn delete_exactly(ctx: &Context, leases: &Api<Lease>, lease: &Lease) -> Result<(), Error> {
-    let params = DeleteParams {
-        preconditions: Some(Preconditions { uid: lease.uid(), resource_version: lease.resource_version() }),
-        ..Default::default()
-    };
-    ctx.wrote("Lease", "delete");
-    match leases.delete(&lease.name_any(), &params).await {
-        Ok(_) => Ok(()),
-        Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => Ok(()),
-        Err(e) => Err(e.into()),
+    /// Releases a claim whose holder no longer exists (its VM was removed without its finalizer
+    /// running), fenced like every release. Checks the API server, not caches.
+    pub async fn release_orphaned(&self, lease: &Lease) -> Result<Release, Error> {
+        let Some(h) = holder(lease) else { return Ok(Release::NotHeld) };
+        let namespace = lease.namespace().ok_or(Error::MissingNamespace)?;
+        let vms: Api<VirtualMachine> = Api::namespaced(self.client.clone(), &namespace);
+        if let Some(vm) = vms.get_opt(&h.name).await.map_err(read("the holder VirtualMachine"))?
+            && vm.uid().as_deref() == Some(h.uid.as_str())
+        {
+            return Ok(Release::NotHeld);
+        }
+        let released = self.release_fenced(&namespace, lease, &h).await?;
+        if released == Release::Released {
+            info!(lease = %lease.name_any(), holder = %h.name, "released the claim of a VirtualMachine that no longer exists");
+        }
+        Ok(released)
     }
-}
 
-/// Releases a claim whose holder no longer exists (its VM was removed without its finalizer
-/// running). Fenced like a normal release: only once no launcher Pod of that VM exists. Checks
-/// the API server, not caches. Returns whether it released the claim.
-pub async fn release_if_orphaned(ctx: &Context, lease: &Lease) -> Result<bool, Error> {
-    let Some(holder) = holder(lease) else { return Ok(false) };
-    let namespace = lease.namespace().ok_or(Error::MissingNamespace)?;
-    let vms: Api<VirtualMachine> = Api::namespaced(ctx.client.clone(), &namespace);
-    if let Some(vm) = vms.get_opt(&holder.name).await?
-        && vm.uid().as_deref() == Some(holder.uid.as_str())
-    {
-        return Ok(false);
+    /// Deletes this very Lease (uid and resourceVersion preconditions) once no launcher Pod of
+    /// `h` exists; a Lease that is gone or was replaced in the meantime is left alone.
+    async fn release_fenced(&self, namespace: &str, lease: &Lease, h: &ClaimHolder) -> Result<Release, Error> {
+        let pods: Api<Pod> = Api::namespaced(self.client.clone(), namespace);
+        let selector = format!("{},{}={}", names::MANAGED_SELECTOR, names::VM_LABEL, names::label_value(&h.name));
+        let launchers = pods.list_metadata(&ListParams::default().labels(&selector)).await.map_err(read("Pods"))?;
+        if rules::fenced(launchers.items.iter().map(|p| &p.metadata), h) {
+            return Ok(Release::Fenced);
+        }
+        let params = DeleteParams {
+            preconditions: Some(Preconditions { uid: lease.uid(), resource_version: lease.resource_version() }),
+            ..Default::default()
+        };
+        match self.write("delete", self.leases(namespace).delete(&lease.name_any(), &params)).await {
+            Ok(_) => {
+                info!(image = ?image_of(lease), holder = %h.name, "released persistent image");
+                Ok(Release::Released)
+            }
+            Err(e) if e.code() == Some(404) => Ok(Release::NotHeld),
+            // 409: the Lease changed or was replaced since it was read: the caller retries from a
+            // fresh read (and then finds it held by another VM, or releases it).
+            Err(e) => Err(e.into()),
+        }
     }
-    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &namespace);
-    let selector = format!("{},{}={}", names::MANAGED_SELECTOR, names::VM_LABEL, names::label_value(&holder.name));
-    let running = pods
-        .list(&ListParams::default().labels(&selector))
-        .await?
-        .items
-        .iter()
-        .any(|p| p.owner_references().iter().any(|o| o.uid == holder.uid));
-    if running {
-        return Ok(false);
-    }
-    let leases: Api<Lease> = Api::namespaced(ctx.client.clone(), &namespace);
-    delete_exactly(ctx, &leases, lease).await?;
-    info!(lease = %lease.name_any(), holder = %holder.name, "released the claim of a VirtualMachine that no longer exists");
-    Ok(true)
 }

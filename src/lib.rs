@@ -19,3 +19,4 @@ pub mod operator;
 pub mod plan;
 pub mod telemetry;
 pub mod webhook;
+pub mod write;

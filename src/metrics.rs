@@ -16,8 +16,17 @@ pub struct ReconcileLabels {
 /// Labels of failed reconciles: the kind and the error's stable reason.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct FailureLabels {
+    /// The kind reconciled.
     pub kind: &'static str,
+    /// The error's stable reason (`Conflict`, `ReadFailed`, `WriteFailed`, `WriteTimeout`, ...).
     pub reason: &'static str,
+}
+
+/// Labels of objects a watch could not read as their kind.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MalformedLabels {
+    /// The kind watched.
+    pub kind: &'static str,
 }
 
 /// Labels of API writes made by the operator.
@@ -27,6 +36,8 @@ pub struct WriteLabels {
     pub resource: &'static str,
     /// `create`, `patch`, `update` or `delete`.
     pub verb: &'static str,
+    /// `ok`, `conflict`, `not_found`, `invalid`, `error` or `timeout`.
+    pub outcome: &'static str,
 }
 
 /// Labels of admission reviews answered by the webhook.
@@ -45,11 +56,14 @@ pub struct Metrics {
     pub ready: Gauge,
     /// 1 while this replica runs the controllers (leads, or needs no election).
     pub leader: Gauge,
+    /// Reconciles started, by kind.
     pub reconciliations: Family<ReconcileLabels, Counter>,
     pub failures: Family<FailureLabels, Counter>,
     pub reconcile_duration: Family<ReconcileLabels, Histogram>,
     pub api_writes: Family<WriteLabels, Counter>,
     pub webhook_reviews: Family<ReviewLabels, Counter>,
+    /// Objects skipped because they cannot be read as their kind.
+    pub malformed: Family<MalformedLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -75,7 +89,19 @@ impl Default for Metrics {
             "Admission reviews the webhook answered, by verdict",
             webhook_reviews.clone(),
         );
-        Self { registry, ready, leader, reconciliations, failures, reconcile_duration, api_writes, webhook_reviews }
+        let malformed = Family::<MalformedLabels, Counter>::default();
+        registry.register("malformed_objects", "Watched objects skipped as unreadable, by kind", malformed.clone());
+        Self {
+            registry,
+            ready,
+            leader,
+            reconciliations,
+            failures,
+            reconcile_duration,
+            api_writes,
+            webhook_reviews,
+            malformed,
+        }
     }
 }
 

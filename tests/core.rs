@@ -6,157 +6,16 @@ mod support;
 
 use std::{collections::BTreeMap, time::Duration};
 
-use k8s_openapi::api::{
-    coordination::v1::Lease,
-    core::v1::{PersistentVolumeClaim, Pod},
-    events::v1::Event,
-};
+use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod};
 use kube::{
-    Api, Client, ResourceExt,
+    ResourceExt,
     api::{DeleteParams, ListParams, Patch, PatchParams},
 };
-use support::*;
+use support::{env::*, *};
 use vmkeep::{
     api::{ConditionStatus, Image, VirtualMachine, image::ImagePhase, virtual_machine::VirtualMachinePhase},
     plan::{conditions::find as condition, names},
 };
-
-const LONG: Duration = Duration::from_secs(60);
-/// Garbage collection of children of a custom resource waits for the collector's resync; a
-/// deleted VM whose launcher Pod runs on a node goes once the kubelet confirms the Pod gone
-/// (seconds, but more than a minute for a Pod deleted while it starts on a busy node).
-const GC: Duration = Duration::from_secs(150);
-
-fn image(name: &str, persistent: bool) -> String {
-    format!(
-        "apiVersion: vmkeep.io/v1alpha1\nkind: Image\nmetadata: {{name: {name}}}\n\
-         spec: {{persistent: {persistent}, size: 1Gi, source: {{blank: {{}}}}}}\n---\n"
-    )
-}
-
-/// A template with one disk per `(disk, image)`; `None` is a volatile blank disk.
-fn template(name: &str, disks: &[(&str, Option<&str>)]) -> String {
-    let disks: Vec<String> = disks
-        .iter()
-        .map(|(disk, image)| match image {
-            Some(image) => format!("{{name: {disk}, image: {image}}}"),
-            None => format!("{{name: {disk}, blank: {{size: 1Gi}}}}"),
-        })
-        .collect();
-    format!(
-        "apiVersion: vmkeep.io/v1alpha1\nkind: Template\nmetadata: {{name: {name}}}\n\
-         spec: {{cpu: 1, memory: 256Mi, disks: [{}]}}\n---\n",
-        disks.join(", ")
-    )
-}
-
-fn vm(name: &str, template: &str, on_conflict: &str) -> String {
-    format!(
-        "apiVersion: vmkeep.io/v1alpha1\nkind: VirtualMachine\nmetadata: {{name: {name}}}\n\
-         spec: {{templateRef: {{name: {template}}}, onImageConflict: {on_conflict}}}\n---\n"
-    )
-}
-
-fn apply(ns: &TestNamespace, yaml: &str) {
-    kubectl_ok(&["apply", "-n", &ns.name, "-f", "-"], Some(yaml));
-}
-
-/// The cluster, its CRDs, a namespace and an operator serving it. Dropping it deletes the
-/// test's vmkeep objects while the operator still runs (their finalizers need it), then the
-/// namespace.
-struct Env {
-    ns: TestNamespace,
-    client: Client,
-    operator: Operator,
-}
-
-impl Drop for Env {
-    fn drop(&mut self) {
-        let _ = kubectl(
-            &[
-                "delete",
-                "virtualmachines,images,templates",
-                "--all",
-                "-n",
-                &self.ns.name,
-                "--wait=true",
-                "--timeout=90s",
-            ],
-            None,
-        );
-    }
-}
-
-impl Env {
-    async fn new(test: &str) -> Self {
-        install_crds();
-        let ns = TestNamespace::new(test);
-        let mut operator = Operator::for_namespace(test, &ns.name);
-        operator.ready().await;
-        Self { client: client().await, ns, operator }
-    }
-
-    fn api<K>(&self) -> Api<K>
-    where
-        K: kube::Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>,
-    {
-        Api::namespaced(self.client.clone(), &self.ns.name)
-    }
-
-    async fn vm(&self, name: &str) -> Option<VirtualMachine> {
-        self.api::<VirtualMachine>().get_opt(name).await.expect("get vm")
-    }
-
-    async fn vm_phase(&self, name: &str) -> Option<VirtualMachinePhase> {
-        self.vm(name).await?.status?.phase
-    }
-
-    async fn wait_vm(&self, name: &str, phase: VirtualMachinePhase) -> VirtualMachine {
-        wait_for(&format!("VirtualMachine {name} to be {phase:?}"), LONG, async || {
-            let vm = self.vm(name).await?;
-            reached(vm.status.as_ref()?.phase, phase).then_some(vm)
-        })
-        .await
-    }
-
-    async fn wait_image(&self, name: &str, what: &str, check: impl Fn(&Image) -> bool) -> Image {
-        wait_for(&format!("Image {name}: {what}"), LONG, async || {
-            let image = self.api::<Image>().get_opt(name).await.expect("get image")?;
-            check(&image).then_some(image)
-        })
-        .await
-    }
-
-    async fn pvc(&self, name: &str) -> Option<PersistentVolumeClaim> {
-        self.api::<PersistentVolumeClaim>().get_opt(name).await.expect("get pvc")
-    }
-
-    async fn pod(&self, name: &str) -> Option<Pod> {
-        self.api::<Pod>().get_opt(name).await.expect("get pod")
-    }
-
-    async fn claim_holder(&self, image: &str) -> Option<String> {
-        let lease = self.api::<Lease>().get_opt(&names::claim_lease(image)).await.expect("get lease")?;
-        lease.annotations().get(names::HOLDER_ANNOTATION).cloned()
-    }
-
-    async fn delete_vm(&self, name: &str) {
-        self.api::<VirtualMachine>().delete(name, &DeleteParams::default()).await.expect("delete vm");
-    }
-
-    async fn wait_gone<K>(&self, name: &str, timeout: Duration)
-    where
-        K: kube::Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
-            + Clone
-            + serde::de::DeserializeOwned
-            + std::fmt::Debug,
-    {
-        wait_for(&format!("{} {name} to be gone", K::kind(&())), timeout, async || {
-            self.api::<K>().get_opt(name).await.expect("get").is_none().then_some(())
-        })
-        .await
-    }
-}
 
 #[tokio::test]
 async fn non_persistent_vms_each_get_their_own_clone() {
@@ -216,14 +75,7 @@ async fn a_second_claim_on_a_persistent_image_is_rejected() {
     assert_eq!(claimed.status, ConditionStatus::False);
     assert_eq!(claimed.reason, "ImageInUse");
     assert_eq!(claimed.message, "image disk is persistent and already in use by VirtualMachine vm-a");
-    let events = wait_for("a Warning Event ImageInUse for vm-b", LONG, async || {
-        let events = env.api::<Event>().list(&ListParams::default()).await.expect("events").items;
-        events.into_iter().find(|e| {
-            e.reason.as_deref() == Some("ImageInUse")
-                && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("vm-b")
-        })
-    })
-    .await;
+    let events = env.wait_event("ImageInUse", "vm-b").await;
     assert_eq!(events.type_.as_deref(), Some("Warning"));
     assert!(events.note.unwrap_or_default().contains("already in use by VirtualMachine vm-a"));
     assert!(env.pod("vm-b-launcher").await.is_none(), "a rejected VM got a Pod");
@@ -523,4 +375,27 @@ async fn api_writes_per_vm_stay_within_budget() {
     // Plus the images' and the template's status (users, claim holder, instances).
     let all: u64 = spent.iter().map(|(_, n)| n).sum();
     assert!(all <= 6 + 4 + running, "{all} writes in all: {spent:?}");
+}
+
+#[tokio::test]
+async fn a_malformed_object_is_skipped_and_reported_without_stalling_the_others() {
+    let env = Env::new("malformed").await;
+    // The API server accepts a cpu count beyond 32 bits; vmkeep cannot read it as a Template.
+    let broken = "apiVersion: vmkeep.io/v1alpha1\nkind: Template\nmetadata: {name: broken}\n\
+                  spec: {cpu: 3000000000, memory: 1Gi, disks: []}\n---\n";
+    apply(&env.ns, &(broken.to_owned() + &image("os", false) + &template("t", &[("root", Some("os"))])));
+    apply(&env.ns, &vm("vm", "t", "Reject"));
+    // The others flow: the VM starts, the readable Template has its status.
+    env.wait_vm("vm", VirtualMachinePhase::Starting).await;
+    let event = env.wait_event("Malformed", "broken").await;
+    assert_eq!(event.type_.as_deref(), Some("Warning"));
+    assert!(event.note.unwrap_or_default().contains("cannot read this Template"));
+    assert!(env.operator.counter("malformed_objects", "kind=\"Template\"") >= 1);
+    // Fixed, it is read again.
+    apply(&env.ns, &template("broken", &[]));
+    wait_for("the fixed Template to get a status", LONG, async || {
+        let t = env.api::<vmkeep::api::Template>().get("broken").await.ok()?;
+        t.status.map(|_| ())
+    })
+    .await;
 }

@@ -192,7 +192,7 @@ async fn the_in_cluster_webhook_denies_a_second_claim_and_uninstall_leaves_nothi
     .await;
     // The API server calls the webhook through its Service once the operator has written the
     // caBundle; until then failurePolicy Ignore admits, so ask (dry run) until it answers.
-    let expected = vmkeep::plan::virtual_machine::in_use_message("disk", "holder");
+    let expected = vmkeep::plan::claim::in_use_message("disk", "holder");
     wait_for("the webhook to deny the latecomer (dry run)", LONG, async || {
         let out = kubectl(&["apply", "--dry-run=server", "-n", &ns.name, "-f", "-"], Some(LATECOMER));
         (!out.status.success() && text(&out.stderr).contains(&expected)).then_some(())
@@ -552,7 +552,7 @@ async fn the_chart_rbac_is_enough_for_the_operator_and_no_more() {
         &["get", "secrets"],
         &["get", "secrets", "--all-namespaces"],
         &["get", "deployments"],
-        &["delete", "persistentvolumeclaim", "x"],
+        &["delete", "persistentvolumes", "x"],
         &["create", "configmap", "x", "--from-literal=a=b"],
         &["delete", "images.vmkeep.io", "x"],
     ];

@@ -25,7 +25,7 @@ use serde_json::{Value, json};
 use support::*;
 use vmkeep::{
     api::{Image, VirtualMachine, image::ImagePhase, virtual_machine::VirtualMachinePhase},
-    plan::virtual_machine::in_use_message,
+    plan::claim::in_use_message,
     webhook::certs::{self, Bundle},
 };
 

@@ -1,6 +1,7 @@
 //! The writes every controller makes, in one place: status (server-side apply, only when it
 //! changed), finalizers (optimistic, resourceVersion-checked), children (create, telling ours
-//! from someone else's), and Events. Each write is counted in `vmkeep_api_writes`.
+//! from someone else's), and Events. Each write goes through [`crate::write::Writes`]: bounded
+//! by a timeout and counted in `vmkeep_api_writes` by outcome.
 
 use std::fmt::Debug;
 
@@ -49,8 +50,8 @@ where
         "kind": K::kind(&()),
         "status": status,
     });
-    ctx.wrote(leak_kind::<K>(), "patch-status");
-    api.patch_status(&obj.name_any(), &PatchParams::apply(names::FIELD_MANAGER).force(), &Patch::Apply(&body)).await?;
+    let (name, params, patch) = (obj.name_any(), PatchParams::apply(names::FIELD_MANAGER).force(), Patch::Apply(&body));
+    ctx.writes.send(leak_kind::<K>(), "patch-status", api.patch_status(&name, &params, &patch)).await?;
     Ok(())
 }
 
@@ -66,17 +67,20 @@ where
     let mut patch = vec![json!({"op": "test", "path": "/metadata/finalizers", "value": current})];
     patch.extend(ops);
     let patch: json_patch::Patch = serde_json::from_value(serde_json::Value::Array(patch))?;
-    ctx.wrote(leak_kind::<K>(), "patch-finalizers");
-    match api.patch(&obj.name_any(), &PatchParams::default(), &Patch::<()>::Json(patch)).await {
+    let (name, params, patch) = (obj.name_any(), PatchParams::default(), Patch::<()>::Json(patch));
+    match ctx.writes.send(leak_kind::<K>(), "patch-finalizers", api.patch(&name, &params, &patch)).await {
         Ok(_) => Ok(()),
-        // Already gone: nothing left to finalize.
-        Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
-        // The test failed: the finalizers changed; retry from a fresh read.
-        Err(kube::Error::Api(e)) if e.code == 422 => Err(Error::Conflict(e.message.clone())),
-        Err(e) => Err(e.into()),
+        Err(e) => match e.code() {
+            // Already gone: nothing left to finalize.
+            Some(404) => Ok(()),
+            // The test failed: the finalizers changed; retry from a fresh read.
+            Some(422) => Err(Error::Conflict(e.to_string())),
+            _ => Err(e.into()),
+        },
     }
 }
 
+/// Adds `finalizer` to `obj` unless it has it (resourceVersion-safe: see [`patch_finalizers`]).
 pub async fn add_finalizer<K>(ctx: &Context, obj: &K, finalizer: &str) -> Result<(), Error>
 where
     K: Resource<DynamicType = (), Scope = NamespaceResourceScope> + Clone + DeserializeOwned + Debug,
@@ -92,6 +96,7 @@ where
     patch_finalizers(ctx, obj, vec![op]).await
 }
 
+/// Removes `finalizer` from `obj` if it has it (resourceVersion-safe).
 pub async fn remove_finalizer<K>(ctx: &Context, obj: &K, finalizer: &str) -> Result<(), Error>
 where
     K: Resource<DynamicType = (), Scope = NamespaceResourceScope> + Clone + DeserializeOwned + Debug,
@@ -105,11 +110,10 @@ pub async fn create_child<K>(ctx: &Context, api: &Api<K>, child: &K, owner_uid: 
 where
     K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Serialize + Debug,
 {
-    ctx.wrote(leak_kind::<K>(), "create");
     let params = PostParams { field_manager: Some(names::FIELD_MANAGER.into()), ..Default::default() };
-    match api.create(&params, child).await {
+    match ctx.writes.send(leak_kind::<K>(), "create", api.create(&params, child)).await {
         Ok(_) => Ok(true),
-        Err(kube::Error::Api(e)) if e.code == 409 => {
+        Err(e) if e.code() == Some(409) => {
             let existing = api.get_opt(&child.name_any()).await?;
             Ok(existing.is_some_and(|o| owned_by(o.meta(), owner_uid)))
         }
@@ -122,10 +126,10 @@ pub async fn delete_child<K>(ctx: &Context, api: &Api<K>, name: &str) -> Result<
 where
     K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug,
 {
-    ctx.wrote(leak_kind::<K>(), "delete");
-    match api.delete(name, &DeleteParams::background()).await {
+    let params = DeleteParams::background();
+    match ctx.writes.send(leak_kind::<K>(), "delete", api.delete(name, &params)).await {
         Ok(_) => Ok(()),
-        Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
+        Err(e) if e.code() == Some(404) => Ok(()),
         Err(e) => Err(e.into()),
     }
 }
@@ -139,8 +143,8 @@ pub async fn event<K: Resource<DynamicType = ()>>(ctx: &Context, obj: &K, warnin
         action: "Reconcile".into(),
         secondary: None,
     };
-    ctx.wrote("Event", "create");
-    if let Err(error) = ctx.recorder.publish(&event, &obj.object_ref(&())).await {
+    let regarding = obj.object_ref(&());
+    if let Err(error) = ctx.writes.send("Event", "create", ctx.recorder.publish(&event, &regarding)).await {
         warn!(%error, reason, "cannot publish an Event");
     }
 }

@@ -1,22 +1,26 @@
 //! The Image controller: observe (its PVC, the VMs using it, its claim) -> plan
-//! ([`crate::plan::image`]) -> apply (finalizer, PVC) -> status.
+//! ([`crate::plan::image`]) -> apply (finalizer, PVC) -> status. It also releases the claim of a
+//! VM that was removed without its finalizer running, once that VM's launcher Pods are gone.
 
 use std::{sync::Arc, time::Duration};
 
 use k8s_openapi::{
-    api::{coordination::v1::Lease, core::v1::PersistentVolumeClaim},
+    api::{
+        coordination::v1::Lease,
+        core::v1::{PersistentVolumeClaim, Pod},
+    },
     apimachinery::pkg::apis::meta::v1::Time,
 };
 use kube::{
     Api, ResourceExt,
+    api::{Patch, PatchParams, PostParams},
     runtime::{controller::Action, reflector::ObjectRef},
 };
 
 use super::{Context, Error, Stores, apply};
 use crate::{
     api::{ConditionStatus, Image, VirtualMachine},
-    claim,
-    metrics::ReconcileLabels,
+    claim::{self, Release},
     plan::{
         build,
         conditions::find,
@@ -38,6 +42,13 @@ fn uses(vm: &VirtualMachine, image: &str, holder_uid: Option<&str>) -> bool {
         .any(|d| if d.persistent { holder_uid.is_some() && vm.uid().as_deref() == holder_uid } else { claimed })
 }
 
+/// Whether `pvc` was made by vmkeep for the Image with `image_uid`: its image-uid label, or
+/// (made by an older version) its controller reference.
+fn made_for(pvc: &PersistentVolumeClaim, image_uid: &str) -> bool {
+    pvc.labels().get(names::IMAGE_UID_LABEL) == Some(&names::label_value(image_uid))
+        || apply::owned_by(&pvc.metadata, image_uid)
+}
+
 fn pvc_view(pvc: Option<&PersistentVolumeClaim>, owner_uid: &str) -> ImagePvc {
     match pvc {
         None => ImagePvc::Missing,
@@ -45,7 +56,7 @@ fn pvc_view(pvc: Option<&PersistentVolumeClaim>, owner_uid: &str) -> ImagePvc {
             let spec = p.spec.clone().unwrap_or_default();
             let requested = spec.resources.as_ref().and_then(|r| r.requests.as_ref()?.get("storage").cloned());
             ImagePvc::Present {
-                ours: apply::owned_by(&p.metadata, owner_uid),
+                ours: made_for(p, owner_uid),
                 phase: p.status.as_ref().and_then(|s| s.phase.clone()),
                 // Before it binds, a PVC's capacity is what it asks for.
                 capacity: p.status.as_ref().and_then(|s| s.capacity.as_ref()?.get("storage").cloned()).or(requested),
@@ -56,26 +67,20 @@ fn pvc_view(pvc: Option<&PersistentVolumeClaim>, owner_uid: &str) -> ImagePvc {
     }
 }
 
+/// Reconciles one Image.
 pub async fn reconcile(image: Arc<Image>, ctx: Arc<Context>) -> Result<Action, Error> {
-    ctx.stores.ready().await;
-    ctx.metrics.reconciliations.get_or_create(&ReconcileLabels { kind: "Image" }).inc();
     let ns = image.namespace().ok_or(Error::MissingNamespace)?;
     let name = image.name_any();
     let uid = image.uid().unwrap_or_default();
 
     let lease = ctx.stores.leases.get(&ObjectRef::new(&names::claim_lease(&name)).within(&ns));
-    if let Some(lease) = &lease
-        && !ctx
-            .stores
-            .vms
-            .state()
-            .iter()
-            .any(|vm| vm.uid() == lease.spec.as_ref().and_then(|s| s.holder_identity.clone()))
-        && claim::release_if_orphaned(&ctx, lease).await?
+    let claim_holder = lease.as_deref().and_then(claim::holder);
+    if let (Some(lease), Some(holder)) = (&lease, &claim_holder)
+        && !ctx.stores.vms.state().iter().any(|vm| vm.uid().as_deref() == Some(holder.uid.as_str()))
+        && ctx.claims.release_orphaned(lease).await? == Release::Released
     {
         return Ok(Action::requeue(Duration::from_millis(100)));
     }
-    let claim_holder = lease.as_deref().and_then(claim::holder);
     let holder_uid = claim_holder.as_ref().map(|h| h.uid.as_str());
     let mut consumers: Vec<String> = ctx
         .stores
@@ -94,9 +99,19 @@ pub async fn reconcile(image: Arc<Image>, ctx: Arc<Context>) -> Result<Action, E
         Some(pvc_name) => pvc_view(pvc_api.get_opt(pvc_name).await?.as_ref(), &uid),
         None => {
             let cached = ctx.stores.pvcs.get(&ObjectRef::new(&names::image_pvc(&name)).within(&ns));
+            if let Some(pvc) = cached.as_deref()
+                && apply::owned_by(&pvc.metadata, &uid)
+            {
+                detach_pvc(&ctx, &pvc_api, &pvc.name_any(), &uid).await?;
+            }
             pvc_view(cached.as_deref(), &uid)
         }
     };
+    if let Some(lease) = lease.as_deref()
+        && !lease.owner_references().is_empty()
+    {
+        detach_claim(&ctx, lease).await?;
+    }
     let source_image = image.spec.source.image.as_ref().and_then(|s| ctx.stores.image(&ns, &s.name));
     let mut observation =
         ImageObservation { image: &image, pvc, source_image: source_image.as_deref(), consumers, claim: claim_holder };
@@ -114,6 +129,9 @@ pub async fn reconcile(image: Arc<Image>, ctx: Arc<Context>) -> Result<Action, E
         }
     }
     apply::status(&ctx, image.as_ref(), image.status.as_ref(), &decided.status).await?;
+    if let Some(pvc) = &decided.delete_pvc {
+        apply::delete_child(&ctx, &pvc_api, pvc).await?;
+    }
     if decided.finalizer == Finalizer::Remove {
         apply::remove_finalizer(&ctx, image.as_ref(), names::IMAGE_FINALIZER).await?;
     }
@@ -122,6 +140,40 @@ pub async fn reconcile(image: Arc<Image>, ctx: Arc<Context>) -> Result<Action, E
         Some(_) => Action::requeue(Duration::from_secs(300)),
         None => Action::await_change(),
     })
+}
+
+// An image PVC or claim Lease made by an older vmkeep has the Image as owner, through which a
+// foreground or background deletion of the Image would take it while a VM holds it. Both are
+// taken out of garbage collection once, on the Image's next reconcile.
+
+/// Removes the owner references of an image PVC made by an older vmkeep and labels it with its
+/// Image's uid (how vmkeep knows it now).
+async fn detach_pvc(ctx: &Context, api: &Api<PersistentVolumeClaim>, name: &str, image_uid: &str) -> Result<(), Error> {
+    let patch = serde_json::json!({"metadata": {
+        "ownerReferences": null,
+        "labels": { names::IMAGE_UID_LABEL: names::label_value(image_uid) },
+    }});
+    let (params, patch) = (PatchParams::default(), Patch::Merge(&patch));
+    match ctx.writes.send("PersistentVolumeClaim", "patch", api.patch(name, &params, &patch)).await {
+        Ok(_) => Ok(()),
+        Err(e) if e.code() == Some(404) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Removes the owner references of a claim Lease made by an older vmkeep: an update checked
+/// against the resourceVersion read, so it never rewrites a claim that changed meanwhile.
+async fn detach_claim(ctx: &Context, lease: &Lease) -> Result<(), Error> {
+    let ns = lease.namespace().ok_or(Error::MissingNamespace)?;
+    let api: Api<Lease> = Api::namespaced(ctx.client.clone(), &ns);
+    let mut detached = lease.clone();
+    detached.metadata.owner_references = None;
+    let (name, params) = (lease.name_any(), PostParams::default());
+    match ctx.writes.send("Lease", "update", api.replace(&name, &params, &detached)).await {
+        Ok(_) => Ok(()),
+        Err(e) if matches!(e.code(), Some(404 | 409)) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// A VM change concerns the images it records (its use of them starts or ends).
@@ -134,7 +186,28 @@ pub fn images_of_vm(vm: VirtualMachine) -> Vec<ObjectRef<Image>> {
 
 /// A claim Lease change concerns its image.
 pub fn image_of_lease(lease: Lease) -> Option<ObjectRef<Image>> {
-    Some(ObjectRef::new(lease.annotations().get(names::IMAGE_ANNOTATION)?).within(&lease.namespace()?))
+    Some(ObjectRef::new(claim::image_of(&lease)?).within(&lease.namespace()?))
+}
+
+/// A launcher Pod change concerns the images its VM holds claims on (by the VM uid recorded on
+/// the Pod, or its owner): when the VM was removed by force, the Pod's end frees them.
+pub fn images_of_pod(stores: &Stores, pod: &Pod) -> Vec<ObjectRef<Image>> {
+    let Some(ns) = pod.namespace() else { return Vec::new() };
+    let uids: Vec<&str> = pod
+        .labels()
+        .get(names::VM_UID_LABEL)
+        .map(String::as_str)
+        .into_iter()
+        .chain(pod.owner_references().iter().map(|o| o.uid.as_str()))
+        .collect();
+    stores
+        .leases
+        .state()
+        .iter()
+        .filter(|l| l.namespace().as_deref() == Some(ns.as_str()))
+        .filter(|l| claim::holder(l).is_some_and(|h| uids.contains(&h.uid.as_str())))
+        .filter_map(|l| Some(ObjectRef::new(claim::image_of(l)?).within(&ns)))
+        .collect()
 }
 
 /// An Image change concerns the images cloned from it (a released source can now be cloned).

@@ -1,6 +1,12 @@
 //! One watch per kind, shared by every controller: the watch feeds one cache (a reflector
 //! store) and forwards every object it touches (created, changed, deleted) to each subscriber.
 //!
+//! The watch reads every object through kube's `DeserializeGuard`: one that cannot be read as
+//! its kind (a field the CRD schema lets through but vmkeep's types reject, an object written
+//! for another version of vmkeep) is left out of the cache and reported, as a Warning Event
+//! with reason `Malformed` on it, a log line and `vmkeep_malformed_objects_total`, instead of
+//! stalling the whole watch; the objects around it keep flowing.
+//!
 //! Why not kube's own sharing: its shared streams do not forward deletions (a deleted launcher
 //! Pod must wake its VM, that is the fencing), and a store fed through a controller's trigger
 //! stream only advances while that controller has room to reconcile, so reconciles that wait for
@@ -12,9 +18,11 @@ use k8s_openapi::api::core::v1::{
 };
 use kube::{
     Api, Resource, ResourceExt,
+    core::{DeserializeGuard, error_boundary::InvalidObject},
     runtime::{
         WatchStreamExt,
-        reflector::{self, Store},
+        events::{Event as KubeEvent, EventType, Recorder},
+        reflector::{self, ObjectRef, Store},
         watcher::{self, Event},
     },
 };
@@ -23,7 +31,11 @@ use std::{collections::HashMap, sync::Arc};
 
 use tokio::sync::{mpsc, watch};
 
-use crate::plan::virtual_machine as plan;
+use crate::{
+    metrics::{MalformedLabels, Metrics},
+    plan::{reason, virtual_machine as plan},
+    write::Writes,
+};
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
@@ -32,9 +44,57 @@ use tracing::warn;
 pub struct Informer<K: Resource<DynamicType = ()> + 'static> {
     pub store: Store<K>,
     subscribers: Vec<Subscriber<K>>,
-    api: Api<K>,
+    api: Api<DeserializeGuard<K>>,
     config: watcher::Config,
     slim: fn(&mut K),
+}
+
+/// Where an unreadable object is reported: a Warning Event on it, and a metric.
+#[derive(Clone)]
+pub struct Malformed {
+    pub recorder: Recorder,
+    pub metrics: Arc<Metrics>,
+    pub writes: Writes,
+}
+
+impl Malformed {
+    fn report<K: Resource<DynamicType = ()>>(&self, invalid: &InvalidObject) {
+        let kind = match K::kind(&()).as_ref() {
+            "Image" => "Image",
+            "Template" => "Template",
+            "VirtualMachine" => "VirtualMachine",
+            "PersistentVolumeClaim" => "PersistentVolumeClaim",
+            "Pod" => "Pod",
+            "Lease" => "Lease",
+            _ => "Other",
+        };
+        self.metrics.malformed.get_or_create(&MalformedLabels { kind }).inc();
+        let meta = &invalid.metadata;
+        warn!(kind, name = ?meta.name, namespace = ?meta.namespace, reason = reason::MALFORMED, error = %invalid.error,
+            "cannot read the object as its kind; it is skipped until it is fixed");
+        let (Some(name), Some(uid)) = (meta.name.clone(), meta.uid.clone()) else { return };
+        let regarding = k8s_openapi::api::core::v1::ObjectReference {
+            api_version: Some(K::api_version(&()).into_owned()),
+            kind: Some(kind.to_owned()),
+            name: Some(name),
+            namespace: meta.namespace.clone(),
+            uid: Some(uid),
+            ..Default::default()
+        };
+        let event = KubeEvent {
+            type_: EventType::Warning,
+            reason: reason::MALFORMED.into(),
+            note: Some(format!("vmkeep cannot read this {kind} and skips it until it is fixed: {}", invalid.error)),
+            action: "Watch".into(),
+            secondary: None,
+        };
+        let (recorder, writes) = (self.recorder.clone(), self.writes.clone());
+        tokio::spawn(async move {
+            if let Err(error) = writes.send("Event", "create", recorder.publish(&event, &regarding)).await {
+                warn!(%error, "cannot publish an Event");
+            }
+        });
+    }
 }
 
 impl<K> Informer<K>
@@ -42,7 +102,11 @@ where
     K: Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
 {
     /// `slim` drops what vmkeep never reads from a `K` before it is cached (see [`Self::run`]).
-    pub fn new(api: Api<K>, config: watcher::Config, slim: fn(&mut K)) -> (Self, reflector::store::Writer<K>) {
+    pub fn new(
+        api: Api<DeserializeGuard<K>>,
+        config: watcher::Config,
+        slim: fn(&mut K),
+    ) -> (Self, reflector::store::Writer<K>) {
         let (store, writer) = reflector::store();
         (Self { store, subscribers: Vec::new(), api, config, slim }, writer)
     }
@@ -78,14 +142,26 @@ where
         mut self,
         mut writer: reflector::store::Writer<K>,
         synced: Arc<watch::Sender<usize>>,
+        malformed: Malformed,
         shutdown: CancellationToken,
     ) {
         let mut listed = false;
+        let slim = self.slim;
+        let store = self.store.clone();
         let mut events = watcher::watcher(self.api, self.config)
             .default_backoff()
             .modify(move |o| {
                 o.managed_fields_mut().clear();
-                (self.slim)(o);
+                if let Ok(o) = &mut o.0 {
+                    slim(o);
+                }
+            })
+            .filter_map(move |event| {
+                let event = match event {
+                    Ok(e) => readable(e, &store, |invalid| malformed.report::<K>(invalid)).map(Ok),
+                    Err(e) => Some(Err(e)),
+                };
+                futures::future::ready(event)
             })
             .boxed();
         loop {
@@ -118,6 +194,40 @@ where
                 }
             }
         }
+    }
+}
+
+/// The event with only objects that could be read as `K` (`None`: nothing left of it). An
+/// unreadable object is reported; a version of it in the cache goes, as if deleted (no decision
+/// is made from a stale copy).
+fn readable<K>(event: Event<DeserializeGuard<K>>, store: &Store<K>, report: impl Fn(&InvalidObject)) -> Option<Event<K>>
+where
+    K: Resource<DynamicType = ()> + Clone,
+{
+    let unreadable = |guard: DeserializeGuard<K>| -> Result<K, Option<K>> {
+        guard.0.map_err(|invalid| {
+            report(&invalid);
+            let key = ObjectRef::<K>::new(invalid.metadata.name.as_deref().unwrap_or_default());
+            let key = match &invalid.metadata.namespace {
+                Some(ns) => key.within(ns),
+                None => key,
+            };
+            store.get(&key).map(|k| k.as_ref().clone())
+        })
+    };
+    match event {
+        Event::Apply(guard) => match unreadable(guard) {
+            Ok(k) => Some(Event::Apply(k)),
+            Err(stale) => stale.map(Event::Delete),
+        },
+        Event::Delete(guard) => match unreadable(guard) {
+            Ok(k) => Some(Event::Delete(k)),
+            Err(stale) => stale.map(Event::Delete),
+        },
+        // A relist: leaving it out of the new list leaves it out of the cache.
+        Event::InitApply(guard) => unreadable(guard).ok().map(Event::InitApply),
+        Event::Init => Some(Event::Init),
+        Event::InitDone => Some(Event::InitDone),
     }
 }
 
@@ -239,6 +349,43 @@ mod tests {
         assert_eq!(status.phase.as_deref(), Some("Bound"));
         assert_eq!(status.capacity.map(|c| c["storage"].0.clone()), Some("2Gi".into()));
         assert!(status.access_modes.is_none());
+    }
+}
+
+#[cfg(test)]
+mod malformed_tests {
+    use super::*;
+    use crate::api::Template;
+
+    fn guard(cpu: serde_json::Value) -> DeserializeGuard<Template> {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "vmkeep.io/v1alpha1", "kind": "Template",
+            "metadata": {"name": "t", "namespace": "ns", "uid": "u1"},
+            "spec": {"cpu": cpu, "memory": "1Gi", "disks": []},
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn an_unreadable_object_is_reported_skipped_and_its_stale_copy_dropped() {
+        let (store, mut writer) = reflector::store::<Template>();
+        let reported = std::sync::Mutex::new(Vec::new());
+        let report = |i: &InvalidObject| reported.lock().unwrap().push(i.metadata.name.clone());
+        // Readable: passed on as it is.
+        let event = readable(Event::Apply(guard(2.into())), &store, report).unwrap();
+        assert!(matches!(&event, Event::Apply(t) if t.spec.cpu == 2));
+        writer.apply_watcher_event(&event);
+        // Unreadable (cpu beyond i32, which the API server accepts): the cached copy goes.
+        let too_big = guard(3_000_000_000_i64.into());
+        assert!(too_big.0.is_err());
+        let event = readable(Event::Apply(too_big.clone()), &store, report).unwrap();
+        assert!(matches!(&event, Event::Delete(t) if t.spec.cpu == 2), "{event:?}");
+        writer.apply_watcher_event(&event);
+        // Nothing cached any more: nothing to pass on, but still reported.
+        assert!(readable(Event::Apply(too_big.clone()), &store, report).is_none());
+        assert!(readable(Event::InitApply(too_big), &store, report).is_none());
+        assert!(matches!(readable::<Template>(Event::InitDone, &store, report), Some(Event::InitDone)));
+        assert_eq!(reported.lock().unwrap().len(), 3);
     }
 }
 

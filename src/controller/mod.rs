@@ -9,7 +9,7 @@ mod virtual_machine;
 
 use std::{sync::Arc, time::Duration};
 
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt, future::BoxFuture};
 use informer::Informer;
 use k8s_openapi::api::{
     coordination::v1::Lease,
@@ -17,6 +17,7 @@ use k8s_openapi::api::{
 };
 use kube::{
     Api, Client, Resource, ResourceExt,
+    core::DeserializeGuard,
     runtime::{
         Controller,
         controller::Action,
@@ -26,12 +27,14 @@ use kube::{
     },
 };
 use tokio_util::sync::CancellationToken;
-use tracing::warn;
+use tracing::{Instrument, info_span, warn};
 
 use crate::{
     api::{Image, Template, VirtualMachine},
-    metrics::{FailureLabels, Metrics, WriteLabels},
+    claim::{self, Claims},
+    metrics::{FailureLabels, Metrics, ReconcileLabels},
     plan::{names, virtual_machine as plan},
+    write::{self, Writes},
 };
 
 /// Operator settings the controllers use.
@@ -83,10 +86,12 @@ impl Stores {
         let _ = synced.wait_for(|n| *n >= KINDS).await;
     }
 
+    /// The cached Image `name` in `namespace`.
     pub fn image(&self, namespace: &str, name: &str) -> Option<Arc<Image>> {
         self.images.get(&ObjectRef::new(name).within(namespace))
     }
 
+    /// The cached Template `name` in `namespace`.
     pub fn template(&self, namespace: &str, name: &str) -> Option<Arc<Template>> {
         self.templates.get(&ObjectRef::new(name).within(namespace))
     }
@@ -99,20 +104,25 @@ pub struct Context {
     pub recorder: Recorder,
     pub stores: Stores,
     pub settings: Settings,
+    /// Every write goes through here (timeout, count by outcome).
+    pub writes: Writes,
+    /// Every claim read, take and release goes through here.
+    pub claims: Claims,
 }
 
-impl Context {
-    /// Counts an API write the operator is about to make.
-    pub fn wrote(&self, resource: &'static str, verb: &'static str) {
-        self.metrics.api_writes.get_or_create(&WriteLabels { resource, verb }).inc();
-    }
-}
-
-/// Why a reconcile failed; the reason is stable (logs, metrics).
+/// Why a reconcile failed; [`Error::reason`] is stable (logs, metrics).
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// A read from the API server failed.
     #[error("Kubernetes API: {0}")]
     Kube(#[from] kube::Error),
+    /// A write failed or timed out.
+    #[error(transparent)]
+    Write(#[from] write::Error),
+    /// Reading, taking or releasing a claim failed.
+    #[error("claim: {0}")]
+    Claim(#[from] claim::Error),
+    /// The object changed since it was read (a finalizer patch's test failed).
     #[error("changed concurrently: {0}")]
     Conflict(String),
     #[error("the object has no namespace")]
@@ -122,26 +132,67 @@ pub enum Error {
 }
 
 impl Error {
+    /// The stable reason of this error, for the failure metric and logs.
     pub fn reason(&self) -> &'static str {
         match self {
-            Error::Kube(kube::Error::Api(e)) if e.code == 409 => "Conflict",
             Error::Conflict(_) => "Conflict",
-            Error::Kube(_) => "KubeError",
-            Error::MissingNamespace => "MissingNamespace",
+            Error::Write(e) | Error::Claim(claim::Error::Write(e)) => match e {
+                write::Error::Timeout { .. } => "WriteTimeout",
+                _ if e.code() == Some(409) => "Conflict",
+                _ => "WriteFailed",
+            },
+            Error::Kube(_) | Error::Claim(claim::Error::Read { .. }) => "ReadFailed",
+            Error::MissingNamespace | Error::Claim(claim::Error::MissingNamespace) => "MissingNamespace",
             Error::Serialize(_) => "SerializeError",
         }
     }
 }
 
+/// Retries soon after a conflict (someone else changed the object: read it again), later after
+/// anything else.
 fn error_policy<K: Resource<DynamicType = ()>>(kind: &'static str) -> impl Fn(Arc<K>, &Error, Arc<Context>) -> Action {
-    move |obj, error, ctx| {
-        ctx.metrics.failures.get_or_create(&FailureLabels { kind, reason: error.reason() }).inc();
-        if error.reason() == "Conflict" {
+    move |obj, error, _ctx| match error {
+        Error::Conflict(_) => {
             tracing::debug!(kind, name = %obj.name_any(), %error, "retrying after a conflict");
-            return Action::requeue(Duration::from_millis(200));
+            Action::requeue(Duration::from_millis(200))
         }
-        warn!(kind, name = %obj.name_any(), namespace = ?obj.namespace(), %error, "reconcile failed");
-        Action::requeue(Duration::from_secs(5))
+        Error::Write(e) | Error::Claim(claim::Error::Write(e)) if e.code() == Some(409) => {
+            tracing::debug!(kind, name = %obj.name_any(), %error, "retrying after a conflict");
+            Action::requeue(Duration::from_millis(200))
+        }
+        _ => {
+            warn!(kind, name = %obj.name_any(), namespace = ?obj.namespace(), %error, "reconcile failed");
+            Action::requeue(Duration::from_secs(5))
+        }
+    }
+}
+
+/// The one reconcile wrapper of every kind: waits until the caches are ready, counts the
+/// reconcile, times it, counts failures by reason, and runs it in a span naming the object.
+fn instrumented<K, F, Fut>(
+    kind: &'static str,
+    reconcile: F,
+) -> impl FnMut(Arc<K>, Arc<Context>) -> BoxFuture<'static, Result<Action, Error>>
+where
+    K: Resource<DynamicType = ()> + Send + Sync + 'static,
+    F: Fn(Arc<K>, Arc<Context>) -> Fut + Copy + Send + 'static,
+    Fut: Future<Output = Result<Action, Error>> + Send + 'static,
+{
+    move |obj, ctx| {
+        async move {
+            ctx.stores.ready().await;
+            let labels = ReconcileLabels { kind };
+            ctx.metrics.reconciliations.get_or_create(&labels).inc();
+            let started = std::time::Instant::now();
+            let span = info_span!("reconcile", kind, name = %obj.name_any(), namespace = ?obj.namespace());
+            let result = reconcile(obj, ctx.clone()).instrument(span).await;
+            ctx.metrics.reconcile_duration.get_or_create(&labels).observe(started.elapsed().as_secs_f64());
+            if let Err(error) = &result {
+                ctx.metrics.failures.get_or_create(&FailureLabels { kind, reason: error.reason() }).inc();
+            }
+            result
+        }
+        .boxed()
     }
 }
 
@@ -152,16 +203,25 @@ fn managed() -> watcher::Config {
 /// Runs every controller until `shutdown` is cancelled, then lets in-flight reconciles finish.
 pub async fn run(client: Client, metrics: Arc<Metrics>, settings: Settings, shutdown: CancellationToken) {
     let all = watcher::Config::default;
+    let reporter = Reporter { controller: "vmkeep".into(), instance: std::env::var("POD_NAME").ok() };
+    let recorder = Recorder::new(client.clone(), reporter);
+    let writes = Writes::new(metrics.clone());
+    let malformed =
+        informer::Malformed { recorder: recorder.clone(), metrics: metrics.clone(), writes: writes.clone() };
     let (synced, synced_rx) = tokio::sync::watch::channel(0);
     let synced = Arc::new(synced);
-    let (mut images, images_w) = Informer::new(settings.api::<Image>(&client), all(), informer::keep);
-    let (mut templates, templates_w) = Informer::new(settings.api::<Template>(&client), all(), informer::keep);
-    let (mut vms, vms_w) = Informer::new(settings.api::<VirtualMachine>(&client), all(), informer::keep);
+    let (mut images, images_w) = Informer::new(settings.api::<DeserializeGuard<Image>>(&client), all(), informer::keep);
+    let (mut templates, templates_w) =
+        Informer::new(settings.api::<DeserializeGuard<Template>>(&client), all(), informer::keep);
+    let (mut vms, vms_w) =
+        Informer::new(settings.api::<DeserializeGuard<VirtualMachine>>(&client), all(), informer::keep);
     // Children and claims: only what vmkeep made (label-selected).
     let (mut pvcs, pvcs_w) =
-        Informer::new(settings.api::<PersistentVolumeClaim>(&client), managed(), informer::slim_pvc);
-    let (mut pods, pods_w) = Informer::new(settings.api::<Pod>(&client), managed(), informer::slim_pod);
-    let (mut leases, leases_w) = Informer::new(settings.api::<Lease>(&client), managed(), informer::keep);
+        Informer::new(settings.api::<DeserializeGuard<PersistentVolumeClaim>>(&client), managed(), informer::slim_pvc);
+    let (mut pods, pods_w) =
+        Informer::new(settings.api::<DeserializeGuard<Pod>>(&client), managed(), informer::slim_pod);
+    let (mut leases, leases_w) =
+        Informer::new(settings.api::<DeserializeGuard<Lease>>(&client), managed(), informer::keep);
 
     let stores = Stores {
         images: images.store.clone(),
@@ -172,9 +232,10 @@ pub async fn run(client: Client, metrics: Arc<Metrics>, settings: Settings, shut
         leases: leases.store.clone(),
         synced: synced_rx,
     };
-    let reporter = Reporter { controller: "vmkeep".into(), instance: std::env::var("POD_NAME").ok() };
     let ctx = Arc::new(Context {
-        recorder: Recorder::new(client.clone(), reporter),
+        recorder,
+        claims: Claims::new(client.clone(), Some(writes.clone())),
+        writes,
         client,
         metrics,
         stores: stores.clone(),
@@ -187,11 +248,14 @@ pub async fn run(client: Client, metrics: Arc<Metrics>, settings: Settings, shut
         .debounce(Duration::from_millis(300));
 
     let vm_ctl = {
-        let (by_template, by_image, by_lease) = (stores.clone(), stores.clone(), stores.clone());
+        let (by_template, by_image, by_lease, by_pod) =
+            (stores.clone(), stores.clone(), stores.clone(), stores.clone());
         Controller::for_stream(vms.subscribe(), stores.vms.clone())
             .with_config(config.clone())
             .owns_stream(pvcs.subscribe_view(informer::pvc_view))
-            .owns_stream(pods.subscribe_view(informer::pod_view))
+            // A launcher Pod by the VM name it is labelled with, not its owner reference (which an
+            // orphaning deletion removes): its deletion is what fencing waits for.
+            .watches_stream(pods.subscribe_view(informer::pod_view), move |p| virtual_machine::vm_of_pod(&by_pod, &p))
             // Only changes VMs read: an Image's status counts move with every VM, and waking
             // every VM of a busy image each time made reconciles grow with the square of VMs.
             .watches_stream(templates.subscribe_view(plan::template_view), move |t| {
@@ -202,19 +266,25 @@ pub async fn run(client: Client, metrics: Arc<Metrics>, settings: Settings, shut
             })
             .watches_stream(leases.subscribe(), move |l| virtual_machine::vms_of_lease(&by_lease, &l))
             .graceful_shutdown_on(shutdown.clone().cancelled_owned())
-            .run(virtual_machine::reconcile, error_policy("VirtualMachine"), ctx.clone())
+            .run(
+                instrumented("VirtualMachine", virtual_machine::reconcile),
+                error_policy("VirtualMachine"),
+                ctx.clone(),
+            )
             .for_each(|_| async {})
     };
     let image_ctl = {
-        let by_image = stores.clone();
+        let (by_image, by_pod) = (stores.clone(), stores.clone());
         Controller::for_stream(images.subscribe(), stores.images.clone())
             .with_config(config.clone())
             .owns_stream(pvcs.subscribe_view(informer::pvc_view))
             .watches_stream(vms.subscribe(), image::images_of_vm)
             .watches_stream(leases.subscribe(), image::image_of_lease)
+            // The claims of a VM removed by force are released once its last launcher Pod is gone.
+            .watches_stream(pods.subscribe_view(informer::pod_view), move |p| image::images_of_pod(&by_pod, &p))
             .watches_stream(images.subscribe(), move |i| image::clones_of(&by_image, &i))
             .graceful_shutdown_on(shutdown.clone().cancelled_owned())
-            .run(image::reconcile, error_policy("Image"), ctx.clone())
+            .run(instrumented("Image", image::reconcile), error_policy("Image"), ctx.clone())
             .for_each(|_| async {})
     };
     let template_ctl = {
@@ -226,17 +296,17 @@ pub async fn run(client: Client, metrics: Arc<Metrics>, settings: Settings, shut
                 template::templates_of_image(&by_image, &i)
             })
             .graceful_shutdown_on(shutdown.clone().cancelled_owned())
-            .run(template::reconcile, error_policy("Template"), ctx.clone())
+            .run(instrumented("Template", template::reconcile), error_policy("Template"), ctx.clone())
             .for_each(|_| async {})
     };
     let informers = async {
         tokio::join!(
-            images.run(images_w, synced.clone(), shutdown.clone()),
-            templates.run(templates_w, synced.clone(), shutdown.clone()),
-            vms.run(vms_w, synced.clone(), shutdown.clone()),
-            pvcs.run(pvcs_w, synced.clone(), shutdown.clone()),
-            pods.run(pods_w, synced.clone(), shutdown.clone()),
-            leases.run(leases_w, synced.clone(), shutdown.clone()),
+            images.run(images_w, synced.clone(), malformed.clone(), shutdown.clone()),
+            templates.run(templates_w, synced.clone(), malformed.clone(), shutdown.clone()),
+            vms.run(vms_w, synced.clone(), malformed.clone(), shutdown.clone()),
+            pvcs.run(pvcs_w, synced.clone(), malformed.clone(), shutdown.clone()),
+            pods.run(pods_w, synced.clone(), malformed.clone(), shutdown.clone()),
+            leases.run(leases_w, synced.clone(), malformed.clone(), shutdown.clone()),
         )
     };
     tokio::join!(informers, vm_ctl, image_ctl, template_ctl);

@@ -12,13 +12,11 @@ use kube::{
 use super::{Context, Error, Stores, apply};
 use crate::{
     api::{Image, Template, VirtualMachine},
-    metrics::ReconcileLabels,
     plan,
 };
 
+/// Reconciles one Template.
 pub async fn reconcile(template: Arc<Template>, ctx: Arc<Context>) -> Result<Action, Error> {
-    ctx.stores.ready().await;
-    ctx.metrics.reconciliations.get_or_create(&ReconcileLabels { kind: "Template" }).inc();
     let ns = template.namespace().ok_or(Error::MissingNamespace)?;
     let name = template.name_any();
     let instances = ctx

@@ -1,7 +1,14 @@
-//! The VirtualMachine controller: observe (stores, the claim Leases on the API server) ->
-//! plan ([`crate::plan::virtual_machine`]) -> apply (claims, PVCs, launcher Pod) -> status.
+//! The VirtualMachine controller, one visible pipeline: [`observe`] (the caches, and the claims
+//! read from the API server) -> [`plan::decide`] (pure) -> [`apply`] (finalizer, claims, PVCs,
+//! launcher Pod, status, Event). When applying finds something the observation could not know
+//! (a claim lost to another VM in the meantime, a child's name taken by a foreign object), that
+//! fact joins the observation and the plan is decided again.
 
-use std::{collections::BTreeMap, sync::Arc, time::Duration};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::Arc,
+    time::Duration,
+};
 
 use k8s_openapi::{
     api::{
@@ -14,294 +21,273 @@ use kube::{
     Api, ResourceExt,
     runtime::{controller::Action, reflector::ObjectRef},
 };
-use tracing::{info, instrument};
+use tracing::info;
 
 use super::{Context, Error, Stores, apply};
 use crate::{
-    api::{Image, Template, VirtualMachine, image::VolumeMode, virtual_machine::VirtualMachinePhase},
-    claim,
-    metrics::ReconcileLabels,
+    api::{Image, Template, VirtualMachine},
+    claim::{self, Release},
     plan::{
-        build, names,
-        virtual_machine::{self as plan, Blocker, Child, ClaimPlan, ClaimState, PodAction, Resolved, Verdict},
+        claim::{self as rules, ClaimState},
+        names,
+        virtual_machine::{self as plan, Child, Observed, OtherVm, PodChange, VmPlan},
     },
 };
 
-const KIND: &str = "VirtualMachine";
+/// How often one reconcile decides again after applying found something new.
+const MAX_PASSES: usize = 4;
 
-#[instrument(skip_all, fields(vm = %vm.name_any(), namespace = ?vm.namespace()))]
+/// Reconciles one VirtualMachine: observe, decide, apply, until the plan applies as decided.
 pub async fn reconcile(vm: Arc<VirtualMachine>, ctx: Arc<Context>) -> Result<Action, Error> {
-    ctx.stores.ready().await;
-    let labels = ReconcileLabels { kind: KIND };
-    ctx.metrics.reconciliations.get_or_create(&labels).inc();
-    let started = std::time::Instant::now();
-    let result =
-        if vm.metadata.deletion_timestamp.is_some() { cleanup(&vm, &ctx).await } else { provision(&vm, &ctx).await };
-    ctx.metrics.reconcile_duration.get_or_create(&labels).observe(started.elapsed().as_secs_f64());
-    result
+    let ns = vm.namespace().ok_or(Error::MissingNamespace)?;
+    let cached = Cached::read(&ctx, &ns, &vm);
+    let mut facts = Facts::default();
+    for _ in 0..MAX_PASSES {
+        let observed = observe(&ctx, &ns, &vm, &cached, &facts).await?;
+        let decided = plan::decide(&observed);
+        match apply(&ctx, &ns, &vm, &decided, &mut facts).await? {
+            Applied::Done => return Ok(decided.requeue.map_or_else(Action::await_change, Action::requeue)),
+            Applied::Learned(fact) => facts.learn(fact),
+        }
+    }
+    // Still changing under our feet: look again shortly.
+    Ok(Action::requeue(Duration::from_millis(500)))
 }
 
-fn now() -> Time {
-    Time(jiff::Timestamp::now())
+/// What the caches hold for one VM's decision (owned, so [`Observed`] can borrow from it).
+struct Cached {
+    template: Option<Arc<Template>>,
+    images: BTreeMap<String, Arc<Image>>,
+    pvcs: BTreeMap<String, Child>,
+    pod: Child,
+    /// The claims this VM may hold or need: recorded disks, its template's persistent images,
+    /// and the cached Leases held by its uid (a status lost in a restore).
+    claim_images: BTreeSet<String>,
+    /// The other VMs of the namespace, read once when an image this VM needs is free.
+    others: std::sync::OnceLock<Vec<(Arc<VirtualMachine>, BTreeSet<String>)>>,
 }
 
-/// The Images a VM's template and recorded disks name, from the cache.
-fn images_for(
+impl Cached {
+    fn read(ctx: &Context, ns: &str, vm: &VirtualMachine) -> Self {
+        let uid = vm.uid().unwrap_or_default();
+        let template = ctx.stores.template(ns, &vm.spec.template_ref.name);
+        let recorded = vm.status.iter().flat_map(|s| s.disks.iter()).filter_map(|d| d.image.clone());
+        let templated = template.iter().flat_map(|t| t.spec.disks.iter()).filter_map(|d| d.image.clone());
+        let images: BTreeMap<String, Arc<Image>> =
+            recorded.chain(templated).filter_map(|name| ctx.stores.image(ns, &name).map(|i| (name, i))).collect();
+        let mut claim_images: BTreeSet<String> = vm
+            .status
+            .iter()
+            .flat_map(|s| s.disks.iter())
+            .filter(|d| d.persistent)
+            .filter_map(|d| d.image.clone())
+            .collect();
+        // A template image whose mode in force is persistent (what a resolve would claim).
+        claim_images.extend(
+            images
+                .iter()
+                .filter(|(_, i)| i.status.as_ref().and_then(|s| s.persistent) == Some(true))
+                .filter(|(name, _)| {
+                    template.as_ref().is_some_and(|t| t.spec.disks.iter().any(|d| d.image.as_ref() == Some(name)))
+                })
+                .map(|(name, _)| name.clone()),
+        );
+        for lease in ctx.stores.leases.state() {
+            if lease.namespace().as_deref() == Some(ns)
+                && claim::holder(&lease).is_some_and(|h| h.uid == uid)
+                && let Some(image) = claim::image_of(&lease)
+            {
+                claim_images.insert(image.clone());
+            }
+        }
+        let pvcs = vm
+            .status
+            .iter()
+            .flat_map(|s| s.disks.iter())
+            .filter(|d| !d.persistent)
+            .filter_map(|d| d.pvc_name.clone())
+            .chain(
+                template.iter().flat_map(|t| t.spec.disks.iter()).map(|d| names::vm_disk_pvc(&vm.name_any(), &d.name)),
+            )
+            .map(|pvc| {
+                let cached = ctx.stores.pvcs.get(&ObjectRef::new(&pvc).within(ns));
+                let state = apply::child_state(cached.as_deref(), &uid, |p| p.status.as_ref()?.phase.clone());
+                (pvc, state)
+            })
+            .collect();
+        let pod_name = names::launcher_pod(&vm.name_any());
+        let pod = match ctx.stores.pods.get(&ObjectRef::new(&pod_name).within(ns)) {
+            None => Child::Missing,
+            Some(p) if rules::launcher_of(&p.metadata, &vm.name_any(), &uid) => Child::Ours {
+                phase: p.status.as_ref().and_then(|s| s.phase.clone()),
+                deleting: p.metadata.deletion_timestamp.is_some(),
+            },
+            Some(_) => Child::Foreign,
+        };
+        Self { template, images, pvcs, pod, claim_images, others: std::sync::OnceLock::new() }
+    }
+}
+
+/// What applying a plan found out that no cache shows.
+enum Fact {
+    /// A claim this VM tried to take is held as this state says.
+    Claim(String, ClaimState),
+    /// A child name is taken by an object that is not the VM's.
+    Taken(&'static str, String),
+}
+
+/// The facts learned so far in this reconcile.
+#[derive(Default)]
+struct Facts {
+    claims: BTreeMap<String, ClaimState>,
+    taken: BTreeSet<(&'static str, String)>,
+    /// The finalizer was added in an earlier pass (the VM object read has not got it).
+    finalizer_added: bool,
+}
+
+impl Facts {
+    fn learn(&mut self, fact: Fact) {
+        match fact {
+            Fact::Claim(image, state) => {
+                self.claims.insert(image, state);
+            }
+            Fact::Taken(kind, name) => {
+                self.taken.insert((kind, name));
+            }
+        }
+    }
+}
+
+/// Observe: the cached objects, the claims (from the API server, or as just learned), and the
+/// other VMs of the namespace when an image this VM needs is free.
+async fn observe<'a>(
+    ctx: &'a Context,
+    ns: &str,
+    vm: &'a VirtualMachine,
+    cached: &'a Cached,
+    facts: &Facts,
+) -> Result<Observed<'a>, Error> {
+    let uid = vm.uid().unwrap_or_default();
+    let mut claims = BTreeMap::new();
+    for image in &cached.claim_images {
+        let state = match facts.claims.get(image) {
+            Some(state) => state.clone(),
+            None => ctx.claims.state(ns, image, &uid).await?,
+        };
+        claims.insert(image.clone(), state);
+    }
+    let mut observed = Observed {
+        vm,
+        template: cached.template.as_deref(),
+        images: cached.images.iter().map(|(n, i)| (n.clone(), i.as_ref())).collect(),
+        claims,
+        others: Vec::new(),
+        pvcs: cached.pvcs.clone(),
+        pod: cached.pod.clone(),
+        taken: facts.taken.clone(),
+        launcher_image: &ctx.settings.launcher_image,
+        access_mode: &ctx.settings.access_mode,
+        now: Time(jiff::Timestamp::now()),
+    };
+    if observed.claims.values().any(|s| *s == ClaimState::Free) && vm.metadata.deletion_timestamp.is_none() {
+        let snapshot = cached.others.get_or_init(|| others(ctx, ns, vm));
+        observed.others = snapshot.iter().map(|(o, images)| OtherVm { vm: o, claims_now: images.clone() }).collect();
+    }
+    Ok(observed)
+}
+
+/// The other VMs of the namespace and the persistent images each would claim now (for the
+/// order of claims), from the caches.
+fn others(ctx: &Context, ns: &str, vm: &VirtualMachine) -> Vec<(Arc<VirtualMachine>, BTreeSet<String>)> {
+    ctx.stores
+        .vms
+        .state()
+        .into_iter()
+        .filter(|o| o.namespace().as_deref() == Some(ns) && o.uid() != vm.uid())
+        .filter(|o| o.metadata.deletion_timestamp.is_none())
+        .map(|o| {
+            if !rules::before_claims(&o) {
+                // Only its place in a queue may matter (rules::waits_for, from its status).
+                return (o, BTreeSet::new());
+            }
+            let template = ctx.stores.template(ns, &o.spec.template_ref.name);
+            let names: Vec<&str> =
+                template.iter().flat_map(|t| t.spec.disks.iter()).filter_map(|d| d.image.as_deref()).collect();
+            let images: Vec<Arc<Image>> = names.iter().filter_map(|n| ctx.stores.image(ns, n)).collect();
+            let lookup = |n: &str| images.iter().find(|i| i.name_any() == n).map(|i| i.as_ref());
+            let claims = plan::claims_now(template.as_ref().map(|t| &t.spec), lookup);
+            (o, claims)
+        })
+        .filter(|(o, claims)| !claims.is_empty() || rules::waits(o))
+        .collect()
+}
+
+/// What [`apply`] ended with.
+enum Applied {
+    /// The plan is applied.
+    Done,
+    /// Something the plan did not know: decide again with it.
+    Learned(Fact),
+}
+
+/// Apply, in order: finalizer, claims to take, claims to release, PVCs, launcher Pod, status,
+/// Warning Event, finalizer removal.
+async fn apply(
     ctx: &Context,
     ns: &str,
     vm: &VirtualMachine,
-    template: Option<&Template>,
-) -> BTreeMap<String, Arc<Image>> {
-    let recorded = vm.status.iter().flat_map(|s| s.disks.iter()).filter_map(|d| d.image.clone());
-    let templated = template.into_iter().flat_map(|t| t.spec.disks.iter()).filter_map(|d| d.image.clone());
-    recorded.chain(templated).filter_map(|name| ctx.stores.image(ns, &name).map(|i| (name, i))).collect()
-}
-
-async fn write_status(
-    ctx: &Context,
-    vm: &VirtualMachine,
-    resolved: Option<&Resolved>,
-    verdict: &Verdict,
-) -> Result<(), Error> {
-    let status = plan::status(vm, resolved, verdict, &now());
-    let previous = vm.status.as_ref();
-    let entered = |phase: VirtualMachinePhase, reason: &str| {
-        previous.is_none_or(|p| {
-            p.phase != Some(phase)
-                || p.observed_generation != vm.metadata.generation
-                || !p.conditions.iter().any(|c| c.r#type == plan::READY && c.reason == reason)
-        })
-    };
-    // Warnings for what a user must act on, once per transition.
-    match verdict {
-        Verdict::Rejected { image, holder } if entered(VirtualMachinePhase::Rejected, "ImageInUse") => {
-            apply::event(ctx, vm, true, "ImageInUse", plan::in_use_message(image, holder)).await;
-        }
-        Verdict::Blocked { blocker, .. }
-            if (blocker.phase == VirtualMachinePhase::Failed || blocker.reason == "NameConflict")
-                && entered(blocker.phase, blocker.reason) =>
-        {
-            apply::event(ctx, vm, true, blocker.reason, blocker.message.clone()).await;
-        }
-        _ => {}
-    }
-    apply::status(ctx, vm, previous, &status).await
-}
-
-async fn provision(vm: &VirtualMachine, ctx: &Context) -> Result<Action, Error> {
-    if plan::stays_rejected(vm) {
-        return Ok(Action::await_change());
-    }
-    let ns = vm.namespace().ok_or(Error::MissingNamespace)?;
-    let name = vm.name_any();
+    decided: &VmPlan,
+    facts: &mut Facts,
+) -> Result<Applied, Error> {
     let uid = vm.uid().unwrap_or_default();
-    let template = ctx.stores.template(&ns, &vm.spec.template_ref.name);
-    let images = images_for(ctx, &ns, vm, template.as_deref());
-    let lookup = |n: &str| images.get(n).map(|i| i.as_ref());
-    let resolved = match plan::resolve_disks(vm, template.as_ref().map(|t| &t.spec), lookup) {
-        Ok(resolved) => resolved,
-        Err(blocker) => {
-            write_status(ctx, vm, None, &Verdict::Blocked { blocker, claimed: false }).await?;
-            return Ok(Action::await_change());
-        }
-    };
-
-    // Claims: all or nothing, persistent images in disk order.
-    let wanted = plan::persistent_images(&resolved.disks);
-    if !wanted.is_empty() {
+    if decided.add_finalizer && !facts.finalizer_added {
         apply::add_finalizer(ctx, vm, names::VM_FINALIZER).await?;
+        facts.finalizer_added = true;
     }
-    let mut states = BTreeMap::new();
-    for image in &wanted {
-        states.insert(image.clone(), claim::state(ctx, &ns, image, &uid).await?);
-    }
-    loop {
-        // The other VMs are only read for a Wait VM with a free image (a snapshot of the whole
-        // cache: not on every reconcile).
-        let earlier = |image: &str| plan::earlier_waiter(vm, ctx.stores.vms.state().iter().map(|o| o.as_ref()), image);
-        match plan::plan_claims(vm.spec.on_image_conflict, &states, earlier) {
-            ClaimPlan::Held => break,
-            ClaimPlan::Take(free) => {
-                for image in free {
-                    let state = match images.get(&image) {
-                        Some(img) => claim::take(ctx, img, vm).await?,
-                        None => ClaimState::Other { holder: "(image not found)".into() },
-                    };
-                    states.insert(image, state);
-                }
-            }
-            conflict @ (ClaimPlan::Conflict { .. } | ClaimPlan::Queued { .. }) => {
-                // Let go of what it holds (no deadlock between waiters), but never while a
-                // launcher Pod of this VM may use the disks (asked of the API server): fencing
-                // comes first.
-                let mine: Vec<&String> =
-                    states.iter().filter(|(_, s)| **s == ClaimState::Mine).map(|(i, _)| i).collect();
-                if !mine.is_empty() {
-                    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
-                    let running = pods.get_opt(&names::launcher_pod(&name)).await?;
-                    if running.is_none_or(|p| !apply::owned_by(&p.metadata, &uid)) {
-                        for image in mine {
-                            claim::release(ctx, &ns, image, &uid).await?;
-                        }
-                    }
-                }
-                let verdict = match conflict {
-                    ClaimPlan::Conflict { image, holder, wait: false } => Verdict::Rejected { image, holder },
-                    ClaimPlan::Conflict { image, holder, wait: true } => {
-                        Verdict::Waiting { image, holder: Some(holder) }
-                    }
-                    ClaimPlan::Queued { image } => Verdict::Waiting { image, holder: None },
-                    _ => unreachable!("matched above"),
-                };
-                write_status(ctx, vm, Some(&resolved), &verdict).await?;
-                return Ok(Action::await_change());
-            }
+    for image in &decided.take {
+        let state = ctx.claims.take(image, vm).await?;
+        if state != ClaimState::Mine {
+            return Ok(Applied::Learned(Fact::Claim(image.clone(), state)));
         }
     }
-
-    // Children: PVCs for clones and volatile disks, then the launcher Pod.
-    let pvc_api: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), &ns);
-    let pod_api: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
-    let pvc_phase = |p: &PersistentVolumeClaim| p.status.as_ref().and_then(|s| s.phase.clone());
-    let mut pvcs: BTreeMap<String, Child> = resolved
-        .disks
-        .iter()
-        .filter(|d| !d.persistent)
-        .filter_map(|d| d.pvc_name.clone())
-        .map(|pvc| {
-            let cached = ctx.stores.pvcs.get(&ObjectRef::new(&pvc).within(&ns));
-            let state = apply::child_state(cached.as_deref(), &uid, pvc_phase);
-            (pvc, state)
-        })
-        .collect();
-    let pod_name = names::launcher_pod(&name);
-    let pod_phase = |p: &Pod| p.status.as_ref().and_then(|s| s.phase.clone());
-    let cached_pod = ctx.stores.pods.get(&ObjectRef::new(&pod_name).within(&ns));
-    let mut pod = apply::child_state(cached_pod.as_deref(), &uid, pod_phase);
-
-    let children = plan::plan_children(vm.spec.run_strategy, &resolved.disks, &pvcs, &pod_name, &pod);
-    let mut conflict = children.conflict.clone();
-    // The missing PVCs, sent at once (they are independent; the Pod waits for all of them).
-    let mut missing = Vec::new();
-    for disk_name in &children.create_pvcs {
-        let Some(disk) = resolved.disks.iter().find(|d| &d.name == disk_name) else { continue };
-        let image = disk.image.as_ref().and_then(|i| images.get(i)).map(|i| i.as_ref());
-        let source = resolved.clone_sources.get(disk_name).map(String::as_str);
-        if disk.image.is_some() && source.is_none() {
-            let blocker = Blocker {
-                phase: VirtualMachinePhase::Pending,
-                reason: "ImageNotReady",
-                message: format!("image {} is not ready to be cloned", disk.image.as_deref().unwrap_or_default()),
-            };
-            write_status(ctx, vm, Some(&resolved), &Verdict::Blocked { blocker, claimed: true }).await?;
-            return Ok(Action::await_change());
-        }
-        missing.push(build::vm_disk_pvc(vm, disk, image, source, &ctx.settings.access_mode));
+    let mut fenced = false;
+    for image in &decided.release {
+        fenced |= ctx.claims.release(ns, image, &uid).await? == Release::Fenced;
     }
-    let created = futures::future::join_all(missing.iter().map(|pvc| apply::create_child(ctx, &pvc_api, pvc, &uid)));
-    for (pvc, created) in missing.iter().zip(created.await) {
-        if created? {
-            pvcs.insert(pvc.name_any(), Child::Ours { phase: Some("Pending".into()), deleting: false });
-        } else {
-            conflict.get_or_insert(("PersistentVolumeClaim", pvc.name_any()));
+    let pvc_api: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), ns);
+    let created =
+        futures::future::join_all(decided.create_pvcs.iter().map(|pvc| apply::create_child(ctx, &pvc_api, pvc, &uid)));
+    for (pvc, created) in decided.create_pvcs.iter().zip(created.await) {
+        if !created? {
+            return Ok(Applied::Learned(Fact::Taken("PersistentVolumeClaim", pvc.name_any())));
         }
     }
-    if conflict.is_none() {
-        match children.pod {
-            PodAction::Create => {
-                let modes: BTreeMap<String, VolumeMode> = resolved
-                    .disks
-                    .iter()
-                    .filter_map(|d| Some((d.name.clone(), images.get(d.image.as_ref()?)?.spec.volume_mode)))
-                    .collect();
-                let inputs = build::LauncherInputs {
-                    image: &ctx.settings.launcher_image,
-                    cpu: resolved.cpu,
-                    memory: &resolved.memory,
-                    disks: &resolved.disks,
-                    modes: &modes,
-                    settings: template.as_ref().and_then(|t| t.spec.launcher.as_ref()),
-                };
-                let launcher = build::launcher_pod(vm, &inputs);
-                if apply::create_child(ctx, &pod_api, &launcher, &uid).await? {
-                    info!("created the launcher Pod");
-                    pod = Child::Ours { phase: Some("Pending".into()), deleting: false };
-                } else {
-                    conflict = Some(("Pod", pod_name.clone()));
-                }
-            }
-            PodAction::Delete => {
-                apply::delete_child(ctx, &pod_api, &pod_name).await?;
-                pod = Child::Ours { phase: None, deleting: true };
-            }
-            PodAction::Nothing => {}
-        }
-    }
-
-    let mut resolved = resolved;
-    for disk in &mut resolved.disks {
-        disk.phase = match pvcs.get(disk.pvc_name.as_deref().unwrap_or_default()) {
-            Some(Child::Ours { phase, .. }) => phase.clone().or(Some("Pending".into())),
-            _ if disk.persistent => Some("Attached".into()),
-            _ => Some("Missing".into()),
-        };
-    }
-    let verdict = match conflict {
-        Some((kind, object)) => Verdict::Blocked {
-            blocker: Blocker {
-                phase: VirtualMachinePhase::Pending,
-                reason: "NameConflict",
-                message: format!(
-                    "{kind} {object} exists and does not belong to VirtualMachine {name}; vmkeep leaves it alone"
-                ),
-            },
-            claimed: true,
-        },
-        None => Verdict::Provisioned { pod },
-    };
-    write_status(ctx, vm, Some(&resolved), &verdict).await?;
-    Ok(Action::await_change())
-}
-
-/// Deletion: remove the launcher Pod, wait until it no longer exists (asked of the API server,
-/// not a cache), release the claims, then let the VM go. Clone and volatile PVCs follow by
-/// garbage collection.
-async fn cleanup(vm: &VirtualMachine, ctx: &Context) -> Result<Action, Error> {
-    if !vm.finalizers().iter().any(|f| f == names::VM_FINALIZER) {
-        return Ok(Action::await_change());
-    }
-    let ns = vm.namespace().ok_or(Error::MissingNamespace)?;
-    let uid = vm.uid().unwrap_or_default();
-    write_status(ctx, vm, None, &Verdict::Terminating).await?;
-
-    let pod_api: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
+    let pod_api: Api<Pod> = Api::namespaced(ctx.client.clone(), ns);
     let pod_name = names::launcher_pod(&vm.name_any());
-    if let Some(pod) = pod_api.get_opt(&pod_name).await?
-        && apply::owned_by(&pod.metadata, &uid)
-    {
-        if pod.metadata.deletion_timestamp.is_none() {
-            apply::delete_child(ctx, &pod_api, &pod_name).await?;
+    match &decided.pod {
+        Some(PodChange::Create(pod)) => {
+            if !apply::create_child(ctx, &pod_api, pod.as_ref(), &uid).await? {
+                return Ok(Applied::Learned(Fact::Taken("Pod", pod_name)));
+            }
+            info!("created the launcher Pod");
         }
-        // The Pod's deletion wakes this VM (it is owned); the requeue is a safety net.
-        return Ok(Action::requeue(Duration::from_secs(10)));
+        Some(PodChange::Delete) => apply::delete_child(ctx, &pod_api, &pod_name).await?,
+        None => {}
     }
-
-    let mut images: Vec<String> = plan::persistent_images(&vm.status.clone().unwrap_or_default().disks);
-    // Also any claim this VM holds that its status does not show (a status lost in a restore).
-    for lease in ctx.stores.leases.state() {
-        if lease.namespace().as_deref() == Some(ns.as_str())
-            && lease.spec.as_ref().and_then(|s| s.holder_identity.as_deref()) == Some(uid.as_str())
-            && let Some(image) = lease.annotations().get(names::IMAGE_ANNOTATION)
-            && !images.contains(image)
-        {
-            images.push(image.clone());
-        }
+    if let Some(status) = &decided.status {
+        apply::status(ctx, vm, vm.status.as_ref(), status).await?;
     }
-    for image in &images {
-        claim::release(ctx, &ns, image, &uid).await?;
+    if let Some((reason, message)) = &decided.warning {
+        apply::event(ctx, vm, true, reason, message.clone()).await;
     }
-    apply::remove_finalizer(ctx, vm, names::VM_FINALIZER).await?;
-    Ok(Action::await_change())
+    if fenced {
+        // A launcher Pod appeared since the plan was made: its deletion wakes the VM again.
+        return Ok(Applied::Done);
+    }
+    if decided.remove_finalizer {
+        apply::remove_finalizer(ctx, vm, names::VM_FINALIZER).await?;
+    }
+    Ok(Applied::Done)
 }
 
 // Relations: which VMs a change of another object concerns (found through the caches).
@@ -342,9 +328,19 @@ pub fn vms_of_image(stores: &Stores, image: &Image) -> Vec<ObjectRef<VirtualMach
 
 /// A claim Lease change concerns its holder and the VMs waiting for its image.
 pub fn vms_of_lease(stores: &Stores, lease: &Lease) -> Vec<ObjectRef<VirtualMachine>> {
-    let Some(image) = lease.annotations().get(names::IMAGE_ANNOTATION).cloned() else { return Vec::new() };
-    let holder = lease.annotations().get(names::HOLDER_ANNOTATION).cloned();
+    let Some(image) = claim::image_of(lease).cloned() else { return Vec::new() };
+    let holder = claim::holder(lease);
     vms_in(stores, lease.namespace(), |vm| {
-        plan::waits_for(vm, &image) || holder.as_deref() == Some(vm.name_any().as_str())
+        rules::waits_for(vm, &image) || holder.as_ref().is_some_and(|h| Some(h.uid.as_str()) == vm.uid().as_deref())
     })
+}
+
+/// A launcher Pod change concerns the VM it is labelled with (its owner reference may be gone).
+pub fn vm_of_pod(stores: &Stores, pod: &Pod) -> Vec<ObjectRef<VirtualMachine>> {
+    let (Some(label), Some(ns)) = (pod.labels().get(names::VM_LABEL), pod.namespace()) else { return Vec::new() };
+    if label.len() < 63 {
+        // Not shortened: the label is the VM's name.
+        return vec![ObjectRef::new(label).within(&ns)];
+    }
+    vms_in(stores, Some(ns), |vm| names::label_value(&vm.name_any()) == *label)
 }

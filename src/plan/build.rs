@@ -27,10 +27,10 @@ use crate::api::{
 /// The non-root user launcher Pods run as.
 pub const LAUNCHER_UID: i64 = 65532;
 
-fn labels(extra: Option<(&str, &str)>) -> BTreeMap<String, String> {
+fn labels(extra: &[(&str, &str)]) -> BTreeMap<String, String> {
     let mut labels = BTreeMap::from([(names::MANAGED_BY.to_owned(), names::MANAGER.to_owned())]);
-    if let Some((k, v)) = extra {
-        labels.insert(k.to_owned(), v.to_owned());
+    for (k, v) in extra {
+        labels.insert((*k).to_owned(), (*v).to_owned());
     }
     labels
 }
@@ -46,7 +46,7 @@ fn volume_mode(mode: VolumeMode) -> String {
 fn pvc(
     name: String,
     namespace: Option<String>,
-    owner: OwnerReference,
+    owner: Option<OwnerReference>,
     labels: BTreeMap<String, String>,
     annotations: BTreeMap<String, String>,
     size: Quantity,
@@ -61,7 +61,7 @@ fn pvc(
             namespace,
             labels: Some(labels),
             annotations: (!annotations.is_empty()).then_some(annotations),
-            owner_references: Some(vec![owner]),
+            owner_references: owner.map(|o| vec![o]),
             ..Default::default()
         },
         spec: Some(PersistentVolumeClaimSpec {
@@ -83,14 +83,17 @@ fn pvc(
     }
 }
 
-/// The PVC of an Image (blank or clone), owned by the Image.
+/// The PVC of an Image (blank or clone). It has no owner reference: garbage collection (and so
+/// the propagation policy of whoever deletes the Image) never touches it; the Image's finalizer
+/// deletes it once no VM uses the image. The Image's uid label says whose it is.
 pub fn image_pvc(image: &Image, request: &PvcRequest, access_mode: &str) -> PersistentVolumeClaim {
     let annotations = BTreeMap::from([(names::IMAGE_ANNOTATION.to_owned(), image.name_any())]);
+    let uid = image.uid().unwrap_or_default();
     pvc(
         request.name.clone(),
         image.namespace(),
-        image.controller_owner_ref(&()).expect("an Image from the API has a name and uid"),
-        labels(None),
+        None,
+        labels(&[(names::IMAGE_UID_LABEL, &names::label_value(&uid))]),
         annotations,
         request.size.clone(),
         request.storage_class.clone(),
@@ -117,8 +120,8 @@ pub fn vm_disk_pvc(
     pvc(
         disk.pvc_name.clone().unwrap_or_else(|| names::vm_disk_pvc(&vm_name, &disk.name)),
         vm.namespace(),
-        vm.controller_owner_ref(&()).expect("a VirtualMachine from the API has a name and uid"),
-        labels(Some((names::VM_LABEL, &names::label_value(&vm_name)))),
+        vm.controller_owner_ref(&()),
+        labels(&[(names::VM_LABEL, &names::label_value(&vm_name))]),
         annotations,
         disk.size.clone().unwrap_or_else(|| Quantity("1Gi".into())),
         // The class of the image's own PVC (a clone can only be made within one class).
@@ -186,7 +189,12 @@ pub fn launcher_pod(vm: &VirtualMachine, inputs: &LauncherInputs) -> Pod {
         metadata: ObjectMeta {
             name: Some(names::launcher_pod(&vm_name)),
             namespace: vm.namespace(),
-            labels: Some(labels(Some((names::VM_LABEL, &names::label_value(&vm_name))))),
+            // The VM's name and uid: how fencing finds the Pod even once an orphaning deletion
+            // removed its owner reference.
+            labels: Some(labels(&[
+                (names::VM_LABEL, &names::label_value(&vm_name)),
+                (names::VM_UID_LABEL, &names::label_value(&vm.uid().unwrap_or_default())),
+            ])),
             owner_references: Some(vec![
                 vm.controller_owner_ref(&()).expect("a VirtualMachine from the API has a name and uid"),
             ]),
@@ -236,23 +244,19 @@ pub fn launcher_pod(vm: &VirtualMachine, inputs: &LauncherInputs) -> Pod {
     }
 }
 
-/// The claim Lease on a persistent image, held by one VM (by uid). Owned by the Image, so a
-/// deleted namespace or Image takes it along; only its holder releases it otherwise.
-pub fn claim_lease(image: &Image, vm_name: &str, vm_uid: &str, now: MicroTime) -> Lease {
-    let image_name = image.name_any();
-    let mut owner = image.controller_owner_ref(&()).expect("an Image from the API has a name and uid");
-    owner.controller = Some(false);
-    owner.block_owner_deletion = None;
+/// The claim Lease on persistent image `image` in `namespace`, held by one VM (by uid). It has
+/// no owner reference: no deletion propagation policy can remove a claim; its holder releases it
+/// (see [`crate::claim`]).
+pub fn claim_lease(namespace: &str, image: &str, vm_name: &str, vm_uid: &str, now: MicroTime) -> Lease {
     Lease {
         metadata: ObjectMeta {
-            name: Some(names::claim_lease(&image_name)),
-            namespace: image.namespace(),
-            labels: Some(labels(None)),
+            name: Some(names::claim_lease(image)),
+            namespace: Some(namespace.to_owned()),
+            labels: Some(labels(&[])),
             annotations: Some(BTreeMap::from([
-                (names::IMAGE_ANNOTATION.to_owned(), image_name),
+                (names::IMAGE_ANNOTATION.to_owned(), image.to_owned()),
                 (names::HOLDER_ANNOTATION.to_owned(), vm_name.to_owned()),
             ])),
-            owner_references: Some(vec![owner]),
             ..Default::default()
         },
         spec: Some(LeaseSpec {

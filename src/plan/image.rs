@@ -6,7 +6,7 @@ use kube::ResourceExt;
 
 use super::{
     conditions::{Cond, merge},
-    names, quantity,
+    names, quantity, reason,
 };
 use crate::api::{
     Image, ImageSpec, ImageStatus,
@@ -21,7 +21,8 @@ pub const PERSISTENCE_CHANGE_PENDING: &str = "PersistenceChangePending";
 #[derive(Clone, Debug, PartialEq)]
 pub enum ImagePvc {
     Missing,
-    /// It exists; `ours` when vmkeep created it for this Image (controller reference).
+    /// It exists; `ours` when vmkeep created it for this Image (its image-uid label, or the
+    /// controller reference older versions gave it).
     Present {
         ours: bool,
         phase: Option<String>,
@@ -66,6 +67,10 @@ pub enum Finalizer {
 #[derive(Clone, Debug, PartialEq)]
 pub struct ImagePlan {
     pub create_pvc: Option<PvcRequest>,
+    /// The image's own PVC to delete: the image is deleted and nothing uses it any more. Image
+    /// PVCs have no owner reference, so this (not garbage collection) is how they go, whatever
+    /// propagation policy deleted the Image.
+    pub delete_pvc: Option<String>,
     pub finalizer: Finalizer,
     pub status: ImageStatus,
 }
@@ -100,14 +105,14 @@ pub fn spec_error(spec: &ImageSpec) -> Option<(&'static str, String)> {
     ];
     if kinds.iter().filter(|k| **k).count() != 1 {
         let message = "spec.source must name exactly one of blank, pvc, image, http, virtualMachineDisk";
-        return Some(("InvalidSource", message.into()));
+        return Some((reason::INVALID_SOURCE, message.into()));
     }
     if src.blank.is_some() {
         let Some(size) = &spec.size else {
-            return Some(("MissingSize", "spec.size is required for a blank image".into()));
+            return Some((reason::MISSING_SIZE, "spec.size is required for a blank image".into()));
         };
         if quantity::bytes(size).is_none_or(|b| b == 0) {
-            return Some(("InvalidSize", format!("spec.size {} is not a positive size", size.0)));
+            return Some((reason::INVALID_SIZE, format!("spec.size {} is not a positive size", size.0)));
         }
     }
     None
@@ -142,7 +147,7 @@ fn source(obs: &ImageObservation) -> Source {
         let Some(source) = obs.source_image else {
             return Source::Blocked {
                 phase: ImagePhase::Pending,
-                reason: "SourceNotFound",
+                reason: reason::SOURCE_NOT_FOUND,
                 message: format!("source image {} does not exist", from.name),
             };
         };
@@ -150,7 +155,7 @@ fn source(obs: &ImageObservation) -> Source {
         if let Some(holder) = &status.claimed_by {
             return Source::Blocked {
                 phase: ImagePhase::Pending,
-                reason: "SourceInUse",
+                reason: reason::SOURCE_IN_USE,
                 message: format!(
                     "source image {} is persistent and held by VirtualMachine {}; it is cloned once released",
                     from.name, holder.name
@@ -160,7 +165,7 @@ fn source(obs: &ImageObservation) -> Source {
         if source.spec.volume_mode != spec.volume_mode {
             return Source::Blocked {
                 phase: ImagePhase::Error,
-                reason: "InvalidVolumeMode",
+                reason: reason::INVALID_VOLUME_MODE,
                 message: format!(
                     "a clone keeps the volumeMode of its source: set spec.volumeMode: {:?} like image {}",
                     source.spec.volume_mode, from.name
@@ -171,7 +176,7 @@ fn source(obs: &ImageObservation) -> Source {
         let (true, Some(source_pvc)) = (ready, status.pvc_name) else {
             return Source::Blocked {
                 phase: ImagePhase::Pending,
-                reason: "SourceNotReady",
+                reason: reason::SOURCE_NOT_READY,
                 message: format!("source image {} is not ready", from.name),
             };
         };
@@ -181,7 +186,7 @@ fn source(obs: &ImageObservation) -> Source {
             (None, None) => {
                 return Source::Blocked {
                     phase: ImagePhase::Pending,
-                    reason: "SourceNotReady",
+                    reason: reason::SOURCE_NOT_READY,
                     message: format!("source image {} has no capacity yet", from.name),
                 };
             }
@@ -197,7 +202,7 @@ fn source(obs: &ImageObservation) -> Source {
     }
     Source::Blocked {
         phase: ImagePhase::Pending,
-        reason: "SourceNotSupported",
+        reason: reason::SOURCE_NOT_SUPPORTED,
         message: "http and virtualMachineDisk sources are not supported yet".into(),
     }
 }
@@ -234,13 +239,13 @@ pub fn plan(obs: &ImageObservation, now: &Time) -> ImagePlan {
                 Cond::new(
                     READY,
                     false,
-                    "NameConflict",
+                    reason::NAME_CONFLICT,
                     format!("PersistentVolumeClaim {name} exists and is not this image's; vmkeep leaves it alone"),
                 ),
             ),
             (ImagePvc::Missing, None) => (
                 ImagePhase::Pending,
-                Cond::new(READY, false, "PvcNotFound", format!("PersistentVolumeClaim {name} does not exist")),
+                Cond::new(READY, false, reason::PVC_NOT_FOUND, format!("PersistentVolumeClaim {name} does not exist")),
             ),
             (ImagePvc::Missing, Some(request)) => {
                 capacity = Some(request.size.clone());
@@ -248,9 +253,9 @@ pub fn plan(obs: &ImageObservation, now: &Time) -> ImagePlan {
                 create_pvc = (!deleting).then_some(request);
                 pvc_name = Some(name);
                 if clone {
-                    (ImagePhase::Cloning, Cond::new(READY, false, "Cloning", "cloning the source image"))
+                    (ImagePhase::Cloning, Cond::new(READY, false, reason::CLONING, "cloning the source image"))
                 } else {
-                    (ImagePhase::Pending, Cond::new(READY, false, "Provisioning", "creating the image's PVC"))
+                    (ImagePhase::Pending, Cond::new(READY, false, reason::PROVISIONING, "creating the image's PVC"))
                 }
             }
             (ImagePvc::Present { phase, capacity: observed, storage_class: class, volume_mode, .. }, request) => {
@@ -265,25 +270,28 @@ pub fn plan(obs: &ImageObservation, now: &Time) -> ImagePlan {
                 };
                 if phase.as_deref() == Some("Lost") {
                     let message = format!("PersistentVolumeClaim {name} lost its volume");
-                    (ImagePhase::Error, Cond::new(READY, false, "PvcLost", message))
+                    (ImagePhase::Error, Cond::new(READY, false, reason::PVC_LOST, message))
                 } else if volume_mode.as_ref().is_some_and(|m| *m != mode) {
                     let message = format!(
                         "PersistentVolumeClaim {name} has volumeMode {}, the image says {mode}",
                         volume_mode.as_deref().unwrap_or_default()
                     );
-                    (ImagePhase::Error, Cond::new(READY, false, "InvalidVolumeMode", message))
+                    (ImagePhase::Error, Cond::new(READY, false, reason::INVALID_VOLUME_MODE, message))
                 } else if too_small {
                     let message = format!(
                         "PersistentVolumeClaim {name} holds {}, less than spec.size {}",
                         capacity.as_ref().map(|c| c.0.as_str()).unwrap_or_default(),
                         image.spec.size.as_ref().map(|c| c.0.as_str()).unwrap_or_default()
                     );
-                    (ImagePhase::Error, Cond::new(READY, false, "PvcTooSmall", message))
+                    (ImagePhase::Error, Cond::new(READY, false, reason::PVC_TOO_SMALL, message))
                 } else if clone && !bound {
-                    (ImagePhase::Cloning, Cond::new(READY, false, "Cloning", "cloning the source image"))
+                    (ImagePhase::Cloning, Cond::new(READY, false, reason::CLONING, "cloning the source image"))
                 } else {
                     // Binding is left to the scheduler (WaitForFirstConsumer classes bind late).
-                    (ImagePhase::Ready, Cond::new(READY, true, "PvcReady", format!("PersistentVolumeClaim {name}")))
+                    (
+                        ImagePhase::Ready,
+                        Cond::new(READY, true, reason::PVC_READY, format!("PersistentVolumeClaim {name}")),
+                    )
                 }
             }
         },
@@ -301,19 +309,19 @@ pub fn plan(obs: &ImageObservation, now: &Time) -> ImagePlan {
             (Some(holder), true) => holder.name.clone(),
             _ => obs.consumers.join(", "),
         };
-        Cond::new(IN_USE, true, "InUse", format!("used by VirtualMachine {users}"))
+        Cond::new(IN_USE, true, reason::IN_USE, format!("used by VirtualMachine {users}"))
     } else {
-        Cond::new(IN_USE, false, "Unused", "no VirtualMachine uses this image")
+        Cond::new(IN_USE, false, reason::UNUSED, "no VirtualMachine uses this image")
     };
     let pending_cond = if change_pending {
         Cond::new(
             PERSISTENCE_CHANGE_PENDING,
             true,
-            "InUse",
+            reason::IN_USE,
             format!("persistent: {} applies once no VirtualMachine uses the image", image.spec.persistent),
         )
     } else {
-        Cond::new(PERSISTENCE_CHANGE_PENDING, false, "Applied", "spec.persistent is in force")
+        Cond::new(PERSISTENCE_CHANGE_PENDING, false, reason::APPLIED, "spec.persistent is in force")
     };
     let generation = image.metadata.generation;
     let status = ImageStatus {
@@ -329,5 +337,9 @@ pub fn plan(obs: &ImageObservation, now: &Time) -> ImagePlan {
         observed_generation: generation,
         conditions: merge(&previous.conditions, vec![ready, in_use_cond, pending_cond], generation, now),
     };
-    ImagePlan { create_pvc, finalizer, status }
+    let delete_pvc = match (&obs.pvc, finalizer) {
+        (ImagePvc::Present { ours: true, .. }, Finalizer::Remove) => status.pvc_name.clone(),
+        _ => None,
+    };
+    ImagePlan { create_pvc, delete_pvc, finalizer, status }
 }

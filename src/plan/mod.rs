@@ -2,10 +2,12 @@
 //! controllers observe, call these, and apply what they return.
 
 pub mod build;
+pub mod claim;
 pub mod conditions;
 pub mod image;
 pub mod names;
 pub mod quantity;
+pub mod reason;
 pub mod template;
 pub mod virtual_machine;
 

@@ -9,6 +9,12 @@ pub const MANAGER: &str = "vmkeep";
 pub const MANAGED_SELECTOR: &str = "app.kubernetes.io/managed-by=vmkeep";
 /// The label naming the VirtualMachine a PVC or Pod belongs to.
 pub const VM_LABEL: &str = "vmkeep.io/virtual-machine";
+/// The label recording the uid of the VirtualMachine a launcher Pod runs: how the Pod is known
+/// as that VM's even after an orphaning deletion removed its owner reference.
+pub const VM_UID_LABEL: &str = "vmkeep.io/virtual-machine-uid";
+/// The label recording the uid of the Image an image PVC was made for (image PVCs carry no
+/// owner reference: their fate is decided by the Image's finalizer, not by garbage collection).
+pub const IMAGE_UID_LABEL: &str = "vmkeep.io/image-uid";
 /// The annotation naming the Image of a claim Lease or PVC (names can exceed a label's 63).
 pub const IMAGE_ANNOTATION: &str = "vmkeep.io/image";
 /// The annotation naming the VirtualMachine that holds a claim Lease.

@@ -5,6 +5,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
 use super::{
     conditions::{Cond, merge},
+    reason,
     virtual_machine::check_template,
 };
 use crate::api::{Image, Template, TemplateStatus};
@@ -18,7 +19,7 @@ pub fn status<'a>(
     now: &Time,
 ) -> TemplateStatus {
     let ready = match check_template(&template.spec, images) {
-        Ok(_) => Cond::new(READY, true, "ImagesReady", "every image exists and is usable"),
+        Ok(_) => Cond::new(READY, true, reason::IMAGES_READY, "every image exists and is usable"),
         Err(blocker) => Cond::new(READY, false, blocker.reason, blocker.message),
     };
     let previous = template.status.clone().unwrap_or_default();

@@ -17,12 +17,11 @@ use serde_json::{Value, json};
 
 use super::{
     build::{self, LauncherInputs},
+    claim::{self as claim_plan, ClaimPlan, ClaimState},
     conditions::{Cond, find},
     image::{self as image_plan, Finalizer, ImageObservation, ImagePlan, ImagePvc, PvcRequest},
     names, template as template_plan,
-    virtual_machine::{
-        self as vm_plan, Blocker, CheckedDisk, Child, ClaimPlan, ClaimState, PodAction, Resolved, UsableImage, Verdict,
-    },
+    virtual_machine::{self as vm_plan, Blocker, CheckedDisk, Child, PodAction, Resolved, UsableImage, Verdict},
 };
 use crate::api::{
     Condition, ConditionStatus, Image, Template, TemplateStatus, VirtualMachine,
@@ -154,7 +153,7 @@ fn waiting(name: &str, created: i64, image: &str) -> VirtualMachine {
     vm.spec.on_image_conflict = OnImageConflict::Wait;
     vm.metadata.creation_timestamp = Some(at(created));
     let r = resolved(&format!("[{{name: data, image: {image}, persistent: true, pvcName: {image}-image}}]"));
-    let verdict = Verdict::Waiting { image: image.to_owned(), holder: Some("vm-h".into()) };
+    let verdict = Verdict::Waiting { image: image.to_owned(), holder: "vm-h".into() };
     vm.status = Some(vm_plan::status(&vm, Some(&r), &verdict, &at(created)));
     vm
 }
@@ -220,6 +219,13 @@ fn managed(vm: Option<&str>) -> Value {
     labels
 }
 
+/// The labels of a launcher Pod: managed, and the VM's name and uid (its recorded identity).
+fn launcher_labels(vm: &str) -> Value {
+    let mut labels = managed(Some(vm));
+    labels["vmkeep.io/virtual-machine-uid"] = format!("uid-{vm}").into();
+    labels
+}
+
 fn to_json<T: serde::Serialize>(object: &T) -> Value {
     serde_json::to_value(object).unwrap()
 }
@@ -256,9 +262,10 @@ fn usable_image_waits_for_a_missing_deleted_disabled_or_unready_image() {
 }
 
 #[test]
-fn usable_image_reports_the_mode_in_force_not_the_spec() {
+fn usable_image_waits_while_a_persistence_change_is_pending() {
     for phase in ["Ready", "Used", "UsedPersistent"] {
-        // spec says persistent, but the change is pending: VMs still get the old mode.
+        // spec says persistent, the old mode is still in force: a new user would keep it in force
+        // for as long as it lives, so it waits until the change applies (DESIGN 9).
         let img = image(
             "db",
             &format!(
@@ -268,8 +275,19 @@ fn usable_image_reports_the_mode_in_force_not_the_spec() {
         );
         assert_eq!(
             vm_plan::usable_image("db", Some(&img)),
+            Err(blocked(
+                P::Pending,
+                "ImageNotReady",
+                "image db changes to persistent: true; that applies once no VirtualMachine uses it"
+            )),
+            "{phase}"
+        );
+        let mut applied = img.clone();
+        applied.status.as_mut().unwrap().persistent = Some(true);
+        assert_eq!(
+            vm_plan::usable_image("db", Some(&applied)),
             Ok(UsableImage {
-                persistent: false,
+                persistent: true,
                 pvc_name: "db-image".into(),
                 capacity: Some(q("2Gi")),
                 r#type: ImageType::Datablock
@@ -486,20 +504,20 @@ fn a_waiting_vm_follows_the_mode_in_force_when_it_gets_the_image() {
 #[test]
 fn a_rejected_vm_stays_rejected_until_its_spec_changes() {
     let rejected = with_status(vm("vm-a"), "phase: Rejected\nobservedGeneration: 1");
-    assert!(vm_plan::stays_rejected(&rejected));
+    assert!(claim_plan::stays_rejected(&rejected));
     let mut edited = rejected.clone();
     edited.metadata.generation = Some(2);
-    assert!(!vm_plan::stays_rejected(&edited));
-    assert!(!vm_plan::stays_rejected(&with_status(vm("vm-a"), "phase: Pending\nobservedGeneration: 1")));
-    assert!(!vm_plan::stays_rejected(&vm("vm-a")));
+    assert!(!claim_plan::stays_rejected(&edited));
+    assert!(!claim_plan::stays_rejected(&with_status(vm("vm-a"), "phase: Pending\nobservedGeneration: 1")));
+    assert!(!claim_plan::stays_rejected(&vm("vm-a")));
 }
 
 // ---------------------------------------------------------------------------------------------
-// virtual_machine::plan_claims, waits_for, earlier_waiter
+// claim::plan_claims, waits_for, first_in_line
 // ---------------------------------------------------------------------------------------------
 
 fn claims(on_conflict: OnImageConflict, states: &[(&str, ClaimState)], earlier: &[&str]) -> ClaimPlan {
-    vm_plan::plan_claims(on_conflict, &map(states), |image| earlier.contains(&image))
+    claim_plan::plan_claims(on_conflict, &map(states), |image| earlier.contains(&image).then(|| "vm-e".to_owned()))
 }
 
 #[test]
@@ -520,17 +538,20 @@ fn plan_claims_holds_takes_or_conflicts() {
             ClaimPlan::Conflict { image: "logs".into(), holder: "vm-a".into(), wait }
         );
     }
-    // First come, first served: a waiting VM queues behind an earlier waiter for a free image.
-    assert_eq!(claims(Wait, &[("db", Free), ("logs", Free)], &["logs"]), ClaimPlan::Queued { image: "logs".into() });
-    assert_eq!(claims(Wait, &[("db", Free)], &["logs"]), ClaimPlan::Take(vec!["db".into()]));
-    // Reject does not queue: it takes what is free.
-    assert_eq!(claims(Reject, &[("db", Free)], &["db"]), ClaimPlan::Take(vec!["db".into()]));
+    // First come, first served: a VM queues behind the VM that goes first for a free image.
+    for strategy in [Reject, Wait] {
+        assert_eq!(
+            claims(strategy, &[("db", Free), ("logs", Free)], &["logs"]),
+            ClaimPlan::Queued { image: "logs".into(), first: "vm-e".into() }
+        );
+        assert_eq!(claims(strategy, &[("db", Free)], &["logs"]), ClaimPlan::Take(vec!["db".into()]));
+    }
 }
 
 #[test]
 fn the_conflict_message_names_image_and_holder() {
     assert_eq!(
-        vm_plan::in_use_message("ubuntu-24", "vm-a"),
+        claim_plan::in_use_message("ubuntu-24", "vm-a"),
         "image ubuntu-24 is persistent and already in use by VirtualMachine vm-a"
     );
 }
@@ -538,12 +559,12 @@ fn the_conflict_message_names_image_and_holder() {
 #[test]
 fn waits_for_needs_the_waiting_reason_and_a_recorded_persistent_disk() {
     let w = waiting("vm-w", 100, "db");
-    assert!(vm_plan::waits_for(&w, "db"));
-    assert!(!vm_plan::waits_for(&w, "logs"));
-    assert!(!vm_plan::waits_for(&vm("vm-w"), "db"), "no status");
+    assert!(claim_plan::waits_for(&w, "db"));
+    assert!(!claim_plan::waits_for(&w, "logs"));
+    assert!(!claim_plan::waits_for(&vm("vm-w"), "db"), "no status");
     let mut gone = w.clone();
     gone.metadata.deletion_timestamp = Some(at(500));
-    assert!(!vm_plan::waits_for(&gone, "db"), "a deleted VM waits for nothing");
+    assert!(!claim_plan::waits_for(&gone, "db"), "a deleted VM waits for nothing");
     let r = resolved("[{name: data, image: db, persistent: true, pvcName: db-image}]");
     let mut rejected = vm("vm-r");
     rejected.status = Some(vm_plan::status(
@@ -552,31 +573,77 @@ fn waits_for_needs_the_waiting_reason_and_a_recorded_persistent_disk() {
         &Verdict::Rejected { image: "db".into(), holder: "vm-h".into() },
         &at(1),
     ));
-    assert!(!vm_plan::waits_for(&rejected, "db"), "a rejected VM does not wait");
+    assert!(!claim_plan::waits_for(&rejected, "db"), "a rejected VM does not wait");
     let mut clone = w.clone();
     clone.status.as_mut().unwrap().disks[0].persistent = false;
-    assert!(!vm_plan::waits_for(&clone, "db"), "a clone of the image is no claim");
+    assert!(!claim_plan::waits_for(&clone, "db"), "a clone of the image is no claim");
 }
 
 #[test]
-fn earlier_waiter_orders_by_creation_time_then_name_in_one_namespace() {
+fn first_in_line_orders_waiters_by_creation_time_then_name_in_one_namespace() {
     let me = waiting("vm-m", 200, "db");
-    let earlier = |o: &VirtualMachine, image| vm_plan::earlier_waiter(&me, [o], image);
-    assert!(earlier(&waiting("vm-z", 100, "db"), "db"));
-    assert!(!earlier(&waiting("vm-a", 300, "db"), "db"));
-    assert!(!earlier(&waiting("vm-z", 100, "logs"), "db"));
-    assert!(earlier(&waiting("vm-a", 200, "db"), "db"), "same second: the name decides");
-    assert!(!earlier(&waiting("vm-z", 200, "db"), "db"), "same second: the name decides");
+    let never = |_: &VirtualMachine, _: &str| false;
+    let first = |o: &VirtualMachine, image| claim_plan::first_in_line(&me, [o], image, never);
+    assert_eq!(first(&waiting("vm-z", 100, "db"), "db").as_deref(), Some("vm-z"));
+    assert_eq!(first(&waiting("vm-a", 300, "db"), "db"), None);
+    assert_eq!(first(&waiting("vm-z", 100, "logs"), "db"), None);
+    assert_eq!(first(&waiting("vm-a", 200, "db"), "db").as_deref(), Some("vm-a"), "same second: the name decides");
+    assert_eq!(first(&waiting("vm-z", 200, "db"), "db"), None, "same second: the name decides");
     let mut elsewhere = waiting("vm-z", 100, "db");
     elsewhere.metadata.namespace = Some("other".into());
-    assert!(!earlier(&elsewhere, "db"), "other namespaces do not count");
+    assert_eq!(first(&elsewhere, "db"), None, "other namespaces do not count");
     let mut myself = me.clone();
     myself.metadata.creation_timestamp = Some(at(1));
-    assert!(!earlier(&myself, "db"), "a VM never waits behind itself");
-    let mut holder = with_status(vm("vm-h"), "phase: Running");
+    assert_eq!(first(&myself, "db"), None, "a VM never waits behind itself");
+    let mut holder = with_status(
+        vm("vm-h"),
+        "phase: Running\nobservedGeneration: 1\nconditions: [{type: ImagesClaimed, status: 'True', reason: Claimed, message: m, lastTransitionTime: '1970-01-01T00:00:01Z'}]",
+    );
     holder.metadata.creation_timestamp = Some(at(1));
-    assert!(!earlier(&holder, "db"), "only waiting VMs queue");
-    assert!(!vm_plan::earlier_waiter(&me, [], "db"));
+    assert_eq!(first(&holder, "db"), None, "a VM that decided and does not wait does not queue");
+    // Only a VM that waits queues behind waiters: a Reject VM takes what is free.
+    let mut rejecting = me.clone();
+    rejecting.spec.on_image_conflict = OnImageConflict::Reject;
+    assert_eq!(claim_plan::first_in_line(&rejecting, [&waiting("vm-z", 100, "db")], "db", never), None);
+    assert_eq!(claim_plan::first_in_line(&me, [], "db", never), None);
+}
+
+#[test]
+fn first_in_line_lets_an_earlier_undecided_vm_that_needs_the_image_go_first() {
+    // Applied together: vm-a and vm-b were created in the same second; whoever is reconciled
+    // first, vm-a (by name) goes first, whatever either's onImageConflict.
+    let created = |name: &str, secs: i64| {
+        let mut v = vm(name);
+        v.metadata.creation_timestamp = Some(at(secs));
+        v
+    };
+    let (a, b) = (created("vm-a", 100), created("vm-b", 100));
+    let needs_db = |_: &VirtualMachine, image: &str| image == "db";
+    // Both waited for an Image to be ready (a GitOps apply): that is no decision about claims.
+    let (a, b) = (
+        with_status(
+            a,
+            "phase: Pending\nobservedGeneration: 1\nconditions: [{type: ImagesClaimed, status: 'False', reason: ImageNotReady, message: m, lastTransitionTime: '1970-01-01T00:00:01Z'}]",
+        ),
+        with_status(
+            b,
+            "phase: Pending\nobservedGeneration: 1\nconditions: [{type: ImagesClaimed, status: 'False', reason: ImageNotReady, message: m, lastTransitionTime: '1970-01-01T00:00:01Z'}]",
+        ),
+    );
+    assert_eq!(claim_plan::first_in_line(&b, [&a], "db", needs_db).as_deref(), Some("vm-a"));
+    assert_eq!(claim_plan::first_in_line(&a, [&b], "db", needs_db), None, "the later one never goes first");
+    assert_eq!(claim_plan::first_in_line(&b, [&a], "db", |_, _| false), None, "only a VM that would claim it now");
+    // Once vm-a came to its claims (it holds, lost or waits), the queue rules decide.
+    let lost = with_status(
+        a.clone(),
+        "phase: Rejected\nobservedGeneration: 1\nconditions: [{type: ImagesClaimed, status: 'False', reason: ImageInUse, message: m, lastTransitionTime: '1970-01-01T00:00:01Z'}]",
+    );
+    assert!(!claim_plan::before_claims(&lost));
+    assert_eq!(claim_plan::first_in_line(&b, [&lost], "db", needs_db), None);
+    // A deleted or sticky-Rejected VM never goes first.
+    let mut gone = a.clone();
+    gone.metadata.deletion_timestamp = Some(at(500));
+    assert_eq!(claim_plan::first_in_line(&b, [&gone], "db", needs_db), None);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -729,13 +796,13 @@ fn status_of_a_waiting_vm_says_for_what_and_whom() {
     let r = resolved(RUNNING_DISKS);
     let mut v = vm("vm-a");
     v.spec.on_image_conflict = OnImageConflict::Wait;
-    let held = Verdict::Waiting { image: "db".into(), holder: Some("vm-b".into()) };
+    let held = Verdict::Waiting { image: "db".into(), holder: "vm-b".into() };
     assert_eq!(
         outcome(&v, Some(&r), &held),
         (Some(P::Pending), all_false("WaitingForImage", "waiting for image db, held by VirtualMachine vm-b"))
     );
-    let queued = Verdict::Waiting { image: "db".into(), holder: None };
-    let message = "waiting for image db: a VirtualMachine created earlier is first in line";
+    let queued = Verdict::Queued { image: "db".into(), first: "vm-c".into() };
+    let message = "waiting for image db: VirtualMachine vm-c, created earlier, is first in line";
     assert_eq!(outcome(&v, Some(&r), &queued), (Some(P::Pending), all_false("WaitingForImage", message)));
     // A waiting VM records its disks: that is how others see it in the queue.
     assert_eq!(settle(&v, Some(&r), &queued).disks, r.disks);
@@ -1215,7 +1282,7 @@ fn the_launcher_pod_mounts_every_disk_and_requests_the_vm_size() {
             "metadata": {
                 "name": "vm-a-launcher",
                 "namespace": "ns",
-                "labels": managed(Some("vm-a")),
+                "labels": launcher_labels("vm-a"),
                 "ownerReferences": [owner("VirtualMachine", "vm-a", true)],
             },
             "spec": {
@@ -1293,7 +1360,12 @@ fn pvc_json(
     size: &str,
     spec: Value,
 ) -> Value {
-    let mut metadata = json!({"name": name, "namespace": "ns", "labels": managed(vm), "ownerReferences": [owner]});
+    let mut metadata = json!({"name": name, "namespace": "ns", "labels": managed(vm)});
+    match owner {
+        // An image PVC: no owner, the Image's uid as a label.
+        Value::String(image_uid) => metadata["labels"]["vmkeep.io/image-uid"] = image_uid.into(),
+        owner => metadata["ownerReferences"] = json!([owner]),
+    }
     if let Some(image) = image {
         metadata["annotations"] = json!({"vmkeep.io/image": image});
     }
@@ -1333,7 +1405,7 @@ fn a_volatile_disk_pvc_is_empty_and_owned_by_the_vm() {
 }
 
 #[test]
-fn an_image_pvc_is_owned_by_its_image() {
+fn an_image_pvc_is_labelled_with_its_image_and_owned_by_nothing() {
     let img = image("golden", "spec: {source: {image: {name: base}}}");
     let request = PvcRequest {
         name: "golden-image".into(),
@@ -1344,15 +1416,14 @@ fn an_image_pvc_is_owned_by_its_image() {
     };
     let pvc = build::image_pvc(&img, &request, "ReadWriteOnce");
     let spec = json!({"storageClassName": "fast", "volumeMode": "Filesystem", "dataSource": clone_of("base-image")});
-    let owner = owner("Image", "golden", true);
-    assert_eq!(to_json(&pvc), pvc_json("golden-image", owner, None, Some("golden"), "ReadWriteOnce", "10Gi", spec));
+    let image_uid = json!("uid-golden");
+    assert_eq!(to_json(&pvc), pvc_json("golden-image", image_uid, None, Some("golden"), "ReadWriteOnce", "10Gi", spec));
 }
 
 #[test]
 fn a_claim_lease_names_image_and_holder() {
-    let img = usable("db", true, "DATABLOCK", "10Gi");
     let now = MicroTime(jiff::Timestamp::from_second(1000).unwrap());
-    let lease = build::claim_lease(&img, "vm-a", "uid-vm-a", now.clone());
+    let lease = build::claim_lease("ns", "db", "vm-a", "uid-vm-a", now.clone());
     assert_eq!(
         to_json(&lease),
         json!({
@@ -1362,9 +1433,8 @@ fn a_claim_lease_names_image_and_holder() {
                 "name": "vmkeep-claim-db",
                 "namespace": "ns",
                 "labels": managed(None),
+                // No owner: no deletion propagation policy can remove a claim.
                 "annotations": {"vmkeep.io/image": "db", "vmkeep.io/virtual-machine": "vm-a"},
-                // Owned, not controlled: deleting the Image takes it along; nobody adopts it.
-                "ownerReferences": [owner("Image", "db", false)],
             },
             "spec": {"holderIdentity": "uid-vm-a", "acquireTime": to_json(&now)},
         })
@@ -1434,4 +1504,204 @@ fn vms_see_an_image_change_only_when_what_they_read_changes() {
     assert_eq!(vm_plan::template_view(&counted), vm_plan::template_view(&t));
     counted.metadata.generation = Some(counted.metadata.generation.unwrap_or(1) + 1);
     assert_ne!(vm_plan::template_view(&counted), vm_plan::template_view(&t));
+}
+
+// ---------------------------------------------------------------------------------------------
+// virtual_machine::decide: the whole reconcile, from an observation to a plan
+// ---------------------------------------------------------------------------------------------
+
+/// Images `os` (non-persistent, for a clone) and `db` (persistent).
+fn decide_images() -> Vec<Image> {
+    vec![usable("os", false, "OS", "1Gi"), usable("db", true, "DATABLOCK", "1Gi")]
+}
+
+/// An observation of `vm` made from `small` = [root: os, data: db], with `claims` on db.
+fn observed<'a>(
+    vm: &'a VirtualMachine,
+    template: &'a Template,
+    images: &'a [Image],
+    claims: &[(&str, ClaimState)],
+) -> vm_plan::Observed<'a> {
+    vm_plan::Observed {
+        vm,
+        template: Some(template),
+        images: images.iter().map(|i| (i.metadata.name.clone().unwrap(), i)).collect(),
+        claims: map(claims),
+        others: Vec::new(),
+        pvcs: BTreeMap::new(),
+        pod: Child::Missing,
+        taken: Default::default(),
+        launcher_image: "vmkeep:test",
+        access_mode: "ReadWriteOnce",
+        now: at(1000),
+    }
+}
+
+fn small() -> Template {
+    template("[{name: root, image: os}, {name: data, image: db}]")
+}
+
+fn with_finalizer(mut vm: VirtualMachine) -> VirtualMachine {
+    vm.metadata.finalizers = Some(vec![names::VM_FINALIZER.into()]);
+    vm
+}
+
+fn phase_and_reason(plan: &vm_plan::VmPlan) -> (Option<P>, String) {
+    let status = plan.status.as_ref().expect("a status");
+    (status.phase, find(&status.conditions, "Ready").unwrap().reason.clone())
+}
+
+#[test]
+fn decide_takes_a_free_image_then_creates_disks_and_the_pod() {
+    let (images, t, v) = (decide_images(), small(), vm("vm-a"));
+    let plan = vm_plan::decide(&observed(&v, &t, &images, &[("db", ClaimState::Free)]));
+    assert!(plan.add_finalizer);
+    assert_eq!(plan.take, ["db"]);
+    assert!(plan.release.is_empty());
+    assert_eq!(plan.create_pvcs.iter().map(|p| p.metadata.name.clone().unwrap()).collect::<Vec<_>>(), ["vm-a-root"]);
+    assert!(matches!(plan.pod, Some(vm_plan::PodChange::Create(_))));
+    assert_eq!(phase_and_reason(&plan), (Some(P::Starting), "Starting".into()));
+    assert_eq!(plan.warning, None);
+}
+
+#[test]
+fn decide_lets_an_earlier_vm_applied_together_go_first() {
+    // vm-b is reconciled first; vm-a, created in the same second, has not decided yet.
+    let (images, t) = (decide_images(), small());
+    let (a, b) = (vm("vm-a"), vm("vm-b"));
+    let mut obs = observed(&b, &t, &images, &[("db", ClaimState::Free)]);
+    obs.others = vec![vm_plan::OtherVm { vm: &a, claims_now: ["db".into()].into() }];
+    let plan = vm_plan::decide(&obs);
+    assert!(plan.take.is_empty() && plan.create_pvcs.is_empty() && plan.pod.is_none(), "{plan:?}");
+    assert_eq!(phase_and_reason(&plan), (Some(P::Pending), "WaitingForImage".into()));
+    assert!(plan.requeue.is_some(), "it looks again in case vm-a never takes the image");
+    // vm-a, seeing vm-b, takes it.
+    let mut obs = observed(&a, &t, &images, &[("db", ClaimState::Free)]);
+    obs.others = vec![vm_plan::OtherVm { vm: &b, claims_now: ["db".into()].into() }];
+    assert_eq!(vm_plan::decide(&obs).take, ["db"]);
+}
+
+#[test]
+fn decide_takes_images_in_one_order_and_is_rejected_only_holding_nothing() {
+    let images = [decide_images(), vec![usable("logs", true, "DATABLOCK", "1Gi")]].concat();
+    let t = template("[{name: data, image: db}, {name: log, image: logs}]");
+    let v = vm("vm-b");
+    let plan = vm_plan::decide(&observed(&v, &t, &images, &[("db", ClaimState::Free), ("logs", ClaimState::Free)]));
+    assert_eq!(plan.take, ["db", "logs"], "name order: two VMs never hold one each");
+    let other = || ClaimState::Other { holder: "vm-a".into() };
+    // Holding nothing: Rejected, with a Warning naming the holder.
+    let plan = vm_plan::decide(&observed(&v, &t, &images, &[("db", other()), ("logs", ClaimState::Free)]));
+    assert_eq!(phase_and_reason(&plan), (Some(P::Rejected), "ImageInUse".into()));
+    let message = "image db is persistent and already in use by VirtualMachine vm-a";
+    assert_eq!(plan.warning, Some(("ImageInUse", message.into())));
+    assert!(plan.take.is_empty() && plan.release.is_empty());
+    // Holding one: let go first (Rejected is final, so not while holding anything).
+    let plan = vm_plan::decide(&observed(&v, &t, &images, &[("db", ClaimState::Mine), ("logs", other())]));
+    assert_eq!(plan.release, ["db"]);
+    assert_eq!(phase_and_reason(&plan), (Some(P::Pending), "WaitingForImage".into()));
+    // ... and never while its launcher Pod may use the disk: the Pod goes first.
+    let mut obs = observed(&v, &t, &images, &[("db", ClaimState::Mine), ("logs", other())]);
+    obs.pod = ours("Running");
+    let plan = vm_plan::decide(&obs);
+    assert!(plan.release.is_empty());
+    assert_eq!(plan.pod, Some(vm_plan::PodChange::Delete));
+}
+
+#[test]
+fn decide_releases_a_claim_a_rejected_vm_still_holds() {
+    let (images, t) = (decide_images(), small());
+    let v = with_status(vm("vm-b"), "phase: Rejected\nobservedGeneration: 1");
+    let plan = vm_plan::decide(&observed(&v, &t, &images, &[("db", ClaimState::Mine)]));
+    assert_eq!((plan.release, plan.status), (vec!["db".to_owned()], None));
+    let plan = vm_plan::decide(&observed(&v, &t, &images, &[("db", ClaimState::Other { holder: "x".into() })]));
+    assert_eq!(plan, vm_plan::VmPlan::default(), "a Rejected VM that holds nothing does nothing");
+}
+
+#[test]
+fn decide_does_not_take_an_image_whose_persistence_change_is_pending() {
+    let mut images = decide_images();
+    images[1].spec.persistent = false; // pending: status.persistent is still true
+    let (t, v) = (small(), vm("vm-b"));
+    let plan = vm_plan::decide(&observed(&v, &t, &images, &[("db", ClaimState::Free)]));
+    assert!(plan.take.is_empty() && plan.pod.is_none());
+    assert_eq!(phase_and_reason(&plan), (Some(P::Pending), "ImageNotReady".into()));
+    // Applied: the VM gets its own clone.
+    images[1].status.as_mut().unwrap().persistent = Some(false);
+    let plan = vm_plan::decide(&observed(&v, &t, &images, &[]));
+    assert!(plan.take.is_empty() && !plan.add_finalizer);
+    assert_eq!(plan.create_pvcs.len(), 2, "two clones");
+}
+
+#[test]
+fn decide_keeps_a_held_image_that_is_being_deleted() {
+    let mut images = decide_images();
+    let (t, mut v) = (small(), with_finalizer(vm("vm-a")));
+    let first = vm_plan::decide(&observed(&v, &t, &images, &[("db", ClaimState::Free)]));
+    v.status = first.status;
+    images[1].metadata.deletion_timestamp = Some(at(2000));
+    let mut obs = observed(&v, &t, &images, &[("db", ClaimState::Mine)]);
+    obs.pvcs = map(&[("vm-a-root", ours("Bound"))]);
+    obs.pod = ours("Running");
+    let plan = vm_plan::decide(&obs);
+    assert_eq!(phase_and_reason(&plan), (Some(P::Running), "Running".into()));
+    assert!(plan.release.is_empty() && plan.pod.is_none() && plan.take.is_empty());
+}
+
+#[test]
+fn decide_on_deletion_stops_the_pod_then_releases_then_lets_go() {
+    let (images, t) = (decide_images(), small());
+    let mut v = with_finalizer(vm("vm-a"));
+    v.metadata.deletion_timestamp = Some(at(3000));
+    let mut obs = observed(&v, &t, &images, &[("db", ClaimState::Mine)]);
+    obs.pod = ours("Running");
+    let plan = vm_plan::decide(&obs);
+    assert_eq!(plan.pod, Some(vm_plan::PodChange::Delete));
+    assert!(plan.release.is_empty() && !plan.remove_finalizer);
+    assert_eq!(phase_and_reason(&plan), (Some(P::Terminating), "Terminating".into()));
+    obs.pod = Child::Ours { phase: Some("Running".into()), deleting: true };
+    let plan = vm_plan::decide(&obs);
+    assert!(plan.pod.is_none() && plan.release.is_empty() && !plan.remove_finalizer && plan.requeue.is_some());
+    obs.pod = Child::Missing;
+    let plan = vm_plan::decide(&obs);
+    assert_eq!((plan.release, plan.remove_finalizer), (vec!["db".to_owned()], true));
+    let mut gone = v.clone();
+    gone.metadata.finalizers = None;
+    assert_eq!(vm_plan::decide(&observed(&gone, &t, &images, &[])), vm_plan::VmPlan::default());
+}
+
+#[test]
+fn decide_reports_a_child_name_taken_by_someone_else() {
+    let (images, t, v) = (decide_images(), small(), vm("vm-a"));
+    let mut obs = observed(&v, &t, &images, &[("db", ClaimState::Mine)]);
+    obs.taken = [("PersistentVolumeClaim", "vm-a-root".to_owned())].into();
+    let plan = vm_plan::decide(&obs);
+    assert!(plan.create_pvcs.is_empty() && plan.pod.is_none());
+    assert_eq!(phase_and_reason(&plan), (Some(P::Pending), "NameConflict".into()));
+    assert_eq!(plan.warning.map(|w| w.0), Some("NameConflict"));
+}
+
+// ---------------------------------------------------------------------------------------------
+// claim: which Pods fence a holder
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn a_holder_is_fenced_by_its_launcher_pods_found_by_label_and_recorded_uid() {
+    let holder = ClaimHolder { name: "vm-a".into(), uid: "uid-vm-a".into(), since: at(1) };
+    let pod = |labels: Value, owners: Value| -> k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+        serde_json::from_value(json!({"name": "vm-a-launcher", "labels": labels, "ownerReferences": owners})).unwrap()
+    };
+    let owned = json!([owner("VirtualMachine", "vm-a", true)]);
+    let recorded = json!({"app.kubernetes.io/managed-by": "vmkeep", "vmkeep.io/virtual-machine": "vm-a",
+        "vmkeep.io/virtual-machine-uid": "uid-vm-a"});
+    // Orphaned (no owner reference left): still the holder's by its labels.
+    assert!(claim_plan::fenced([&pod(recorded.clone(), json!([]))], &holder));
+    assert!(claim_plan::fenced([&pod(recorded, owned.clone())], &holder));
+    // A Pod of a recreated VM with the same name is not the old holder's.
+    let recreated = json!({"app.kubernetes.io/managed-by": "vmkeep", "vmkeep.io/virtual-machine": "vm-a",
+        "vmkeep.io/virtual-machine-uid": "uid-other"});
+    assert!(!claim_plan::fenced([&pod(recreated, json!([]))], &holder));
+    // Made before uids were recorded: the name label counts (fencing errs on the safe side).
+    assert!(claim_plan::fenced([&pod(managed(Some("vm-a")), json!([]))], &holder));
+    assert!(!claim_plan::fenced([&pod(managed(Some("vm-b")), json!([]))], &holder));
+    assert!(!claim_plan::fenced(std::iter::empty(), &holder));
 }

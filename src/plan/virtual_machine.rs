@@ -2,25 +2,35 @@
 //! persistent images it must claim, which children to create or delete, and its phase and
 //! conditions. Plain data in, plain data out: no client here.
 //!
-//! "Why was this VM Rejected?" is answered by [`plan_claims`]; "why is it Pending?" by
-//! [`resolve_disks`] and [`plan_children`].
+//! [`decide`] is the whole verdict of one reconcile: from an [`Observed`] (the caches and the
+//! claims read from the API server) to a [`VmPlan`] (claims to take or release, children to
+//! create or delete, finalizer, status, Warning Event). "Why was this VM Rejected?" is answered
+//! by [`super::claim::plan_claims`]; "why is it Pending?" by [`resolve_disks`] and
+//! [`plan_children`].
 
-use std::collections::BTreeMap;
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    time::Duration,
+};
 
-use k8s_openapi::apimachinery::pkg::{api::resource::Quantity, apis::meta::v1::Time};
+use k8s_openapi::{
+    api::core::v1::{PersistentVolumeClaim, Pod},
+    apimachinery::pkg::{api::resource::Quantity, apis::meta::v1::Time},
+};
 use kube::ResourceExt;
 
 use super::{
+    build,
+    claim::{self, ClaimPlan, ClaimState},
     conditions::{Cond, find, merge},
-    names, quantity,
+    names, quantity, reason,
 };
 use crate::api::{
     Image, Template,
-    image::{ImagePhase, ImageType},
+    image::{ImagePhase, ImageType, VolumeMode},
     template::TemplateSpec,
     virtual_machine::{
-        OnImageConflict, RunStrategy, VirtualMachine, VirtualMachineDiskStatus, VirtualMachinePhase,
-        VirtualMachineStatus,
+        RunStrategy, VirtualMachine, VirtualMachineDiskStatus, VirtualMachinePhase, VirtualMachineStatus,
     },
 };
 
@@ -59,15 +69,24 @@ pub struct UsableImage {
 /// disabled, and its PVC is ready.
 pub fn usable_image(name: &str, image: Option<&Image>) -> Result<UsableImage, Blocker> {
     let Some(image) = image else {
-        return Err(Blocker::pending("ImageNotFound", format!("image {name} does not exist")));
+        return Err(Blocker::pending(reason::IMAGE_NOT_FOUND, format!("image {name} does not exist")));
     };
     if image.metadata.deletion_timestamp.is_some() {
-        return Err(Blocker::pending("ImageNotReady", format!("image {name} is being deleted")));
+        return Err(Blocker::pending(reason::IMAGE_NOT_READY, format!("image {name} is being deleted")));
     }
     if image.spec.disabled {
-        return Err(Blocker::pending("ImageDisabled", format!("image {name} is disabled")));
+        return Err(Blocker::pending(reason::IMAGE_DISABLED, format!("image {name} is disabled")));
     }
     let status = image.status.clone().unwrap_or_default();
+    if status.persistent.is_some_and(|p| p != image.spec.persistent) {
+        // A new user would keep the old mode in force for as long as it lives: it waits until
+        // the change applies, which is as soon as the last VM lets go.
+        let message = format!(
+            "image {name} changes to persistent: {}; that applies once no VirtualMachine uses it",
+            image.spec.persistent
+        );
+        return Err(Blocker::pending(reason::IMAGE_NOT_READY, message));
+    }
     let ready = matches!(status.phase, Some(ImagePhase::Ready | ImagePhase::Used | ImagePhase::UsedPersistent));
     match (ready, status.persistent, status.pvc_name) {
         (true, Some(persistent), Some(pvc_name)) => {
@@ -75,7 +94,7 @@ pub fn usable_image(name: &str, image: Option<&Image>) -> Result<UsableImage, Bl
         }
         _ => {
             let phase = status.phase.map_or_else(|| "not provisioned yet".to_owned(), |p| format!("{p:?}"));
-            Err(Blocker::pending("ImageNotReady", format!("image {name} is not ready ({phase})")))
+            Err(Blocker::pending(reason::IMAGE_NOT_READY, format!("image {name} is not ready ({phase})")))
         }
     }
 }
@@ -159,7 +178,7 @@ pub fn check_template<'a>(
                             let (want, have) = (quantity::bytes(size), quantity::bytes(capacity));
                             if want < have {
                                 return Err(Blocker::failed(
-                                    "InvalidDiskSize",
+                                    reason::INVALID_DISK_SIZE,
                                     format!(
                                         "disk {} asks for {} but image {name} holds {}",
                                         disk.name, size.0, capacity.0
@@ -168,7 +187,7 @@ pub fn check_template<'a>(
                             }
                             if image.persistent && want > have {
                                 return Err(Blocker::failed(
-                                    "InvalidDiskSize",
+                                    reason::INVALID_DISK_SIZE,
                                     format!(
                                         "disk {} cannot grow persistent image {name} ({} > {}): resize the image instead",
                                         disk.name, size.0, capacity.0
@@ -183,7 +202,7 @@ pub fn check_template<'a>(
                         && let Some(other) = persistent_images.insert(name, &disk.name)
                     {
                         return Err(Blocker::failed(
-                            "InvalidTemplate",
+                            reason::INVALID_TEMPLATE,
                             format!(
                                 "disks {other} and {} both use persistent image {name}; it can back one disk",
                                 disk.name
@@ -202,7 +221,7 @@ pub fn check_template<'a>(
             },
             _ => {
                 return Err(Blocker::failed(
-                    "InvalidTemplate",
+                    reason::INVALID_TEMPLATE,
                     format!("disk {} must name exactly one of image or blank", disk.name),
                 ));
             }
@@ -210,7 +229,7 @@ pub fn check_template<'a>(
     }
     if cdroms.len() > 1 {
         return Err(Blocker::failed(
-            "InvalidTemplate",
+            reason::INVALID_TEMPLATE,
             format!("disks {} all use CDROM images; a template may have one", cdroms.join(", ")),
         ));
     }
@@ -228,13 +247,6 @@ pub struct Resolved {
     pub memory: Quantity,
     /// The image PVC each non-persistent disk is cloned from (only needed until its PVC exists).
     pub clone_sources: BTreeMap<String, String>,
-}
-
-/// Whether a Rejected VM stays Rejected: until its spec changes (or it is recreated).
-pub fn stays_rejected(vm: &VirtualMachine) -> bool {
-    vm.status.as_ref().is_some_and(|s| {
-        s.phase == Some(VirtualMachinePhase::Rejected) && s.observed_generation == vm.metadata.generation
-    })
 }
 
 /// Resolves the VM's disks: the record in its status when there is one (later Template edits do
@@ -263,7 +275,7 @@ pub fn resolve_disks<'a>(
     }
     let Some(template) = template else {
         return Err(Blocker::pending(
-            "TemplateNotFound",
+            reason::TEMPLATE_NOT_FOUND,
             format!("template {} does not exist", vm.spec.template_ref.name),
         ));
     };
@@ -297,80 +309,6 @@ pub fn resolve_disks<'a>(
 /// The persistent images a VM must hold, in disk order.
 pub fn persistent_images(disks: &[VirtualMachineDiskStatus]) -> Vec<String> {
     disks.iter().filter(|d| d.persistent).filter_map(|d| d.image.clone()).collect()
-}
-
-/// Who holds the claim on a persistent image, as seen by one VM.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum ClaimState {
-    /// This VM holds it.
-    Mine,
-    /// Nobody holds it.
-    Free,
-    /// Another VirtualMachine holds it.
-    Other { holder: String },
-}
-
-/// What a VM does about its persistent images.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum ClaimPlan {
-    /// It holds every one (or needs none).
-    Held,
-    /// Take these free images now.
-    Take(Vec<String>),
-    /// Another VM holds `image`: with `Reject` the VM is Rejected, with `Wait` it waits. Either
-    /// way it lets go of the images it holds, so two waiting VMs never deadlock.
-    Conflict { image: String, holder: String, wait: bool },
-    /// `image` is free but a VM created earlier waits for it: first come, first served.
-    Queued { image: String },
-}
-
-/// Decides the claims of a VM from who holds each persistent image it needs.
-pub fn plan_claims(
-    on_conflict: OnImageConflict,
-    states: &BTreeMap<String, ClaimState>,
-    earlier_waiter: impl Fn(&str) -> bool,
-) -> ClaimPlan {
-    let wait = on_conflict == OnImageConflict::Wait;
-    if let Some((image, ClaimState::Other { holder })) =
-        states.iter().find(|(_, s)| matches!(s, ClaimState::Other { .. }))
-    {
-        return ClaimPlan::Conflict { image: image.clone(), holder: holder.clone(), wait };
-    }
-    let free: Vec<String> = states.iter().filter(|(_, s)| **s == ClaimState::Free).map(|(i, _)| i.clone()).collect();
-    if free.is_empty() {
-        return ClaimPlan::Held;
-    }
-    if wait && let Some(image) = free.iter().find(|i| earlier_waiter(i)) {
-        return ClaimPlan::Queued { image: image.clone() };
-    }
-    ClaimPlan::Take(free)
-}
-
-/// The message of a conflict, shared by the status, the Event and the admission webhook.
-pub fn in_use_message(image: &str, holder: &str) -> String {
-    format!("image {image} is persistent and already in use by VirtualMachine {holder}")
-}
-
-/// Whether `vm` waits for persistent `image` (it has recorded it and says so in its status).
-pub fn waits_for(vm: &VirtualMachine, image: &str) -> bool {
-    let Some(status) = &vm.status else { return false };
-    vm.metadata.deletion_timestamp.is_none()
-        && find(&status.conditions, IMAGES_CLAIMED).is_some_and(|c| c.reason == "WaitingForImage")
-        && status.disks.iter().any(|d| d.persistent && d.image.as_deref() == Some(image))
-}
-
-/// Whether a VM created before `me` waits for `image` (creation time, then name, decides).
-pub fn earlier_waiter<'a>(
-    me: &VirtualMachine,
-    others: impl IntoIterator<Item = &'a VirtualMachine>,
-    image: &str,
-) -> bool {
-    let key = |vm: &VirtualMachine| (vm.metadata.creation_timestamp.clone().map(|t| t.0), vm.name_any());
-    let mine = key(me);
-    others
-        .into_iter()
-        .filter(|o| o.namespace() == me.namespace() && o.uid() != me.uid())
-        .any(|o| waits_for(o, image) && key(o) < mine)
 }
 
 /// What exists of a child (PVC or Pod) with the name vmkeep gives it.
@@ -452,9 +390,16 @@ pub enum Verdict {
         image: String,
         holder: String,
     },
+    /// Another VM holds `image` (`Wait`), or this VM lets go of its claims before it is
+    /// Rejected (its launcher Pod must go first).
     Waiting {
         image: String,
-        holder: Option<String>,
+        holder: String,
+    },
+    /// `image` is free, and `first`, created earlier, goes first.
+    Queued {
+        image: String,
+        first: String,
     },
     Terminating,
     /// Claims held, disks exist; the launcher Pod is as `pod` says.
@@ -470,17 +415,17 @@ pub fn status(vm: &VirtualMachine, resolved: Option<&Resolved>, verdict: &Verdic
     let previous = vm.status.clone().unwrap_or_default();
     let has_persistent = resolved.is_some_and(|r| r.disks.iter().any(|d| d.persistent));
     let claimed = if has_persistent {
-        Cond::new(IMAGES_CLAIMED, true, "Claimed", "every persistent image is held by this VM")
+        Cond::new(IMAGES_CLAIMED, true, reason::CLAIMED, "every persistent image is held by this VM")
     } else {
-        Cond::new(IMAGES_CLAIMED, true, "NoPersistentImages", "no persistent image to claim")
+        Cond::new(IMAGES_CLAIMED, true, reason::NO_PERSISTENT_IMAGES, "no persistent image to claim")
     };
-    let disks_ready = Cond::new(DISKS_READY, true, "DisksCreated", "every disk's PVC exists");
+    let disks_ready = Cond::new(DISKS_READY, true, reason::DISKS_CREATED, "every disk's PVC exists");
     let (phase, conditions) = match verdict {
         Verdict::Terminating => {
             // Only Ready changes: the claims are released after the launcher Pod is gone.
             let mut kept: Vec<Cond> =
                 previous.conditions.iter().filter(|c| c.r#type != READY).map(Cond::from).collect();
-            kept.push(Cond::new(READY, false, "Terminating", "releasing the launcher Pod and claims"));
+            kept.push(Cond::new(READY, false, reason::TERMINATING, "releasing the launcher Pod and claims"));
             (P::Terminating, kept)
         }
         Verdict::Blocked { blocker, claimed: held } => {
@@ -489,32 +434,37 @@ pub fn status(vm: &VirtualMachine, resolved: Option<&Resolved>, verdict: &Verdic
             (blocker.phase, vec![first, b(DISKS_READY), b(READY)])
         }
         Verdict::Rejected { image, holder } => {
-            let b = |t| Cond::new(t, false, "ImageInUse", in_use_message(image, holder));
+            let b = |t| Cond::new(t, false, reason::IMAGE_IN_USE, claim::in_use_message(image, holder));
             (P::Rejected, vec![b(IMAGES_CLAIMED), b(DISKS_READY), b(READY)])
         }
-        Verdict::Waiting { image, holder } => {
-            let message = match holder {
-                Some(holder) => format!("waiting for image {image}, held by VirtualMachine {holder}"),
-                None => format!("waiting for image {image}: a VirtualMachine created earlier is first in line"),
+        Verdict::Waiting { .. } | Verdict::Queued { .. } => {
+            let message = match verdict {
+                Verdict::Queued { image, first } => {
+                    format!("waiting for image {image}: VirtualMachine {first}, created earlier, is first in line")
+                }
+                Verdict::Waiting { image, holder } => {
+                    format!("waiting for image {image}, held by VirtualMachine {holder}")
+                }
+                _ => unreachable!("matched above"),
             };
-            let b = |t| Cond::new(t, false, "WaitingForImage", message.clone());
+            let b = |t| Cond::new(t, false, reason::WAITING_FOR_IMAGE, message.clone());
             (P::Pending, vec![b(IMAGES_CLAIMED), b(DISKS_READY), b(READY)])
         }
         Verdict::Provisioned { pod } => {
             let halted = vm.spec.run_strategy == RunStrategy::Halted;
             let (phase, ready) = match pod {
                 Child::Ours { phase, deleting: false } if phase.as_deref() == Some("Running") && !halted => {
-                    (P::Running, Cond::new(READY, true, "Running", "the launcher Pod runs"))
+                    (P::Running, Cond::new(READY, true, reason::RUNNING, "the launcher Pod runs"))
                 }
                 // Someone else's Pod with the launcher's name is not ours to stop.
                 Child::Missing | Child::Foreign if halted => {
-                    (P::Stopped, Cond::new(READY, false, "Halted", "runStrategy is Halted"))
+                    (P::Stopped, Cond::new(READY, false, reason::HALTED, "runStrategy is Halted"))
                 }
-                _ if halted => (P::Stopped, Cond::new(READY, false, "Stopping", "removing the launcher Pod")),
+                _ if halted => (P::Stopped, Cond::new(READY, false, reason::STOPPING, "removing the launcher Pod")),
                 Child::Missing => {
-                    (P::Provisioning, Cond::new(READY, false, "Provisioning", "creating the launcher Pod"))
+                    (P::Provisioning, Cond::new(READY, false, reason::PROVISIONING, "creating the launcher Pod"))
                 }
-                _ => (P::Starting, Cond::new(READY, false, "Starting", "the launcher Pod is not running yet")),
+                _ => (P::Starting, Cond::new(READY, false, reason::STARTING, "the launcher Pod is not running yet")),
             };
             (phase, vec![claimed, disks_ready, ready])
         }
@@ -541,4 +491,296 @@ pub fn status(vm: &VirtualMachine, resolved: Option<&Resolved>, verdict: &Verdic
         observed_generation: vm.metadata.generation,
         conditions: merge(&previous.conditions, conditions, vm.metadata.generation, now),
     }
+}
+
+/// Another VM of the namespace, as far as the order of claims cares: the VM, and the persistent
+/// images its Template resolves to now ([`claims_now`]); created earlier and not at its claims
+/// yet, it goes first for those.
+#[derive(Clone, Debug)]
+pub struct OtherVm<'a> {
+    /// The other VM.
+    pub vm: &'a VirtualMachine,
+    /// The persistent images it would claim now.
+    pub claims_now: BTreeSet<String>,
+}
+
+/// The persistent images a VM made from `template` would claim now: none while the Template
+/// waits for something or can never work.
+pub fn claims_now<'a>(template: Option<&TemplateSpec>, images: impl Fn(&str) -> Option<&'a Image>) -> BTreeSet<String> {
+    match template.map(|t| check_template(t, images)) {
+        Some(Ok(disks)) => disks.into_iter().filter(|d| d.persistent).filter_map(|d| d.image).collect(),
+        _ => BTreeSet::new(),
+    }
+}
+
+/// Everything one VM reconcile decides from: the caches and the claims read from the API
+/// server, plus what applying an earlier plan of this reconcile found out.
+#[derive(Clone, Debug)]
+pub struct Observed<'a> {
+    /// The VM reconciled.
+    pub vm: &'a VirtualMachine,
+    /// Its Template, if it exists.
+    pub template: Option<&'a Template>,
+    /// The Images its Template and recorded disks name, those that exist.
+    pub images: BTreeMap<String, &'a Image>,
+    /// Who holds each persistent image the VM needs or holds, read from the API server.
+    pub claims: BTreeMap<String, ClaimState>,
+    /// The other VMs of the namespace; only filled when an image it needs is free.
+    pub others: Vec<OtherVm<'a>>,
+    /// Its clone and volatile PVCs, by PVC name.
+    pub pvcs: BTreeMap<String, Child>,
+    /// Its launcher Pod, known by the identity recorded on it (see
+    /// [`super::claim::launcher_of`]).
+    pub pod: Child,
+    /// Child names found taken by objects that are not the VM's when it tried to create them.
+    pub taken: BTreeSet<(&'static str, String)>,
+    /// The container image of launcher Pods.
+    pub launcher_image: &'a str,
+    /// The access mode of PVCs vmkeep creates.
+    pub access_mode: &'a str,
+    /// The time of this observation (for condition transitions).
+    pub now: Time,
+}
+
+/// A change to the launcher Pod.
+#[derive(Clone, Debug, PartialEq)]
+pub enum PodChange {
+    /// Create this Pod.
+    Create(Box<Pod>),
+    /// Delete the VM's launcher Pod (gracefully: fencing waits until it is gone).
+    Delete,
+}
+
+/// What one VM reconcile does, in the order the controller applies it: finalizer, claims to
+/// take (in order, stopping at the first lost), claims to release (fenced), PVCs, the launcher
+/// Pod, the status, a Warning Event, the finalizer's removal.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct VmPlan {
+    /// Add the finalizer that fences the VM's claims.
+    pub add_finalizer: bool,
+    /// Persistent images to claim, in this order.
+    pub take: Vec<String>,
+    /// Persistent images to release (each release is fenced again on the API server).
+    pub release: Vec<String>,
+    /// Clone and volatile-disk PVCs to create.
+    pub create_pvcs: Vec<PersistentVolumeClaim>,
+    /// A change to the launcher Pod.
+    pub pod: Option<PodChange>,
+    /// The status to have (written when it differs); `None` leaves it as it is.
+    pub status: Option<VirtualMachineStatus>,
+    /// A Warning Event `(reason, message)`, once per transition.
+    pub warning: Option<(&'static str, String)>,
+    /// Remove the finalizer: the VM may go.
+    pub remove_finalizer: bool,
+    /// Look again after this long even if nothing changes.
+    pub requeue: Option<Duration>,
+}
+
+/// How soon a VM that queues behind an earlier VM looks again (that VM may never take the
+/// image, e.g. when it waits for a Template).
+const QUEUED_RECHECK: Duration = Duration::from_secs(2);
+/// How soon a VM whose launcher Pod is going looks again (the Pod's deletion wakes it too).
+const POD_GOING_RECHECK: Duration = Duration::from_secs(10);
+
+/// The whole decision of one VM reconcile (see the module).
+pub fn decide(obs: &Observed) -> VmPlan {
+    if obs.vm.metadata.deletion_timestamp.is_some() {
+        return decide_cleanup(obs);
+    }
+    let vm = obs.vm;
+    let mine: Vec<String> =
+        obs.claims.iter().filter(|(_, s)| **s == ClaimState::Mine).map(|(i, _)| i.clone()).collect();
+    if claim::stays_rejected(vm) {
+        // A Rejected VM holds nothing; should it still hold a claim, it lets go (fenced).
+        return let_go(obs, mine, VmPlan::default());
+    }
+    let mut plan = VmPlan::default();
+    let images = |n: &str| obs.images.get(n).copied();
+    let resolved = match resolve_disks(vm, obs.template.map(|t| &t.spec), images) {
+        Ok(resolved) => resolved,
+        Err(blocker) => return with_status(obs, plan, None, Verdict::Blocked { blocker, claimed: false }),
+    };
+    let wanted = persistent_images(&resolved.disks);
+    plan.add_finalizer = !wanted.is_empty() && !obs.vm.finalizers().iter().any(|f| f == names::VM_FINALIZER);
+    let states: BTreeMap<String, ClaimState> =
+        wanted.iter().map(|i| (i.clone(), obs.claims.get(i).cloned().unwrap_or(ClaimState::Free))).collect();
+    // A free image is only taken while a new VM could start using it (not deleted, no
+    // persistence change pending, ...).
+    for (image, _) in states.iter().filter(|(_, s)| **s == ClaimState::Free) {
+        if let Err(blocker) = usable_image(image, images(image)) {
+            return with_status(obs, plan, Some(&resolved), Verdict::Blocked { blocker, claimed: false });
+        }
+    }
+    let would_claim = |other: &VirtualMachine, image: &str| {
+        obs.others.iter().find(|o| std::ptr::eq(o.vm, other)).is_some_and(|o| o.claims_now.contains(image))
+    };
+    let first = |image: &str| claim::first_in_line(vm, obs.others.iter().map(|o| o.vm), image, would_claim);
+    let verdict = match claim::plan_claims(vm.spec.on_image_conflict, &states, first) {
+        ClaimPlan::Held => None,
+        ClaimPlan::Take(free) => {
+            plan.take = free;
+            None
+        }
+        ClaimPlan::Conflict { image, holder, wait } => {
+            let holding = mine.iter().any(|i| states.contains_key(i));
+            // Rejected is final: only once this VM lets go of everything it holds.
+            Some(if wait || holding { Verdict::Waiting { image, holder } } else { Verdict::Rejected { image, holder } })
+        }
+        ClaimPlan::Queued { image, first } => {
+            plan.requeue = Some(QUEUED_RECHECK);
+            Some(Verdict::Queued { image, first })
+        }
+    };
+    if let Some(verdict) = verdict {
+        let plan = let_go(obs, mine, plan);
+        return with_status(obs, plan, Some(&resolved), verdict);
+    }
+    provision(obs, plan, resolved)
+}
+
+/// Lets go of the claims in `mine`: released once no launcher Pod of the VM exists, else the
+/// Pod is stopped first (fencing) and the VM looks again once it is gone.
+fn let_go(obs: &Observed, mine: Vec<String>, mut plan: VmPlan) -> VmPlan {
+    if mine.is_empty() {
+        return plan;
+    }
+    match &obs.pod {
+        Child::Missing | Child::Foreign => plan.release = mine,
+        Child::Ours { deleting, .. } => {
+            if !deleting {
+                plan.pod = Some(PodChange::Delete);
+            }
+            plan.requeue = Some(POD_GOING_RECHECK);
+        }
+    }
+    plan
+}
+
+/// Children once the claims are (about to be) held: the missing PVCs, then the launcher Pod.
+fn provision(obs: &Observed, mut plan: VmPlan, mut resolved: Resolved) -> VmPlan {
+    let vm = obs.vm;
+    let name = vm.name_any();
+    let mut pvcs = obs.pvcs.clone();
+    let mut pod = obs.pod.clone();
+    for (kind, taken) in &obs.taken {
+        match *kind {
+            "Pod" => pod = Child::Foreign,
+            _ => {
+                pvcs.insert(taken.clone(), Child::Foreign);
+            }
+        }
+    }
+    let pod_name = names::launcher_pod(&name);
+    let children = plan_children(vm.spec.run_strategy, &resolved.disks, &pvcs, &pod_name, &pod);
+    for disk_name in &children.create_pvcs {
+        let Some(disk) = resolved.disks.iter().find(|d| &d.name == disk_name) else { continue };
+        let image = disk.image.as_deref().and_then(|i| obs.images.get(i).copied());
+        let source = resolved.clone_sources.get(disk_name).map(String::as_str);
+        if disk.image.is_some() && source.is_none() {
+            let blocker = Blocker::pending(
+                reason::IMAGE_NOT_READY,
+                format!("image {} is not ready to be cloned", disk.image.as_deref().unwrap_or_default()),
+            );
+            return with_status(obs, plan, Some(&resolved), Verdict::Blocked { blocker, claimed: true });
+        }
+        let pvc = build::vm_disk_pvc(vm, disk, image, source, obs.access_mode);
+        pvcs.insert(pvc.name_any(), Child::Ours { phase: Some("Pending".into()), deleting: false });
+        plan.create_pvcs.push(pvc);
+    }
+    if children.conflict.is_none() {
+        match children.pod {
+            PodAction::Create => {
+                let modes: BTreeMap<String, VolumeMode> = resolved
+                    .disks
+                    .iter()
+                    .filter_map(|d| Some((d.name.clone(), obs.images.get(d.image.as_ref()?)?.spec.volume_mode)))
+                    .collect();
+                let inputs = build::LauncherInputs {
+                    image: obs.launcher_image,
+                    cpu: resolved.cpu,
+                    memory: &resolved.memory,
+                    disks: &resolved.disks,
+                    modes: &modes,
+                    settings: obs.template.and_then(|t| t.spec.launcher.as_ref()),
+                };
+                plan.pod = Some(PodChange::Create(Box::new(build::launcher_pod(vm, &inputs))));
+                pod = Child::Ours { phase: Some("Pending".into()), deleting: false };
+            }
+            PodAction::Delete => {
+                plan.pod = Some(PodChange::Delete);
+                pod = Child::Ours { phase: None, deleting: true };
+            }
+            PodAction::Nothing => {}
+        }
+    }
+    for disk in &mut resolved.disks {
+        disk.phase = match pvcs.get(disk.pvc_name.as_deref().unwrap_or_default()) {
+            Some(Child::Ours { phase, .. }) => phase.clone().or(Some("Pending".into())),
+            _ if disk.persistent => Some("Attached".into()),
+            _ => Some("Missing".into()),
+        };
+    }
+    let verdict = match children.conflict {
+        Some((kind, object)) => Verdict::Blocked {
+            blocker: Blocker::pending(
+                reason::NAME_CONFLICT,
+                format!("{kind} {object} exists and does not belong to VirtualMachine {name}; vmkeep leaves it alone"),
+            ),
+            claimed: true,
+        },
+        None => Verdict::Provisioned { pod },
+    };
+    with_status(obs, plan, Some(&resolved), verdict)
+}
+
+/// Deletion: stop the launcher Pod, wait until it is gone, release the claims, let the VM go.
+/// Clone and volatile PVCs follow by garbage collection (or stay, after an orphaning deletion).
+fn decide_cleanup(obs: &Observed) -> VmPlan {
+    let mut plan = VmPlan::default();
+    if !obs.vm.finalizers().iter().any(|f| f == names::VM_FINALIZER) {
+        return plan;
+    }
+    plan.status = Some(status(obs.vm, None, &Verdict::Terminating, &obs.now));
+    let mine: Vec<String> =
+        obs.claims.iter().filter(|(_, s)| **s == ClaimState::Mine).map(|(i, _)| i.clone()).collect();
+    match &obs.pod {
+        Child::Ours { deleting, .. } => {
+            if !deleting {
+                plan.pod = Some(PodChange::Delete);
+            }
+            plan.requeue = Some(POD_GOING_RECHECK);
+        }
+        Child::Missing | Child::Foreign => {
+            plan.release = mine;
+            plan.remove_finalizer = true;
+        }
+    }
+    plan
+}
+
+/// Adds the status of `verdict` and the Warning it calls for (once per transition).
+fn with_status(obs: &Observed, mut plan: VmPlan, resolved: Option<&Resolved>, verdict: Verdict) -> VmPlan {
+    let vm = obs.vm;
+    let previous = vm.status.as_ref();
+    let entered = |phase: VirtualMachinePhase, reason: &str| {
+        previous.is_none_or(|p| {
+            p.phase != Some(phase)
+                || p.observed_generation != vm.metadata.generation
+                || !p.conditions.iter().any(|c| c.r#type == READY && c.reason == reason)
+        })
+    };
+    plan.warning = match &verdict {
+        Verdict::Rejected { image, holder } if entered(VirtualMachinePhase::Rejected, reason::IMAGE_IN_USE) => {
+            Some((reason::IMAGE_IN_USE, claim::in_use_message(image, holder)))
+        }
+        Verdict::Blocked { blocker, .. }
+            if (blocker.phase == VirtualMachinePhase::Failed || blocker.reason == reason::NAME_CONFLICT)
+                && entered(blocker.phase, blocker.reason) =>
+        {
+            Some((blocker.reason, blocker.message.clone()))
+        }
+        _ => None,
+    };
+    plan.status = Some(status(vm, resolved, &verdict, &obs.now));
+    plan
 }

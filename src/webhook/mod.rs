@@ -161,6 +161,8 @@ enum Undecided {
     Unreadable(&'static str, String),
     #[error("cannot read from the API server: {0}")]
     Kube(#[from] kube::Error),
+    #[error("cannot read a claim: {0}")]
+    Claim(#[from] claim::Error),
     #[error("the API server did not answer within {DECIDE_TIMEOUT:?}")]
     Timeout,
 }
@@ -248,9 +250,10 @@ impl Reviewer {
         };
         let images = self.images(namespace, validate::images_of(&template.spec)).await?;
         let uid = vm.uid().unwrap_or_default();
+        let claims_api = claim::Claims::new(self.client.clone(), None);
         let mut claims = BTreeMap::new();
         for image in validate::claims_needed(&template.spec, |name| images.get(name)) {
-            let state = claim::read_state(&self.client, namespace, &image, &uid).await?;
+            let state = claims_api.state(namespace, &image, &uid).await?;
             claims.insert(image, state);
         }
         Ok(validate::virtual_machine_create(vm.spec.on_image_conflict, &claims))

@@ -18,7 +18,8 @@ use crate::{
     },
     plan::{
         self,
-        virtual_machine::{ClaimPlan, ClaimState, check_template, in_use_message, plan_claims},
+        claim::{ClaimPlan, ClaimState, in_use_message, plan_claims},
+        virtual_machine::check_template,
     },
 };
 
@@ -101,7 +102,7 @@ pub fn claims_needed<'a>(template: &TemplateSpec, images: impl Fn(&str) -> Optio
 /// A new VirtualMachine, given who holds each image of [`claims_needed`]: denied when another
 /// VM holds one and the new VM would be Rejected ([`plan_claims`]); a VM that waits is admitted.
 pub fn virtual_machine_create(on_conflict: OnImageConflict, claims: &BTreeMap<String, ClaimState>) -> Verdict {
-    match plan_claims(on_conflict, claims, |_| false) {
+    match plan_claims(on_conflict, claims, |_| None) {
         ClaimPlan::Conflict { image, holder, wait: false } => Err(in_use_message(&image, &holder)),
         _ => Ok(()),
     }

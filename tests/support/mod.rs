@@ -12,6 +12,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+pub mod env;
+
 use kube::{
     Client, Config,
     config::{KubeConfigOptions, Kubeconfig},

@@ -1,0 +1,88 @@
+//! Every reason vmkeep gives, in one place: the `reason` of conditions and Events, read by
+//! users, `kubectl wait`, GitOps health checks and the tests. The plan decides them, the
+//! controllers publish them, the admission webhook uses the same words.
+
+// VirtualMachine: waiting (phase Pending) or never working (phase Failed).
+/// The VM's Template does not exist (yet).
+pub const TEMPLATE_NOT_FOUND: &str = "TemplateNotFound";
+/// An Image the Template names does not exist (yet).
+pub const IMAGE_NOT_FOUND: &str = "ImageNotFound";
+/// An Image is importing, cloning, being deleted or changing its persistence.
+pub const IMAGE_NOT_READY: &str = "ImageNotReady";
+/// An Image is disabled: no new VM may start using it.
+pub const IMAGE_DISABLED: &str = "ImageDisabled";
+/// A Template disk size below its image's capacity, or above a persistent image's.
+pub const INVALID_DISK_SIZE: &str = "InvalidDiskSize";
+/// A Template that can never work (two CDROMs, a persistent image on two disks, ...).
+pub const INVALID_TEMPLATE: &str = "InvalidTemplate";
+/// A child's name is taken by an object that is not vmkeep's (VMs and Images).
+pub const NAME_CONFLICT: &str = "NameConflict";
+
+// VirtualMachine: claims.
+/// Another VM holds a persistent image (`onImageConflict: Reject`).
+pub const IMAGE_IN_USE: &str = "ImageInUse";
+/// Waiting for a persistent image (`onImageConflict: Wait`, or behind a VM created earlier).
+pub const WAITING_FOR_IMAGE: &str = "WaitingForImage";
+/// Every persistent image is held by this VM.
+pub const CLAIMED: &str = "Claimed";
+/// The VM has no persistent image to claim.
+pub const NO_PERSISTENT_IMAGES: &str = "NoPersistentImages";
+/// Every disk's PVC exists.
+pub const DISKS_CREATED: &str = "DisksCreated";
+
+// VirtualMachine: Ready.
+/// The launcher Pod runs.
+pub const RUNNING: &str = "Running";
+/// The launcher Pod exists and does not run yet.
+pub const STARTING: &str = "Starting";
+/// The launcher Pod is being created.
+pub const PROVISIONING: &str = "Provisioning";
+/// `runStrategy: Halted` and no launcher Pod.
+pub const HALTED: &str = "Halted";
+/// `runStrategy: Halted` and the launcher Pod is going.
+pub const STOPPING: &str = "Stopping";
+/// Deleted: the launcher Pod goes, then the claims are released.
+pub const TERMINATING: &str = "Terminating";
+
+// Image.
+/// `spec.source` names not exactly one kind.
+pub const INVALID_SOURCE: &str = "InvalidSource";
+/// A blank image without `spec.size`.
+pub const MISSING_SIZE: &str = "MissingSize";
+/// A `spec.size` that is not a positive size.
+pub const INVALID_SIZE: &str = "InvalidSize";
+/// The source Image of a clone does not exist (yet).
+pub const SOURCE_NOT_FOUND: &str = "SourceNotFound";
+/// The source Image of a clone is held by a VM.
+pub const SOURCE_IN_USE: &str = "SourceInUse";
+/// The source Image of a clone is not ready.
+pub const SOURCE_NOT_READY: &str = "SourceNotReady";
+/// `http` and `virtualMachineDisk` sources are not supported yet.
+pub const SOURCE_NOT_SUPPORTED: &str = "SourceNotSupported";
+/// A volume mode that differs from the source's or the PVC's.
+pub const INVALID_VOLUME_MODE: &str = "InvalidVolumeMode";
+/// An adopted PVC does not exist.
+pub const PVC_NOT_FOUND: &str = "PvcNotFound";
+/// The image's PVC lost its volume.
+pub const PVC_LOST: &str = "PvcLost";
+/// An adopted PVC is smaller than `spec.size`.
+pub const PVC_TOO_SMALL: &str = "PvcTooSmall";
+/// The image's PVC exists.
+pub const PVC_READY: &str = "PvcReady";
+/// The image's PVC is being cloned.
+pub const CLONING: &str = "Cloning";
+/// A VM uses the image (condition InUse); also why a persistence change waits.
+pub const IN_USE: &str = "InUse";
+/// No VM uses the image.
+pub const UNUSED: &str = "Unused";
+/// `spec.persistent` is in force.
+pub const APPLIED: &str = "Applied";
+
+// Template.
+/// Every image of the Template exists and is usable.
+pub const IMAGES_READY: &str = "ImagesReady";
+
+// Any kind.
+/// The object cannot be read as its kind (Warning Event, operator log and metrics): the
+/// controllers skip it instead of stalling their watch.
+pub const MALFORMED: &str = "Malformed";
