@@ -178,9 +178,15 @@ impl Claims {
     /// `h` exists; a Lease that is gone or was replaced in the meantime is left alone.
     async fn release_fenced(&self, namespace: &str, lease: &Lease, h: &ClaimHolder) -> Result<Release, Error> {
         let pods: Api<Pod> = Api::namespaced(self.client.clone(), namespace);
-        let selector = format!("{},{}={}", names::MANAGED_SELECTOR, names::VM_LABEL, names::label_value(&h.name));
-        let launchers = pods.list_metadata(&ListParams::default().labels(&selector)).await.map_err(read("Pods"))?;
-        if rules::fenced(launchers.items.iter().map(|p| &p.metadata), h) {
+        // The holder's launcher Pods from the API server: by its VM label, and by the launcher's
+        // name, so a Pod whose labels a user edited (e.g. removed managed-by to take it out of
+        // vmkeep's watch) still fences the claim.
+        let selector = format!("{}={}", names::VM_LABEL, names::label_value(&h.name));
+        let mut launchers =
+            pods.list_metadata(&ListParams::default().labels(&selector)).await.map_err(read("Pods"))?.items;
+        let by_name = pods.get_metadata_opt(&names::launcher_pod(&h.name)).await.map_err(read("a launcher Pod"))?;
+        launchers.extend(by_name);
+        if rules::fenced(launchers.iter().map(|p| &p.metadata), h) {
             return Ok(Release::Fenced);
         }
         let params = DeleteParams {

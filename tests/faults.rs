@@ -444,3 +444,27 @@ async fn fault1_an_image_pvc_and_claim_made_with_owners_are_taken_out_of_garbage
     .await;
     assert_eq!(env.claim_holder("data").await.as_deref(), Some("a"));
 }
+
+/// Found by a breaker: a user takes a holder's launcher Pod out of vmkeep's watch by removing
+/// its managed-by label, then deletes the VM. The claim must stay until that Pod is gone.
+#[tokio::test]
+async fn a_launcher_relabelled_out_of_vmkeeps_watch_still_fences_the_claim() {
+    let env = Env::new("relabel").await;
+    let node = FakeNode::run(env.client.clone(), &env.ns.name);
+    apply(&env.ns, &(image("data", true) + &template("t", &[("disk", Some("data"))])));
+    let (holder, waiter, pod) = holder_and_waiter(&env, 0).await;
+    let unlabel = format!("{}-", names::MANAGED_BY);
+    kubectl_ok(&["label", "pod", &pod, "-n", &env.ns.name, &unlabel], None);
+    env.delete_vm(&holder).await;
+    for _ in 0..15 {
+        assert_eq!(env.claim_holder("data").await.as_deref(), Some(holder.as_str()), "released while {pod} exists");
+        assert!(env.pod(&names::launcher_pod(&waiter)).await.is_none(), "a second Pod while {pod} exists");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    kubelet_confirms(&env, &pod).await;
+    env.wait_vm(&waiter, VirtualMachinePhase::Starting).await;
+    assert_eq!(env.claim_holder("data").await.as_deref(), Some(waiter.as_str()));
+    env.wait_gone::<VirtualMachine>(&holder, LONG).await;
+    delete_running(&env, &waiter).await;
+    node.assert_never_shared();
+}

@@ -55,8 +55,10 @@ fn pvc_view(pvc: Option<&PersistentVolumeClaim>, owner_uid: &str) -> ImagePvc {
         Some(p) => {
             let spec = p.spec.clone().unwrap_or_default();
             let requested = spec.resources.as_ref().and_then(|r| r.requests.as_ref()?.get("storage").cloned());
+            let ours = made_for(p, owner_uid);
             ImagePvc::Present {
-                ours: made_for(p, owner_uid),
+                ours,
+                vmkeep_disk: !ours && p.labels().get(names::MANAGED_BY).map(String::as_str) == Some(names::MANAGER),
                 phase: p.status.as_ref().and_then(|s| s.phase.clone()),
                 // Before it binds, a PVC's capacity is what it asks for.
                 capacity: p.status.as_ref().and_then(|s| s.capacity.as_ref()?.get("storage").cloned()).or(requested),

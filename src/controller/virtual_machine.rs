@@ -47,6 +47,9 @@ pub async fn reconcile(vm: Arc<VirtualMachine>, ctx: Arc<Context>) -> Result<Act
         let decided = plan::decide(&observed);
         match apply(&ctx, &ns, &vm, &decided, &mut facts).await? {
             Applied::Done => return Ok(decided.requeue.map_or_else(Action::await_change, Action::requeue)),
+            // A Pod still fences a claim. Its deletion normally wakes the VM, but a Pod a user took
+            // out of vmkeep's watch (labels edited) would not: look again in a while.
+            Applied::Fenced => return Ok(Action::requeue(FENCED_RECHECK)),
             Applied::Learned(fact) => facts.learn(fact),
         }
     }
@@ -222,10 +225,16 @@ fn others(ctx: &Context, ns: &str, vm: &VirtualMachine) -> Vec<(Arc<VirtualMachi
         .collect()
 }
 
+/// How often a VM whose claim release is fenced by a launcher Pod checks again (besides the
+/// Pod watch, which misses Pods whose labels were edited).
+const FENCED_RECHECK: Duration = Duration::from_secs(5);
+
 /// What [`apply`] ended with.
 enum Applied {
     /// The plan is applied.
     Done,
+    /// Applied up to a release that a launcher Pod still fences.
+    Fenced,
     /// Something the plan did not know: decide again with it.
     Learned(Fact),
 }
@@ -281,8 +290,9 @@ async fn apply(
         apply::event(ctx, vm, true, reason, message.clone()).await;
     }
     if fenced {
-        // A launcher Pod appeared since the plan was made: its deletion wakes the VM again.
-        return Ok(Applied::Done);
+        // A launcher Pod exists (one appeared since the plan was made, or the watch cannot see
+        // it): the finalizer stays.
+        return Ok(Applied::Fenced);
     }
     if decided.remove_finalizer {
         apply::remove_finalizer(ctx, vm, names::VM_FINALIZER).await?;

@@ -146,20 +146,19 @@ pub fn stays_rejected(vm: &VirtualMachine) -> bool {
 
 /// Whether a Pod is a launcher of the VM `vm_name` with uid `vm_uid`: by the identity vmkeep
 /// recorded on it (the VM's uid label, or its owner reference), not by owner reference alone,
-/// which an orphaning deletion removes. A launcher labelled with the VM's name but no uid (made
-/// before vmkeep recorded uids) counts too: fencing errs on the safe side.
+/// which an orphaning deletion removes, and not only while it carries vmkeep's managed-by label,
+/// which a user may remove. A launcher labelled with the VM's name but no uid (made before vmkeep
+/// recorded uids) counts too: fencing errs on the safe side.
 pub fn launcher_of(pod: &ObjectMeta, vm_name: &str, vm_uid: &str) -> bool {
     let labels = pod.labels.as_ref();
     let label = |key: &str| labels.and_then(|l| l.get(key)).map(String::as_str);
-    if label(names::MANAGED_BY) != Some(names::MANAGER) {
-        return pod.owner_references.iter().flatten().any(|o| o.uid == vm_uid);
-    }
+    let owned = pod.owner_references.iter().flatten().any(|o| o.uid == vm_uid);
     match label(names::VM_UID_LABEL) {
-        Some(uid) => uid == names::label_value(vm_uid),
-        None => {
-            label(names::VM_LABEL) == Some(names::label_value(vm_name).as_str())
-                || pod.owner_references.iter().flatten().any(|o| o.uid == vm_uid)
+        Some(uid) => uid == names::label_value(vm_uid) || owned,
+        None if label(names::MANAGED_BY) == Some(names::MANAGER) => {
+            label(names::VM_LABEL) == Some(names::label_value(vm_name).as_str()) || owned
         }
+        None => owned,
     }
 }
 

@@ -25,6 +25,8 @@ pub enum ImagePvc {
     /// controller reference older versions gave it).
     Present {
         ours: bool,
+        /// vmkeep made it, but not for this Image: another Image's PVC or a VM's disk.
+        vmkeep_disk: bool,
         phase: Option<String>,
         capacity: Option<Quantity>,
         storage_class: Option<String>,
@@ -241,6 +243,18 @@ pub fn plan(obs: &ImageObservation, now: &Time) -> ImagePlan {
                     false,
                     reason::NAME_CONFLICT,
                     format!("PersistentVolumeClaim {name} exists and is not this image's; vmkeep leaves it alone"),
+                ),
+            ),
+            (ImagePvc::Present { ours: false, vmkeep_disk: true, .. }, None) => (
+                ImagePhase::Error,
+                Cond::new(
+                    READY,
+                    false,
+                    reason::PVC_MANAGED_BY_VMKEEP,
+                    format!(
+                        "PersistentVolumeClaim {name} is a disk vmkeep made for another Image or a VirtualMachine; \
+                         adopting it would bypass its claim (to copy an Image, use source.image)"
+                    ),
                 ),
             ),
             (ImagePvc::Missing, None) => (

@@ -17,6 +17,9 @@ pub const INVALID_DISK_SIZE: &str = "InvalidDiskSize";
 pub const INVALID_TEMPLATE: &str = "InvalidTemplate";
 /// A child's name is taken by an object that is not vmkeep's (VMs and Images).
 pub const NAME_CONFLICT: &str = "NameConflict";
+/// An Image's `source.pvc` names a disk vmkeep made (another Image's PVC or a VM's disk):
+/// adopting it would bypass that disk's claim.
+pub const PVC_MANAGED_BY_VMKEEP: &str = "PvcManagedByVmkeep";
 
 // VirtualMachine: claims.
 /// Another VM holds a persistent image (`onImageConflict: Reject`).

@@ -179,6 +179,7 @@ fn observe(image: &Image, pvc: ImagePvc) -> ImageObservation<'_> {
 fn present(ours: bool, phase: &str, capacity: Option<&str>) -> ImagePvc {
     ImagePvc::Present {
         ours,
+        vmkeep_disk: false,
         phase: Some(phase.to_owned()),
         capacity: capacity.map(q),
         storage_class: None,
@@ -960,6 +961,22 @@ fn an_adopted_pvc_is_waited_for_and_never_created() {
     assert_eq!((there.status.pvc_name.as_deref(), there.status.capacity), (Some("data"), Some(q("5Gi"))));
 }
 
+#[test]
+fn a_disk_vmkeep_made_is_never_adopted() {
+    // Found by a breaker: an Image adopting another Image's PVC (or a VM's disk) would hold its
+    // own claim on the same PVC, so two VMs could mount it.
+    let img = finalized(image("alias", "spec: {persistent: true, source: {pvc: {name: data-image}}}"));
+    let mut theirs = present(false, "Bound", Some("1Gi"));
+    if let ImagePvc::Present { vmkeep_disk, .. } = &mut theirs {
+        *vmkeep_disk = true;
+    }
+    let plan = settle_image(&observe(&img, theirs));
+    let (phase, ready) = image_ready(&plan);
+    assert_eq!((phase, ready.reason.as_str()), (Some(ImagePhase::Error), "PvcManagedByVmkeep"));
+    assert!(ready.message.contains("data-image") && ready.message.contains("source.image"), "{}", ready.message);
+    assert_eq!((&plan.create_pvc, &plan.status.pvc_name), (&None, &None));
+}
+
 fn golden(status: &str) -> Image {
     image("golden", &format!("spec: {{size: 10Gi, storageClassName: fast, source: {{blank: {{}}}}}}\nstatus: {status}"))
 }
@@ -1704,4 +1721,9 @@ fn a_holder_is_fenced_by_its_launcher_pods_found_by_label_and_recorded_uid() {
     assert!(claim_plan::fenced([&pod(managed(Some("vm-a")), json!([]))], &holder));
     assert!(!claim_plan::fenced([&pod(managed(Some("vm-b")), json!([]))], &holder));
     assert!(!claim_plan::fenced(std::iter::empty(), &holder));
+    // A user removed vmkeep's managed-by label (and an orphaning deletion the owner): the
+    // recorded uid still makes it the holder's.
+    let unmanaged = json!({"vmkeep.io/virtual-machine": "vm-a", "vmkeep.io/virtual-machine-uid": "uid-vm-a"});
+    assert!(claim_plan::fenced([&pod(unmanaged, json!([]))], &holder));
+    assert!(claim_plan::fenced([&pod(json!({}), owned)], &holder));
 }
