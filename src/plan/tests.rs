@@ -1625,6 +1625,18 @@ fn decide_takes_images_in_one_order_and_is_rejected_only_holding_nothing() {
 }
 
 #[test]
+fn decide_stops_the_launcher_of_a_vm_whose_claim_was_lost() {
+    // Found by a breaker: the claim Lease deleted or handed over by hand while vm-a runs.
+    let (images, t) = (decide_images(), small());
+    let v = with_finalizer(vm("vm-a"));
+    let mut obs = observed(&v, &t, &images, &[("db", ClaimState::Other { holder: "vm-b".into() })]);
+    obs.pod = ours("Running");
+    let plan = vm_plan::decide(&obs);
+    assert_eq!(plan.pod, Some(vm_plan::PodChange::Delete));
+    assert!(plan.take.is_empty() && plan.release.is_empty());
+}
+
+#[test]
 fn decide_releases_a_claim_a_rejected_vm_still_holds() {
     let (images, t) = (decide_images(), small());
     let v = with_status(vm("vm-b"), "phase: Rejected\nobservedGeneration: 1");

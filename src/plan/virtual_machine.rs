@@ -632,7 +632,14 @@ pub fn decide(obs: &Observed) -> VmPlan {
         }
     };
     if let Some(verdict) = verdict {
-        let plan = let_go(obs, mine, plan);
+        let mut plan = let_go(obs, mine, plan);
+        // Not holding every persistent image it needs, it runs no launcher: its claim was lost
+        // (a Lease deleted or edited by hand) and another VM may now mount the image.
+        if plan.pod.is_none()
+            && let Child::Ours { deleting: false, .. } = obs.pod
+        {
+            plan.pod = Some(PodChange::Delete);
+        }
         return with_status(obs, plan, Some(&resolved), verdict);
     }
     provision(obs, plan, resolved)
