@@ -308,6 +308,10 @@ async fn a_restarted_operator_writes_nothing_to_a_converged_namespace() {
             + &vm("a", "t", "Reject")),
     );
     env.wait_vm("a", VirtualMachinePhase::Starting).await;
+    if schedulable_node().is_some() {
+        // On a node the launcher Pod starts (in seconds on a busy node): converged means Running.
+        env.wait_vm("a", VirtualMachinePhase::Running).await;
+    }
     apply(&env.ns, &(vm("b", "t", "Reject") + &vm("c", "t", "Wait")));
     env.wait_vm("b", VirtualMachinePhase::Rejected).await;
     env.wait_vm("c", VirtualMachinePhase::Pending).await;
