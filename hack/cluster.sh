@@ -228,9 +228,9 @@ NO_EGRESS=(FORWARD -i "$BRIDGE" ! -o "$BRIDGE" -m comment --comment vmkeep-local
 
 ctr_() { ctr -a "$SOCK" -n k8s.io "$@"; }
 
+# Ready and without taints (the not-ready taint goes once the node lifecycle controller sees it).
 node_ready() {
-  [[ $(kubectl_admin get node "$NODE_NAME" -o 'jsonpath={.status.conditions[?(@.type=="Ready")].status}' 2>/dev/null) == True ]] &&
-    [[ -z $(kubectl_admin get node "$NODE_NAME" -o 'jsonpath={.spec.taints}' 2>/dev/null) ]]
+  [[ $(kubectl_admin get node "$NODE_NAME" -o 'jsonpath={.status.conditions[?(@.type=="Ready")].status}/{.spec.taints}' 2>/dev/null) == True/ ]]
 }
 
 node_prepare() { # before the API server: it listens on the bridge

@@ -72,10 +72,15 @@ apt_install umoci jq tar gcc libc6-dev
 epoch=${SOURCE_DATE_EPOCH:-$(git log -1 --format=%ct 2>/dev/null || echo 0)}
 created=$(date -u -d "@$epoch" +%Y-%m-%dT%H:%M:%SZ)
 
+# manifest_digest LAYOUT TAG: the digest of TAG's manifest in the OCI layout (empty if none).
+manifest_digest() {
+  jq -r --arg t "$2" '.manifests[] | select(.annotations["org.opencontainers.image.ref.name"] == $t) | .digest' "$1/index.json" 2>/dev/null | head -1
+}
+
 # up_to_date LAYOUT TAG INPUTS: the layout holds TAG built from INPUTS.
 up_to_date() {
   local manifest
-  manifest=$(jq -r --arg t "$2" '.manifests[] | select(.annotations["org.opencontainers.image.ref.name"] == $t) | .digest' "$1/index.json" 2>/dev/null | head -1)
+  manifest=$(manifest_digest "$1" "$2")
   [[ -n $manifest ]] || return 1
   [[ $(jq -r '.annotations["vmkeep.io/image-inputs"] // ""' "$1/blobs/${manifest%%:*}/${manifest#*:}") == "$3" ]]
 }
@@ -122,7 +127,7 @@ build_launcher() {
   apt_install "${QEMU_PACKAGES[@]}"
   local layout=$WORK/launcher tag=$VERSION base=$CACHE/image/oci inputs
   local base_manifest
-  base_manifest=$(jq -r --arg t "$VERSION" '.manifests[] | select(.annotations["org.opencontainers.image.ref.name"] == $t) | .digest' "$base/index.json")
+  base_manifest=$(manifest_digest "$base" "$VERSION")
   inputs=$(inputs_of "$base_manifest" "$(dpkg-query -W "${QEMU_PACKAGES[@]}")")
   up_to_date "$layout" "$tag" "$inputs" && return 0
   log "building launcher (the operator image plus QEMU)"
@@ -175,7 +180,7 @@ build_launcher() {
 import_image() {
   local ref layout=$2 tag=$3 digest have
   ref=$(normalised "$1")
-  digest=$(jq -r --arg t "$tag" '.manifests[] | select(.annotations["org.opencontainers.image.ref.name"] == $t) | .digest' "$layout/index.json")
+  digest=$(manifest_digest "$layout" "$tag")
   have=$(ctr -a "$sock" -n k8s.io images ls "name==$ref" 2>/dev/null | awk 'NR > 1 {print $3}')
   if [[ $have == "$digest" ]]; then return 0; fi
   log "importing $ref ($digest)"

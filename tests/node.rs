@@ -11,11 +11,10 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::{coordination::v1::Lease, core::v1::Pod};
-use kube::{Api, Client, ResourceExt};
-use support::*;
+use kube::ResourceExt;
+use support::{env::*, *};
 use vmkeep::{
-    api::{VirtualMachine, virtual_machine::VirtualMachinePhase},
+    api::virtual_machine::VirtualMachinePhase,
     plan::{conditions::find as condition, names},
 };
 
@@ -45,13 +44,9 @@ metadata: {name: b}
 spec: {templateRef: {name: t}, onImageConflict: Wait}
 "#;
 
-async fn phase(vms: &Api<VirtualMachine>, name: &str) -> Option<VirtualMachinePhase> {
-    vms.get_opt(name).await.expect("get vm")?.status?.phase
-}
-
 /// The uid of the VM holding the claim on image `data`, if any.
-async fn holder(leases: &Api<Lease>) -> Option<String> {
-    leases.get_opt(&names::claim_lease("data")).await.expect("get lease")?.spec?.holder_identity
+async fn holder(env: &Env) -> Option<String> {
+    env.claim("data").await?.spec?.holder_identity
 }
 
 /// The host pid of the `vmkeep launch` process of the Pod with `uid` (the kubelet's cgroupfs
@@ -69,46 +64,39 @@ fn launcher_pid(uid: &str) -> Option<u32> {
 
 #[tokio::test]
 async fn a_claim_moves_only_after_the_kubelet_confirms_the_launcher_gone() {
-    install_crds();
     let Some(node) = schedulable_node() else {
         eprintln!("skipped: the cluster has no schedulable node (Pods would never run)");
         return;
     };
-    let ns = TestNamespace::new("node-fencing");
-    let mut operator = Operator::for_namespace("node-fencing", &ns.name);
-    operator.ready().await;
-    let client: Client = client().await;
-    let vms: Api<VirtualMachine> = Api::namespaced(client.clone(), &ns.name);
-    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns.name);
-    let leases: Api<Lease> = Api::namespaced(client.clone(), &ns.name);
+    let env = Env::new("node-fencing").await;
+    let ns = &env.ns;
 
     let applied = Instant::now();
-    kubectl_ok(&["apply", "-n", &ns.name, "-f", "-"], Some(SCENARIO));
+    apply(ns, SCENARIO);
     wait_for("VirtualMachine a to run", LONG, async || {
-        (phase(&vms, "a").await == Some(VirtualMachinePhase::Running)).then_some(())
+        (env.vm_phase("a").await == Some(VirtualMachinePhase::Running)).then_some(())
     })
     .await;
     eprintln!("apply -> VM a Running: {:.1} s", applied.elapsed().as_secs_f64());
-    let launcher = pods.get(&names::launcher_pod("a")).await.expect("a's launcher Pod");
+    let launcher = env.pod(&names::launcher_pod("a")).await.expect("a's launcher Pod");
     let spec = launcher.spec.clone().expect("spec");
     assert_eq!(spec.node_name.as_deref(), Some(node.as_str()), "the launcher runs on the node");
     let log = kubectl_ok(&["logs", "-n", &ns.name, &names::launcher_pod("a")], None);
     assert!(log.contains("holding the VM's disks"), "the launcher's log (kubectl logs):\n{log}");
-    let a_uid = vms.get("a").await.expect("a").uid().expect("uid");
+    let a_uid = env.vm("a").await.expect("a").uid().expect("uid");
 
-    kubectl_ok(&["apply", "-n", &ns.name, "-f", "-"], Some(WAITER));
+    apply(ns, WAITER);
     let b = wait_for("VirtualMachine b to wait for the image", LONG, async || {
-        let vm = vms.get_opt("b").await.expect("get vm")?;
+        let vm = env.vm("b").await?;
         let conditions = &vm.status.as_ref()?.conditions;
         (condition(conditions, "ImagesClaimed")?.reason == "WaitingForImage").then_some(vm)
     })
     .await;
     let b_uid = b.uid().expect("uid");
-    assert_eq!(holder(&leases).await.as_deref(), Some(a_uid.as_str()));
+    assert_eq!(holder(&env).await.as_deref(), Some(a_uid.as_str()));
 
     if !is_local_cluster() {
         eprintln!("skipped the SIGTERM part: it stops the launcher's process, which only the local node allows");
-        drop(operator);
         return;
     }
     // The launcher ignores SIGTERM from now on: the kubelet waits the grace period, then kills it.
@@ -119,13 +107,13 @@ async fn a_claim_moves_only_after_the_kubelet_confirms_the_launcher_gone() {
     let grace = spec.termination_grace_period_seconds.unwrap_or(30);
 
     let deleted = Instant::now();
-    kubectl_ok(&["delete", "virtualmachines.vmkeep.io", "a", "-n", &ns.name, "--wait=false"], None);
+    env.delete_vm("a").await;
     let mut terminating_seen = None;
     let mut gone_at = None;
     let moved_at = wait_for("the claim to move to b", Duration::from_secs(grace as u64 + 90), async || {
         // Read the claim first: once it names b, a's launcher must already be gone.
-        let holder = holder(&leases).await;
-        let pod = pods.get_opt(&names::launcher_pod("a")).await.expect("get pod");
+        let holder = holder(&env).await;
+        let pod = env.pod(&names::launcher_pod("a")).await;
         match (&holder, &pod) {
             (Some(h), Some(pod)) if *h == b_uid => {
                 panic!("the claim moved to b while a's launcher Pod still exists: {:?}", pod.metadata)
@@ -154,7 +142,7 @@ async fn a_claim_moves_only_after_the_kubelet_confirms_the_launcher_gone() {
         (moved_at - gone_at).as_secs_f64()
     );
     wait_for("VirtualMachine b to run", LONG, async || {
-        (phase(&vms, "b").await == Some(VirtualMachinePhase::Running)).then_some(())
+        (env.vm_phase("b").await == Some(VirtualMachinePhase::Running)).then_some(())
     })
     .await;
     kubectl_ok(&["delete", "virtualmachines.vmkeep.io", "b", "-n", &ns.name, "--timeout=90s"], None);
