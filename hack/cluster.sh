@@ -67,11 +67,20 @@ SRC
 
 K8S_CMDS=(kube-apiserver kube-controller-manager kube-scheduler kubelet kube-proxy)
 
-built() { local c; for c in "${K8S_CMDS[@]}"; do [[ -x $BIN/$c ]] || return 1; done; }
+# vmkeep's patches to that source (hack/k8s-patches/*.patch, applied in name order); the
+# binaries are rebuilt when they change.
+PATCHES=$(dirname "${BASH_SOURCE[0]}")/k8s-patches
+patches_sum() { cat "$PATCHES"/*.patch | sha256sum | cut -d' ' -f1; }
+
+built() {
+  local c
+  for c in "${K8S_CMDS[@]}"; do [[ -x $BIN/$c ]] || return 1; done
+  [[ $(cat "$BIN/patches.sha256" 2>/dev/null) == "$(patches_sum)" ]]
+}
 
 cmd_build() {
   if built; then return 0; fi
-  apt_install etcd-server golang-1.19-go rsync make dpkg-dev golang-github-modern-go-reflect2-dev openssl ca-certificates
+  apt_install etcd-server golang-1.19-go rsync make patch dpkg-dev golang-github-modern-go-reflect2-dev openssl ca-certificates
   local src=$CACHE/src
   mkdir -p "$src"
   if ! ls "$src"/kubernetes_*.dsc >/dev/null 2>&1; then
@@ -90,6 +99,10 @@ cmd_build() {
   rm -rf "$work/k8s/vendor/github.com/modern-go/reflect2"
   cp -r "$r2" "$work/k8s/vendor/github.com/modern-go/reflect2"
   rm -f "$work/k8s/vendor/github.com/modern-go/reflect2/go.mod"
+  local p
+  for p in "$PATCHES"/*.patch; do
+    patch -s -d "$work/k8s" -p1 <"$p" || die "patch $p does not apply"
+  done
   ln -s "$work/k8s" "$work/.go/src/k8s.io/kubernetes"
   log "building ${K8S_CMDS[*]} (about 12 minutes on 2 cores, once)"
   (
@@ -101,6 +114,7 @@ cmd_build() {
   mkdir -p "$BIN"
   local c
   for c in "${K8S_CMDS[@]}"; do cp "$work/k8s/_output/bin/$c" "$BIN/"; done
+  patches_sum >"$BIN/patches.sha256"
   rm -rf "$work"
   log "built into $BIN"
 }

@@ -54,14 +54,48 @@ enum Command {
         #[command(flatten)]
         webhook: Box<WebhookArgs>,
     },
-    /// Inside a launcher Pod: hold the VM's disks (checking each is there) until SIGTERM.
+    /// Inside a launcher Pod (PID 1): run the VM under QEMU until SIGTERM, then stop it
+    /// gracefully (ACPI power button, `quit`, kill at the deadline).
     Launch {
-        /// The VirtualMachine's name.
+        /// The VirtualMachine's name (QEMU's name, the guest's SMBIOS serial number).
         #[arg(long)]
         vm: String,
-        /// A disk as NAME=PATH (a mounted folder or a block device); repeat per disk.
-        #[arg(long = "disk", value_parser = parse_disk)]
-        disks: Vec<(String, PathBuf)>,
+        /// Virtual CPUs.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=255))]
+        cpu: u32,
+        /// Guest memory in MiB.
+        #[arg(long, value_parser = clap::value_parser!(u64).range(16..))]
+        memory_mib: u64,
+        /// A disk, in boot order: `name=..,path=..,volumeMode=Filesystem|Block,capacity=BYTES`
+        /// and the flags `readOnly`, `cdrom`, `blank`; repeat per disk.
+        #[arg(long = "disk")]
+        disks: Vec<launcher::spec::LaunchDisk>,
+        /// Seconds from SIGTERM until QEMU is killed (less than the Pod's grace period).
+        #[arg(long, default_value_t = 55)]
+        stop_timeout_seconds: u64,
+        /// The QEMU system emulator.
+        #[arg(long, default_value = "qemu-system-x86_64")]
+        qemu: PathBuf,
+        /// The KVM device checked at start.
+        #[arg(long, default_value = "/dev/kvm")]
+        kvm_device: PathBuf,
+        /// Where the QMP and console sockets go.
+        #[arg(long, default_value = launcher::RUN_DIR)]
+        run_dir: PathBuf,
+        /// Where the termination message goes.
+        #[arg(long, default_value = "/dev/termination-log")]
+        termination_log: PathBuf,
+    },
+    /// Inside a launcher Pod: exit 0 when QEMU runs the guest (the readiness probe).
+    Probe {
+        #[arg(long, default_value = launcher::RUN_DIR)]
+        run_dir: PathBuf,
+    },
+    /// Inside a launcher Pod: attach stdin and stdout to the VM's serial console (what
+    /// `kubectl vmkeep console` runs over an exec stream).
+    Console {
+        #[arg(long, default_value = launcher::RUN_DIR)]
+        run_dir: PathBuf,
     },
     /// Print every CRD as YAML (or write one file per CRD into a folder).
     Crd {
@@ -104,10 +138,33 @@ async fn main() -> anyhow::Result<()> {
             let webhook = webhook.options()?;
             operator::run(operator::RunOptions { http_addr, settings, election, webhook }).await
         }
-        Command::Launch { vm, disks } => {
+        Command::Launch {
+            vm,
+            cpu,
+            memory_mib,
+            disks,
+            stop_timeout_seconds,
+            qemu,
+            kvm_device,
+            run_dir,
+            termination_log,
+        } => {
             telemetry::init(telemetry::LogFormat::Text);
-            launcher::run(&vm, &disks).await
+            let options = launcher::Options {
+                vm,
+                cpu,
+                memory_mib,
+                disks,
+                stop_timeout: Duration::from_secs(stop_timeout_seconds),
+                qemu,
+                kvm_device,
+                run_dir,
+                termination_log,
+            };
+            std::process::exit(launcher::run(options).await)
         }
+        Command::Probe { run_dir } => launcher::probe(&run_dir).await,
+        Command::Console { run_dir } => launcher::console::attach(&launcher::console_socket(&run_dir)).await,
         Command::Crd { dir } => write_crds(dir),
     }
 }
@@ -186,11 +243,6 @@ fn write_crds(dir: Option<PathBuf>) -> anyhow::Result<()> {
         }
     }
     Ok(())
-}
-
-fn parse_disk(arg: &str) -> Result<(String, PathBuf), String> {
-    let (name, path) = arg.split_once('=').ok_or("expected NAME=PATH")?;
-    Ok((name.to_owned(), PathBuf::from(path)))
 }
 
 /// Outside a Pod: the host name and process id.

@@ -85,6 +85,11 @@ pub struct LauncherSpec {
     /// The PriorityClass of the launcher Pod.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub priority_class_name: Option<String>,
+    /// Seconds a stopping launcher Pod is given (default 60): the guest gets the ACPI power
+    /// button until 5 s before this, then QEMU is told to quit and, at the end, killed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 10, max = 3600))]
+    pub termination_grace_period_seconds: Option<i64>,
 }
 
 /// The observed state of a Template.

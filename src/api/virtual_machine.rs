@@ -1,6 +1,6 @@
 //! `VirtualMachine`: one VM instantiated from a Template.
 
-use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::{api::resource::Quantity, apis::meta::v1::Time};
 use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -138,6 +138,20 @@ pub struct VirtualMachineStatus {
     /// The name of the launcher Pod while it exists.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub launcher_pod: Option<String>,
+    /// The node the launcher Pod runs on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_name: Option<String>,
+    /// How QEMU runs the guest: `KVM` (hardware virtualization) or `TCG` (software emulation,
+    /// when `/dev/kvm` does not work in the launcher), as the launcher found at its start.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub accelerator: Option<String>,
+    /// How often the guest was started again in the current launcher Pod (it powered off or
+    /// QEMU ended, and `runStrategy` is `Always`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restarts: Option<i32>,
+    /// How the guest last ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_exit: Option<LastExit>,
     /// The `metadata.generation` this status was computed from.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
@@ -145,4 +159,23 @@ pub struct VirtualMachineStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(schema_with = "conditions_schema")]
     pub conditions: Vec<Condition>,
+}
+
+/// How a VM's guest last ended, from its launcher's termination message.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct LastExit {
+    /// `GuestPowerOff` (the guest powered itself off), `Stopped` (it powered off after the
+    /// power button), `Killed` (it did not, by the deadline), `QemuExited` (QEMU failed; its
+    /// exit code is in the message), `DiskUnavailable`, `LaunchFailed`, or the container's
+    /// reason from the kubelet (e.g. `OOMKilled`).
+    pub reason: String,
+    /// What happened, e.g. `QEMU exited with code 1: ...`.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub message: String,
+    /// The launcher container's exit code.
+    pub exit_code: i32,
+    /// When it ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_at: Option<Time>,
 }

@@ -19,9 +19,10 @@ use k8s_openapi::{
 };
 use kube::{
     Api, ResourceExt,
+    api::LogParams,
     runtime::{controller::Action, reflector::ObjectRef},
 };
-use tracing::info;
+use tracing::{info, warn};
 
 use super::{Context, Error, Stores, apply};
 use crate::{
@@ -30,8 +31,10 @@ use crate::{
     plan::{
         claim::{self as rules, ClaimState},
         names,
-        virtual_machine::{self as plan, Child, Observed, OtherVm, PodChange, VmPlan},
+        build,
+        virtual_machine::{self as plan, Child, LauncherView, Observed, OtherVm, PodChange, VmPlan},
     },
+    launcher::spec,
 };
 
 /// How often one reconcile decides again after applying found something new.
@@ -63,6 +66,7 @@ struct Cached {
     images: BTreeMap<String, Arc<Image>>,
     pvcs: BTreeMap<String, Child>,
     pod: Child,
+    launcher: LauncherView,
     /// The claims this VM may hold or need: recorded disks, its template's persistent images,
     /// and the cached Leases held by its uid (a status lost in a restore).
     claim_images: BTreeSet<String>,
@@ -119,15 +123,18 @@ impl Cached {
             })
             .collect();
         let pod_name = names::launcher_pod(&vm.name_any());
-        let pod = match ctx.stores.pods.get(&ObjectRef::new(&pod_name).within(ns)) {
-            None => Child::Missing,
-            Some(p) if rules::launcher_of(&p.metadata, &vm.name_any(), &uid) => Child::Ours {
-                phase: p.status.as_ref().and_then(|s| s.phase.clone()),
-                deleting: p.metadata.deletion_timestamp.is_some(),
-            },
-            Some(_) => Child::Foreign,
+        let (pod, launcher) = match ctx.stores.pods.get(&ObjectRef::new(&pod_name).within(ns)) {
+            None => (Child::Missing, LauncherView::default()),
+            Some(p) if rules::launcher_of(&p.metadata, &vm.name_any(), &uid) => (
+                Child::Ours {
+                    phase: p.status.as_ref().and_then(|s| s.phase.clone()),
+                    deleting: p.metadata.deletion_timestamp.is_some(),
+                },
+                LauncherView::of(&p),
+            ),
+            Some(_) => (Child::Foreign, LauncherView::default()),
         };
-        Self { template, images, pvcs, pod, claim_images, others: std::sync::OnceLock::new() }
+        Self { template, images, pvcs, pod, launcher, claim_images, others: std::sync::OnceLock::new() }
     }
 }
 
@@ -179,6 +186,10 @@ async fn observe<'a>(
         };
         claims.insert(image.clone(), state);
     }
+    let mut launcher = cached.launcher.clone();
+    if launcher.ready && vm.status.as_ref().is_none_or(|s| s.accelerator.is_none()) {
+        launcher.accelerator = accelerator(ctx, ns, vm).await;
+    }
     let mut observed = Observed {
         vm,
         template: cached.template.as_deref(),
@@ -187,6 +198,7 @@ async fn observe<'a>(
         others: Vec::new(),
         pvcs: cached.pvcs.clone(),
         pod: cached.pod.clone(),
+        launcher,
         taken: facts.taken.clone(),
         launcher_image: &ctx.settings.launcher_image,
         access_mode: &ctx.settings.access_mode,
@@ -198,6 +210,29 @@ async fn observe<'a>(
     }
     Ok(observed)
 }
+
+/// The accelerator a running launcher chose, from the start of its log (it has no API
+/// credentials to write it anywhere; see [`crate::launcher::spec::ACCELERATOR_LINE`]). `None`
+/// when the log cannot be read or lacks the line (looked for again at the next reconcile).
+async fn accelerator(ctx: &Context, ns: &str, vm: &VirtualMachine) -> Option<(String, String)> {
+    let api: Api<Pod> = Api::namespaced(ctx.client.clone(), ns);
+    let params = LogParams {
+        container: Some(build::LAUNCHER_CONTAINER.into()),
+        limit_bytes: Some(ACCELERATOR_LOG_BYTES),
+        ..Default::default()
+    };
+    match api.logs(&names::launcher_pod(&vm.name_any()), &params).await {
+        Ok(log) => spec::parse_accelerator(&log),
+        Err(error) => {
+            warn!(%error, "cannot read the launcher's log for its accelerator");
+            None
+        }
+    }
+}
+
+/// How much of the start of a launcher's log holds its accelerator line: it is printed before
+/// QEMU starts, after a few log lines.
+const ACCELERATOR_LOG_BYTES: i64 = 16 * 1024;
 
 /// The other VMs of the namespace and the persistent images each would claim now (for the
 /// order of claims), from the caches.
@@ -288,6 +323,9 @@ async fn apply(
     }
     if let Some((reason, message)) = &decided.warning {
         apply::event(ctx, vm, true, reason, message.clone()).await;
+    }
+    if let Some((reason, message)) = &decided.notice {
+        apply::event(ctx, vm, false, reason, message.clone()).await;
     }
     if fenced {
         // A launcher Pod exists (one appeared since the plan was made, or the watch cannot see

@@ -7,8 +7,8 @@ use k8s_openapi::{
     api::{
         coordination::v1::{Lease, LeaseSpec},
         core::v1::{
-            Capabilities, Container, PersistentVolumeClaim, PersistentVolumeClaimSpec,
-            PersistentVolumeClaimVolumeSource, Pod, PodSecurityContext, PodSpec, ResourceRequirements, SeccompProfile,
+            Capabilities, Container, EmptyDirVolumeSource, ExecAction, PersistentVolumeClaim, PersistentVolumeClaimSpec,
+            PersistentVolumeClaimVolumeSource, Pod, PodSecurityContext, PodSpec, Probe, ResourceRequirements, SeccompProfile,
             SecurityContext, TypedLocalObjectReference, Volume, VolumeDevice, VolumeMount, VolumeResourceRequirements,
         },
     },
@@ -20,9 +20,13 @@ use k8s_openapi::{
 use kube::{Resource, ResourceExt};
 
 use super::{image::PvcRequest, names};
-use crate::api::{
-    Image, VirtualMachine, image::VolumeMode, template::LauncherSpec, virtual_machine::VirtualMachineDiskStatus,
+use crate::{
+    api::{Image, VirtualMachine, image::VolumeMode, template::LauncherSpec, virtual_machine::VirtualMachineDiskStatus},
+    launcher::{self, spec::LaunchDisk},
 };
+
+/// The name of the launcher Pod's container.
+pub const LAUNCHER_CONTAINER: &str = "launcher";
 
 /// The non-root user launcher Pods run as.
 pub const LAUNCHER_UID: i64 = 65532;
@@ -140,29 +144,72 @@ pub fn disk_path(disk: &str, mode: VolumeMode) -> String {
     }
 }
 
+/// One disk as the launcher Pod attaches it.
+#[derive(Clone, Debug)]
+pub struct LauncherDisk<'a> {
+    /// The disk as recorded in the VM's status (name, PVC, read-only).
+    pub disk: &'a VirtualMachineDiskStatus,
+    /// The PVC's volume mode.
+    pub volume_mode: VolumeMode,
+    /// The size the disk should have, bytes (the PVC's request).
+    pub capacity: u64,
+    /// Its content is blank (volatile disk or `source.blank` image): the launcher may create it.
+    pub blank: bool,
+}
+
 /// What the launcher Pod needs besides the VM.
 pub struct LauncherInputs<'a> {
     pub image: &'a str,
     pub cpu: i32,
     pub memory: &'a Quantity,
-    pub disks: &'a [VirtualMachineDiskStatus],
-    /// The volume mode of each disk, by disk name (Filesystem when absent).
-    pub modes: &'a BTreeMap<String, VolumeMode>,
+    /// The disks in Template (boot) order.
+    pub disks: &'a [LauncherDisk<'a>],
     pub settings: Option<&'a LauncherSpec>,
 }
 
-/// The launcher Pod: mounts every disk PVC, requests the VM's cpu and memory, restricted Pod
-/// Security settings, owned by the VM.
+/// The launcher Pod's grace period when the Template sets none, seconds.
+pub const DEFAULT_GRACE_SECONDS: i64 = 60;
+/// How much sooner than the grace period the launcher kills QEMU (so it ends before the
+/// kubelet's SIGKILL and writes its termination message).
+pub const STOP_MARGIN_SECONDS: i64 = 5;
+/// The readiness probe's period, seconds: how soon after QEMU runs the guest the VM is Running.
+pub const READINESS_PERIOD_SECONDS: i32 = 2;
+
+/// Memory the launcher container uses beside the guest's RAM, MiB: QEMU's own (device models,
+/// the TCG translation cache of [`crate::launcher::qemu::TCG_TB_SIZE_MIB`], I/O buffers, 8 MiB
+/// per vCPU thread), `vmkeep launch`, and the page tables of guest RAM (1/512). Measured on the
+/// local node (docs/performance.md): 100-120 MiB resident for a 1-vCPU 256 MiB TCG guest.
+pub fn launcher_overhead_mib(cpu: i32, memory_bytes: u64) -> u64 {
+    160 + 8 * cpu.max(1) as u64 + (memory_bytes >> 20) / 512
+}
+
+/// The launcher Pod: runs `vmkeep launch` (QEMU) on every disk PVC, requests the VM's cpu and
+/// memory plus the launcher's overhead, readiness from QMP `query-status`, a grace period
+/// longer than the launcher's stop deadline, restricted Pod Security settings, owned by the VM.
 pub fn launcher_pod(vm: &VirtualMachine, inputs: &LauncherInputs) -> Pod {
     let vm_name = vm.name_any();
+    let settings = inputs.settings.cloned().unwrap_or_default();
+    let grace = settings.termination_grace_period_seconds.unwrap_or(DEFAULT_GRACE_SECONDS);
+    let memory_bytes = super::quantity::bytes(inputs.memory).unwrap_or(0).min(u64::MAX as u128) as u64;
+    let memory_mib = (memory_bytes >> 20).max(16);
     let mut volumes = Vec::new();
-    let mut mounts = Vec::new();
+    let mut mounts = vec![VolumeMount { name: "run".into(), mount_path: launcher::RUN_DIR.into(), ..Default::default() }];
     let mut devices = Vec::new();
-    let mut args = vec!["launch".to_owned(), "--vm".to_owned(), vm_name.clone()];
-    for disk in inputs.disks {
+    let mut args = vec![
+        "launch".to_owned(),
+        format!("--vm={vm_name}"),
+        format!("--cpu={}", inputs.cpu),
+        format!("--memory-mib={memory_mib}"),
+        format!("--stop-timeout-seconds={}", grace - STOP_MARGIN_SECONDS),
+    ];
+    volumes.push(Volume {
+        name: "run".into(),
+        empty_dir: Some(EmptyDirVolumeSource { medium: Some("Memory".into()), size_limit: Some(Quantity("1Mi".into())) }),
+        ..Default::default()
+    });
+    for LauncherDisk { disk, volume_mode, capacity, blank } in inputs.disks {
         let volume = names::disk_volume(&disk.name);
-        let mode = inputs.modes.get(&disk.name).copied().unwrap_or_default();
-        let path = disk_path(&disk.name, mode);
+        let path = disk_path(&disk.name, *volume_mode);
         volumes.push(Volume {
             name: volume.clone(),
             persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
@@ -171,7 +218,7 @@ pub fn launcher_pod(vm: &VirtualMachine, inputs: &LauncherInputs) -> Pod {
             }),
             ..Default::default()
         });
-        match mode {
+        match volume_mode {
             VolumeMode::Block => devices.push(VolumeDevice { name: volume, device_path: path.clone() }),
             VolumeMode::Filesystem => mounts.push(VolumeMount {
                 name: volume,
@@ -180,11 +227,19 @@ pub fn launcher_pod(vm: &VirtualMachine, inputs: &LauncherInputs) -> Pod {
                 ..Default::default()
             }),
         }
-        args.push("--disk".into());
-        args.push(format!("{}={path}", disk.name));
+        let launch = LaunchDisk {
+            name: disk.name.clone(),
+            path: path.into(),
+            volume_mode: *volume_mode,
+            capacity: *capacity,
+            read_only: disk.read_only,
+            cdrom: disk.read_only,
+            blank: *blank,
+        };
+        args.push(format!("--disk={launch}"));
     }
+    let memory = Quantity(format!("{}Mi", memory_mib + launcher_overhead_mib(inputs.cpu, memory_bytes)));
     let cpu = Quantity(inputs.cpu.to_string());
-    let settings = inputs.settings.cloned().unwrap_or_default();
     Pod {
         metadata: ObjectMeta {
             name: Some(names::launcher_pod(&vm_name)),
@@ -203,7 +258,9 @@ pub fn launcher_pod(vm: &VirtualMachine, inputs: &LauncherInputs) -> Pod {
         spec: Some(PodSpec {
             automount_service_account_token: Some(false),
             enable_service_links: Some(false),
+            // A guest that powers itself off is started again, with the kubelet's back-off.
             restart_policy: Some("Always".into()),
+            termination_grace_period_seconds: Some(grace),
             node_selector: (!settings.node_selector.is_empty()).then_some(settings.node_selector),
             tolerations: (!settings.tolerations.is_empty()).then_some(settings.tolerations),
             priority_class_name: settings.priority_class_name,
@@ -216,15 +273,12 @@ pub fn launcher_pod(vm: &VirtualMachine, inputs: &LauncherInputs) -> Pod {
                 ..Default::default()
             }),
             containers: vec![Container {
-                name: "launcher".into(),
+                name: LAUNCHER_CONTAINER.into(),
                 image: Some(inputs.image.to_owned()),
                 args: Some(args),
                 resources: Some(ResourceRequirements {
-                    requests: Some(BTreeMap::from([
-                        ("cpu".to_owned(), cpu),
-                        ("memory".to_owned(), inputs.memory.clone()),
-                    ])),
-                    limits: Some(BTreeMap::from([("memory".to_owned(), inputs.memory.clone())])),
+                    requests: Some(BTreeMap::from([("cpu".to_owned(), cpu), ("memory".to_owned(), memory.clone())])),
+                    limits: Some(BTreeMap::from([("memory".to_owned(), memory)])),
                     ..Default::default()
                 }),
                 security_context: Some(SecurityContext {
@@ -233,11 +287,19 @@ pub fn launcher_pod(vm: &VirtualMachine, inputs: &LauncherInputs) -> Pod {
                     capabilities: Some(Capabilities { drop: Some(vec!["ALL".into()]), add: None }),
                     ..Default::default()
                 }),
-                volume_mounts: (!mounts.is_empty()).then_some(mounts),
+                readiness_probe: Some(Probe {
+                    exec: Some(ExecAction { command: Some(vec!["/vmkeep".into(), "probe".into()]) }),
+                    period_seconds: Some(READINESS_PERIOD_SECONDS),
+                    timeout_seconds: Some(3),
+                    failure_threshold: Some(1),
+                    ..Default::default()
+                }),
+                termination_message_policy: Some("File".into()),
+                volume_mounts: Some(mounts),
                 volume_devices: (!devices.is_empty()).then_some(devices),
                 ..Default::default()
             }],
-            volumes: (!volumes.is_empty()).then_some(volumes),
+            volumes: Some(volumes),
             ..Default::default()
         }),
         status: None,

@@ -38,6 +38,8 @@ pub const DISKS_CREATED: &str = "DisksCreated";
 pub const RUNNING: &str = "Running";
 /// The launcher Pod exists and does not run yet.
 pub const STARTING: &str = "Starting";
+/// Event: the accelerator QEMU runs the guest with (KVM, or TCG and why not KVM).
+pub const ACCELERATOR: &str = "Accelerator";
 /// The launcher Pod is being created.
 pub const PROVISIONING: &str = "Provisioning";
 /// `runStrategy: Halted` and no launcher Pod.

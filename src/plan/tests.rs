@@ -16,12 +16,14 @@ use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 
 use super::{
-    build::{self, LauncherInputs},
+    build::{self, LauncherDisk, LauncherInputs},
     claim::{self as claim_plan, ClaimPlan, ClaimState},
     conditions::{Cond, find},
     image::{self as image_plan, Finalizer, ImageObservation, ImagePlan, ImagePvc, PvcRequest},
     names, template as template_plan,
-    virtual_machine::{self as vm_plan, Blocker, CheckedDisk, Child, PodAction, Resolved, UsableImage, Verdict},
+    virtual_machine::{
+        self as vm_plan, Blocker, CheckedDisk, Child, LauncherView, PodAction, Resolved, UsableImage, Verdict,
+    },
 };
 use crate::api::{
     Condition, ConditionStatus, Image, Template, TemplateStatus, VirtualMachine,
@@ -717,14 +719,20 @@ fn plan_children_never_touches_what_is_not_ours() {
 const RUNNING_DISKS: &str = "[{name: root, image: ubuntu, pvcName: vm-a-root, phase: Bound, size: 20Gi},
   {name: data, image: db, persistent: true, pvcName: db-image, phase: Attached}]";
 
+/// A provisioned VM whose launcher Pod is `pod`; the guest runs (Pod Ready) when it is Running.
+fn provisioned(pod: Child) -> Verdict {
+    let ready = matches!(&pod, Child::Ours { phase: Some(p), .. } if p == "Running");
+    Verdict::Provisioned { pod, launcher: LauncherView { ready, ..Default::default() } }
+}
+
 #[test]
 fn status_of_a_running_vm() {
     let r = resolved(RUNNING_DISKS);
-    let s = settle(&vm("vm-a"), Some(&r), &Verdict::Provisioned { pod: ours("Running") });
+    let s = settle(&vm("vm-a"), Some(&r), &provisioned(ours("Running")));
     let [claimed, created] = claimed_and_created("Claimed", "every persistent image is held by this VM");
     assert_eq!(
         (s.phase, decided(&s.conditions)),
-        (Some(P::Running), vec![claimed, created, Cond::new("Ready", true, "Running", "the launcher Pod runs")])
+        (Some(P::Running), vec![claimed, created, Cond::new("Ready", true, "Running", "QEMU runs the guest")])
     );
     assert_eq!(s.disks, r.disks);
     assert_eq!((s.cpu, s.memory), (Some(2), Some(q("4Gi"))));
@@ -740,8 +748,8 @@ fn status_follows_the_launcher_pod_and_the_run_strategy() {
     let r = resolved("[{name: scratch, pvcName: vm-a-scratch, phase: Bound, size: 1Gi}]");
     let deleting = |phase: &str| Child::Ours { phase: Some(phase.into()), deleting: true };
     let cases = [
-        (RunStrategy::Always, ours("Pending"), P::Starting, "Starting", "the launcher Pod is not running yet"),
-        (RunStrategy::Always, deleting("Running"), P::Starting, "Starting", "the launcher Pod is not running yet"),
+        (RunStrategy::Always, ours("Pending"), P::Starting, "Starting", "QEMU does not run the guest yet"),
+        (RunStrategy::Always, deleting("Running"), P::Starting, "Starting", "QEMU does not run the guest yet"),
         (RunStrategy::Always, Child::Missing, P::Provisioning, "Provisioning", "creating the launcher Pod"),
         (RunStrategy::Halted, Child::Missing, P::Stopped, "Halted", "runStrategy is Halted"),
         (RunStrategy::Halted, ours("Running"), P::Stopped, "Stopping", "removing the launcher Pod"),
@@ -751,7 +759,7 @@ fn status_follows_the_launcher_pod_and_the_run_strategy() {
         let mut v = vm("vm-a");
         v.spec.run_strategy = run;
         let has_pod = pod != Child::Missing;
-        let s = settle(&v, Some(&r), &Verdict::Provisioned { pod: pod.clone() });
+        let s = settle(&v, Some(&r), &provisioned(pod.clone()));
         let [claimed, created] = claimed_and_created("NoPersistentImages", "no persistent image to claim");
         let wanted = vec![claimed, created, Cond::new("Ready", false, reason, message)];
         assert_eq!((s.phase, decided(&s.conditions)), (Some(phase), wanted), "{run:?} {pod:?}");
@@ -813,7 +821,7 @@ fn status_of_a_waiting_vm_says_for_what_and_whom() {
 fn status_of_a_terminating_vm_keeps_its_claims_until_they_are_released() {
     let r = resolved(RUNNING_DISKS);
     let mut v = vm("vm-a");
-    let running = vm_plan::status(&v, Some(&r), &Verdict::Provisioned { pod: ours("Running") }, &at(100));
+    let running = vm_plan::status(&v, Some(&r), &provisioned(ours("Running")), &at(100));
     v.status = Some(running.clone());
     let s = settle(&v, None, &Verdict::Terminating);
     let [claimed, created] = claimed_and_created("Claimed", "every persistent image is held by this VM");
@@ -836,17 +844,17 @@ fn transition_times_move_only_when_a_condition_status_changes() {
     let s = v.status.as_ref().unwrap();
     assert_eq!((s.conditions[0].reason.as_str(), since(&s.conditions, "Ready")), ("ImageNotFound", at(100)));
     // Claims and disks done, Pod starting: ImagesClaimed and DisksReady flip, Ready does not.
-    v.status = Some(vm_plan::status(&v, Some(&r), &Verdict::Provisioned { pod: ours("Pending") }, &at(300)));
+    v.status = Some(vm_plan::status(&v, Some(&r), &provisioned(ours("Pending")), &at(300)));
     let s = v.status.as_ref().unwrap();
     assert_eq!(["ImagesClaimed", "DisksReady", "Ready"].map(|t| since(&s.conditions, t)), [at(300), at(300), at(100)]);
     // The Pod runs: only Ready flips.
-    let s = vm_plan::status(&v, Some(&r), &Verdict::Provisioned { pod: ours("Running") }, &at(400));
+    let s = vm_plan::status(&v, Some(&r), &provisioned(ours("Running")), &at(400));
     assert_eq!(["ImagesClaimed", "DisksReady", "Ready"].map(|t| since(&s.conditions, t)), [at(300), at(300), at(400)]);
     // A spec change moves observedGeneration, not the transition times.
     let mut edited = v.clone();
     edited.status = Some(s.clone());
     edited.metadata.generation = Some(2);
-    let again = vm_plan::status(&edited, Some(&r), &Verdict::Provisioned { pod: ours("Running") }, &at(500));
+    let again = vm_plan::status(&edited, Some(&r), &provisioned(ours("Running")), &at(500));
     assert_eq!(again.observed_generation, Some(2));
     assert!(again.conditions.iter().all(|c| c.observed_generation == Some(2)));
     assert_eq!(
@@ -1281,15 +1289,25 @@ const POD_DISKS: &str = "[{name: root, image: ubuntu, pvcName: vm-a-root},
 
 fn launcher(vm: &VirtualMachine, disks: &[VirtualMachineDiskStatus], settings: Option<&LauncherSpec>) -> Value {
     let modes = map(&[("data", VolumeMode::Block), ("raw", VolumeMode::Block), ("cd", VolumeMode::Filesystem)]);
+    let disks: Vec<LauncherDisk> = disks
+        .iter()
+        .map(|disk| LauncherDisk {
+            disk,
+            volume_mode: modes.get(&disk.name).copied().unwrap_or_default(),
+            capacity: 1 << 30,
+            blank: disk.name == "data",
+        })
+        .collect();
     let memory = q("4Gi");
-    let inputs = LauncherInputs { image: "vmkeep:test", cpu: 2, memory: &memory, disks, modes: &modes, settings };
+    let inputs = LauncherInputs { image: "vmkeep:test", cpu: 2, memory: &memory, disks: &disks, settings };
     to_json(&build::launcher_pod(vm, &inputs))
 }
 
 #[test]
 fn the_launcher_pod_mounts_every_disk_and_requests_the_vm_size() {
     let settings: LauncherSpec =
-        parse("{nodeSelector: {kvm: 'true'}, tolerations: [{key: kvm, operator: Exists}], priorityClassName: vms}");
+        parse("{nodeSelector: {kvm: 'true'}, tolerations: [{key: kvm, operator: Exists}], priorityClassName: vms,
+               terminationGracePeriodSeconds: 30}");
     let pod = launcher(&vm("vm-a"), &disks(POD_DISKS), Some(&settings));
     assert_eq!(
         pod,
@@ -1306,6 +1324,7 @@ fn the_launcher_pod_mounts_every_disk_and_requests_the_vm_size() {
                 "automountServiceAccountToken": false,
                 "enableServiceLinks": false,
                 "restartPolicy": "Always",
+                "terminationGracePeriodSeconds": 30,
                 "nodeSelector": {"kvm": "true"},
                 "tolerations": [{"key": "kvm", "operator": "Exists"}],
                 "priorityClassName": "vms",
@@ -1319,16 +1338,27 @@ fn the_launcher_pod_mounts_every_disk_and_requests_the_vm_size() {
                 "containers": [{
                     "name": "launcher",
                     "image": "vmkeep:test",
-                    "args": ["launch", "--vm", "vm-a", "--disk", "root=/var/lib/vmkeep/disks/root",
-                             "--disk", "data=/dev/vmkeep/data", "--disk", "cd=/var/lib/vmkeep/disks/cd",
-                             "--disk", "raw=/dev/vmkeep/raw"],
-                    "resources": {"requests": {"cpu": "2", "memory": "4Gi"}, "limits": {"memory": "4Gi"}},
+                    "args": ["launch", "--vm=vm-a", "--cpu=2", "--memory-mib=4096", "--stop-timeout-seconds=25",
+                             "--disk=name=root,path=/var/lib/vmkeep/disks/root,volumeMode=Filesystem,capacity=1073741824",
+                             "--disk=name=data,path=/dev/vmkeep/data,volumeMode=Block,capacity=1073741824,blank",
+                             "--disk=name=cd,path=/var/lib/vmkeep/disks/cd,volumeMode=Filesystem,capacity=1073741824,readOnly,cdrom",
+                             "--disk=name=raw,path=/dev/vmkeep/raw,volumeMode=Block,capacity=1073741824,readOnly,cdrom"],
+                    // 4096 MiB and the launcher's overhead: 160 + 8 per vCPU + 4096/512.
+                    "resources": {"requests": {"cpu": "2", "memory": "4280Mi"}, "limits": {"memory": "4280Mi"}},
+                    "readinessProbe": {
+                        "exec": {"command": ["/vmkeep", "probe"]},
+                        "periodSeconds": 2,
+                        "timeoutSeconds": 3,
+                        "failureThreshold": 1,
+                    },
+                    "terminationMessagePolicy": "File",
                     "securityContext": {
                         "allowPrivilegeEscalation": false,
                         "readOnlyRootFilesystem": true,
                         "capabilities": {"drop": ["ALL"]},
                     },
                     "volumeMounts": [
+                        {"name": "run", "mountPath": "/var/run/vmkeep"},
                         {"name": "disk-root", "mountPath": "/var/lib/vmkeep/disks/root"},
                         {"name": "disk-cd", "mountPath": "/var/lib/vmkeep/disks/cd", "readOnly": true},
                     ],
@@ -1338,6 +1368,7 @@ fn the_launcher_pod_mounts_every_disk_and_requests_the_vm_size() {
                     ],
                 }],
                 "volumes": [
+                    {"name": "run", "emptyDir": {"medium": "Memory", "sizeLimit": "1Mi"}},
                     {"name": "disk-root", "persistentVolumeClaim": {"claimName": "vm-a-root"}},
                     {"name": "disk-data", "persistentVolumeClaim": {"claimName": "db-image"}},
                     {"name": "disk-cd", "persistentVolumeClaim": {"claimName": "vm-a-cd", "readOnly": true}},
@@ -1352,12 +1383,16 @@ fn the_launcher_pod_mounts_every_disk_and_requests_the_vm_size() {
 fn a_launcher_pod_without_disks_or_settings_leaves_those_fields_out() {
     let pod = launcher(&vm("vm-b"), &[], None);
     let spec = pod["spec"].as_object().unwrap();
-    for absent in ["volumes", "nodeSelector", "tolerations", "priorityClassName"] {
+    for absent in ["nodeSelector", "tolerations", "priorityClassName"] {
         assert!(!spec.contains_key(absent), "{absent}: {pod}");
     }
+    assert_eq!(spec["terminationGracePeriodSeconds"], json!(60), "the default grace period");
     let container = &pod["spec"]["containers"][0];
-    assert_eq!(container["args"], json!(["launch", "--vm", "vm-b"]));
-    assert!(container.get("volumeMounts").is_none() && container.get("volumeDevices").is_none(), "{container}");
+    assert_eq!(
+        container["args"],
+        json!(["launch", "--vm=vm-b", "--cpu=2", "--memory-mib=4096", "--stop-timeout-seconds=55"])
+    );
+    assert!(container.get("volumeDevices").is_none(), "{container}");
 }
 
 #[test]
@@ -1547,6 +1582,7 @@ fn observed<'a>(
         others: Vec::new(),
         pvcs: BTreeMap::new(),
         pod: Child::Missing,
+        launcher: Default::default(),
         taken: Default::default(),
         launcher_image: "vmkeep:test",
         access_mode: "ReadWriteOnce",
@@ -1671,6 +1707,7 @@ fn decide_keeps_a_held_image_that_is_being_deleted() {
     let mut obs = observed(&v, &t, &images, &[("db", ClaimState::Mine)]);
     obs.pvcs = map(&[("vm-a-root", ours("Bound"))]);
     obs.pod = ours("Running");
+    obs.launcher.ready = true;
     let plan = vm_plan::decide(&obs);
     assert_eq!(phase_and_reason(&plan), (Some(P::Running), "Running".into()));
     assert!(plan.release.is_empty() && plan.pod.is_none() && plan.take.is_empty());
@@ -1738,4 +1775,71 @@ fn a_holder_is_fenced_by_its_launcher_pods_found_by_label_and_recorded_uid() {
     let unmanaged = json!({"vmkeep.io/virtual-machine": "vm-a", "vmkeep.io/virtual-machine-uid": "uid-vm-a"});
     assert!(claim_plan::fenced([&pod(unmanaged, json!([]))], &holder));
     assert!(claim_plan::fenced([&pod(json!({}), owned)], &holder));
+}
+
+#[test]
+fn the_launcher_view_reads_readiness_restarts_and_the_last_exit_from_the_pod() {
+    let pod: k8s_openapi::api::core::v1::Pod = parse(
+        "{metadata: {name: vm-a-launcher, creationTimestamp: '2026-12-01T00:00:00Z'},
+          spec: {nodeName: node-1, containers: [{name: launcher}]},
+          status: {phase: Running, conditions: [{type: Ready, status: 'False'}],
+            containerStatuses: [{name: launcher, ready: false, restartCount: 2, image: i, imageID: i,
+              state: {waiting: {reason: CrashLoopBackOff}},
+              lastState: {terminated: {exitCode: 0, reason: Completed,
+                message: \"GuestPowerOff: the guest powered off\\n\", finishedAt: '2026-12-01T00:01:00Z'}}}]}}",
+    );
+    let view = LauncherView::of(&pod);
+    assert!(!view.ready);
+    assert_eq!((view.node_name.as_deref(), view.restarts, view.waiting.as_deref()), (Some("node-1"), 2, Some("CrashLoopBackOff")));
+    let exit = view.last_exit.clone().unwrap();
+    assert_eq!((exit.reason.as_str(), exit.message.as_str(), exit.exit_code), ("GuestPowerOff", "the guest powered off", 0));
+
+    // The VM shows it, Starting with why; then Running once Ready, with the accelerator, once.
+    let r = resolved("[{name: scratch, pvcName: vm-a-scratch, phase: Bound, size: 1Gi}]");
+    let s = settle(&vm("vm-a"), Some(&r), &Verdict::Provisioned { pod: ours("Running"), launcher: view.clone() });
+    assert_eq!((s.phase, s.restarts, s.node_name.as_deref()), (Some(P::Starting), Some(2), Some("node-1")));
+    assert_eq!(s.last_exit, Some(exit.clone()));
+    let ready = find(&s.conditions, "Ready").unwrap();
+    assert_eq!(
+        ready.message,
+        "the launcher starts the guest again (restart 2, CrashLoopBackOff); it last ended: GuestPowerOff: the guest powered off"
+    );
+    let running = LauncherView { ready: true, waiting: None, ..view };
+    let s = settle(&vm("vm-a"), Some(&r), &Verdict::Provisioned { pod: ours("Running"), launcher: running });
+    assert_eq!((s.phase, &s.last_exit), (Some(P::Running), &Some(exit.clone())), "the last exit stays shown");
+    // Stopped: no node or restarts, the last exit kept.
+    let mut halted = vm("vm-a");
+    halted.spec.run_strategy = RunStrategy::Halted;
+    halted.status = Some(s);
+    let s = vm_plan::status(&halted, Some(&r), &provisioned(Child::Missing), &at(2000));
+    assert_eq!((s.phase, s.node_name, s.restarts, s.accelerator), (Some(P::Stopped), None, None, None));
+    assert_eq!(s.last_exit, Some(exit));
+}
+
+#[test]
+fn the_accelerator_is_recorded_with_one_event() {
+    let images = decide_images();
+    let (t, v) = (small(), with_finalizer(vm("vm-a")));
+    let first = vm_plan::decide(&observed(&v, &t, &images, &[("db", ClaimState::Free)]));
+    let mut v = v;
+    v.status = first.status;
+    let mut obs = observed(&v, &t, &images, &[("db", ClaimState::Mine)]);
+    obs.pvcs = map(&[("vm-a-root", ours("Bound"))]);
+    obs.pod = ours("Running");
+    obs.launcher.ready = true;
+    obs.launcher.accelerator = Some(("TCG".into(), "/dev/kvm: No such file or directory".into()));
+    let plan = vm_plan::decide(&obs);
+    assert_eq!(plan.status.as_ref().unwrap().accelerator.as_deref(), Some("TCG"));
+    assert_eq!(
+        plan.notice,
+        Some(("Accelerator", "QEMU runs the guest with TCG (/dev/kvm: No such file or directory)".into()))
+    );
+    v.status = plan.status;
+    let mut obs = observed(&v, &t, &images, &[("db", ClaimState::Mine)]);
+    obs.pvcs = map(&[("vm-a-root", ours("Bound"))]);
+    obs.pod = ours("Running");
+    obs.launcher.ready = true;
+    let again = vm_plan::decide(&obs);
+    assert_eq!(again.notice, None);
+    assert_eq!(again.status.unwrap().accelerator.as_deref(), Some("TCG"), "kept while the Pod runs");
 }

@@ -25,12 +25,13 @@ use super::{
     conditions::{Cond, find, merge},
     names, quantity, reason,
 };
+use crate::launcher::spec::ExitReason;
 use crate::api::{
     Image, Template,
     image::{ImagePhase, ImageType, VolumeMode},
     template::TemplateSpec,
     virtual_machine::{
-        RunStrategy, VirtualMachine, VirtualMachineDiskStatus, VirtualMachinePhase, VirtualMachineStatus,
+        LastExit, RunStrategy, VirtualMachine, VirtualMachineDiskStatus, VirtualMachinePhase, VirtualMachineStatus,
     },
 };
 
@@ -402,10 +403,64 @@ pub enum Verdict {
         first: String,
     },
     Terminating,
-    /// Claims held, disks exist; the launcher Pod is as `pod` says.
+    /// Claims held, disks exist; the launcher Pod is as `pod` says, its guest as `launcher`.
     Provisioned {
         pod: Child,
+        launcher: LauncherView,
     },
+}
+
+/// What a VM's status shows of its launcher Pod's container.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct LauncherView {
+    /// The Pod is Ready: QEMU runs the guest (readiness probe on QMP `query-status`).
+    pub ready: bool,
+    /// The node it was scheduled to.
+    pub node_name: Option<String>,
+    /// The container's restart count.
+    pub restarts: i32,
+    /// How the container last ended (its current state when terminated, else its last state).
+    pub last_exit: Option<LastExit>,
+    /// Why the container waits to run again, e.g. `CrashLoopBackOff`.
+    pub waiting: Option<String>,
+    /// The accelerator the launcher chose and why, once read from its log.
+    pub accelerator: Option<(String, String)>,
+    /// When the Pod was created (for the start latency).
+    pub created: Option<Time>,
+}
+
+impl LauncherView {
+    /// The view of a launcher Pod (its `launcher` container).
+    pub fn of(pod: &Pod) -> Self {
+        let status = pod.status.as_ref();
+        let container =
+            status.and_then(|s| s.container_statuses.as_ref()?.iter().find(|c| c.name == build::LAUNCHER_CONTAINER));
+        let ready = status
+            .and_then(|s| s.conditions.as_ref())
+            .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+        let terminated = container.and_then(|c| {
+            c.state.as_ref().and_then(|s| s.terminated.as_ref()).or(c.last_state.as_ref()?.terminated.as_ref())
+        });
+        LauncherView {
+            ready,
+            node_name: pod.spec.as_ref().and_then(|s| s.node_name.clone()),
+            restarts: container.map_or(0, |c| c.restart_count),
+            last_exit: terminated.map(|t| {
+                let message = t.message.as_deref().unwrap_or_default();
+                let (reason, message) = match ExitReason::parse(message) {
+                    Some((reason, text)) => (reason.as_str().to_owned(), text.to_owned()),
+                    None => (t.reason.clone().unwrap_or_else(|| "Error".into()), message.trim().to_owned()),
+                };
+                LastExit { reason, message, exit_code: t.exit_code, finished_at: t.finished_at.clone() }
+            }),
+            waiting: container.and_then(|c| {
+                let w = c.state.as_ref()?.waiting.as_ref()?;
+                w.reason.clone().filter(|r| r != "ContainerCreating" && r != "PodInitializing")
+            }),
+            accelerator: None,
+            created: pod.metadata.creation_timestamp.clone(),
+        }
+    }
 }
 
 /// The status a VM should have. `disks` carry the PVC phases observed; `previous` conditions
@@ -450,11 +505,13 @@ pub fn status(vm: &VirtualMachine, resolved: Option<&Resolved>, verdict: &Verdic
             let b = |t| Cond::new(t, false, reason::WAITING_FOR_IMAGE, message.clone());
             (P::Pending, vec![b(IMAGES_CLAIMED), b(DISKS_READY), b(READY)])
         }
-        Verdict::Provisioned { pod } => {
+        Verdict::Provisioned { pod, launcher } => {
             let halted = vm.spec.run_strategy == RunStrategy::Halted;
             let (phase, ready) = match pod {
-                Child::Ours { phase, deleting: false } if phase.as_deref() == Some("Running") && !halted => {
-                    (P::Running, Cond::new(READY, true, reason::RUNNING, "the launcher Pod runs"))
+                Child::Ours { phase, deleting: false }
+                    if phase.as_deref() == Some("Running") && launcher.ready && !halted =>
+                {
+                    (P::Running, Cond::new(READY, true, reason::RUNNING, "QEMU runs the guest"))
                 }
                 // Someone else's Pod with the launcher's name is not ours to stop.
                 Child::Missing | Child::Foreign if halted => {
@@ -464,7 +521,7 @@ pub fn status(vm: &VirtualMachine, resolved: Option<&Resolved>, verdict: &Verdic
                 Child::Missing => {
                     (P::Provisioning, Cond::new(READY, false, reason::PROVISIONING, "creating the launcher Pod"))
                 }
-                _ => (P::Starting, Cond::new(READY, false, reason::STARTING, "the launcher Pod is not running yet")),
+                _ => (P::Starting, Cond::new(READY, false, reason::STARTING, starting_message(launcher))),
             };
             (phase, vec![claimed, disks_ready, ready])
         }
@@ -479,7 +536,12 @@ pub fn status(vm: &VirtualMachine, resolved: Option<&Resolved>, verdict: &Verdic
     }
     let record = !matches!(verdict, Verdict::Blocked { claimed: false, .. });
     let launcher_pod = match verdict {
-        Verdict::Provisioned { pod: Child::Ours { .. } } => Some(names::launcher_pod(&vm.name_any())),
+        Verdict::Provisioned { pod: Child::Ours { .. }, .. } => Some(names::launcher_pod(&vm.name_any())),
+        _ => None,
+    };
+    // What the launcher shows while its Pod exists and is not going; the last exit stays.
+    let running = match verdict {
+        Verdict::Provisioned { pod: Child::Ours { deleting: false, .. }, launcher } => Some(launcher),
         _ => None,
     };
     VirtualMachineStatus {
@@ -488,8 +550,28 @@ pub fn status(vm: &VirtualMachine, resolved: Option<&Resolved>, verdict: &Verdic
         cpu: resolved.filter(|_| record).map(|r| r.cpu),
         memory: resolved.filter(|_| record).map(|r| r.memory.clone()),
         launcher_pod,
+        node_name: running.and_then(|l| l.node_name.clone()),
+        accelerator: running
+            .and_then(|l| l.accelerator.as_ref().map(|(a, _)| a.clone()).or(previous.accelerator.clone())),
+        restarts: running.map(|l| l.restarts),
+        last_exit: running.and_then(|l| l.last_exit.clone()).or(previous.last_exit),
         observed_generation: vm.metadata.generation,
         conditions: merge(&previous.conditions, conditions, vm.metadata.generation, now),
+    }
+}
+
+/// The Ready message of a VM whose launcher has not started the guest (yet, or again).
+fn starting_message(launcher: &LauncherView) -> String {
+    match (&launcher.last_exit, &launcher.waiting) {
+        (Some(exit), waiting) => format!(
+            "the launcher starts the guest again (restart {}{}); it last ended: {}: {}",
+            launcher.restarts,
+            waiting.as_deref().map(|w| format!(", {w}")).unwrap_or_default(),
+            exit.reason,
+            exit.message
+        ),
+        (None, Some(waiting)) => format!("the launcher Pod waits: {waiting}"),
+        (None, None) => "QEMU does not run the guest yet".into(),
     }
 }
 
@@ -532,6 +614,8 @@ pub struct Observed<'a> {
     /// Its launcher Pod, known by the identity recorded on it (see
     /// [`super::claim::launcher_of`]).
     pub pod: Child,
+    /// Its launcher Pod's container, when the Pod is ours.
+    pub launcher: LauncherView,
     /// Child names found taken by objects that are not the VM's when it tried to create them.
     pub taken: BTreeSet<(&'static str, String)>,
     /// The container image of launcher Pods.
@@ -570,6 +654,8 @@ pub struct VmPlan {
     pub status: Option<VirtualMachineStatus>,
     /// A Warning Event `(reason, message)`, once per transition.
     pub warning: Option<(&'static str, String)>,
+    /// A Normal Event `(reason, message)`, once per transition.
+    pub notice: Option<(&'static str, String)>,
     /// Remove the finalizer: the VM may go.
     pub remove_finalizer: bool,
     /// Look again after this long even if nothing changes.
@@ -697,17 +783,12 @@ fn provision(obs: &Observed, mut plan: VmPlan, mut resolved: Resolved) -> VmPlan
     if children.conflict.is_none() {
         match children.pod {
             PodAction::Create => {
-                let modes: BTreeMap<String, VolumeMode> = resolved
-                    .disks
-                    .iter()
-                    .filter_map(|d| Some((d.name.clone(), obs.images.get(d.image.as_ref()?)?.spec.volume_mode)))
-                    .collect();
+                let disks = launcher_disks(&resolved.disks, |n| obs.images.get(n).copied());
                 let inputs = build::LauncherInputs {
                     image: obs.launcher_image,
                     cpu: resolved.cpu,
                     memory: &resolved.memory,
-                    disks: &resolved.disks,
-                    modes: &modes,
+                    disks: &disks,
                     settings: obs.template.and_then(|t| t.spec.launcher.as_ref()),
                 };
                 plan.pod = Some(PodChange::Create(Box::new(build::launcher_pod(vm, &inputs))));
@@ -735,9 +816,31 @@ fn provision(obs: &Observed, mut plan: VmPlan, mut resolved: Resolved) -> VmPlan
             ),
             claimed: true,
         },
-        None => Verdict::Provisioned { pod },
+        None => Verdict::Provisioned { pod, launcher: obs.launcher.clone() },
     };
     with_status(obs, plan, Some(&resolved), verdict)
+}
+
+/// The disks as the launcher attaches them: the volume mode of the image (Filesystem for a
+/// volatile disk), the size of the VM's own PVC or of the persistent image, and whether the
+/// content is blank (a volatile disk or a `source.blank` image: the launcher may create it).
+pub fn launcher_disks<'a>(
+    disks: &'a [VirtualMachineDiskStatus],
+    images: impl Fn(&str) -> Option<&'a Image>,
+) -> Vec<build::LauncherDisk<'a>> {
+    disks
+        .iter()
+        .map(|disk| {
+            let image = disk.image.as_deref().and_then(&images);
+            let size = disk.size.as_ref().or_else(|| image?.status.as_ref()?.capacity.as_ref());
+            build::LauncherDisk {
+                disk,
+                volume_mode: image.map_or(VolumeMode::Filesystem, |i| i.spec.volume_mode),
+                capacity: size.and_then(quantity::bytes).unwrap_or(0).min(u64::MAX as u128) as u64,
+                blank: image.is_none_or(|i| i.spec.source.blank.is_some()),
+            }
+        })
+        .collect()
 }
 
 /// Deletion: stop the launcher Pod, wait until it is gone, release the claims, let the VM go.
@@ -788,6 +891,12 @@ fn with_status(obs: &Observed, mut plan: VmPlan, resolved: Option<&Resolved>, ve
         }
         _ => None,
     };
-    plan.status = Some(status(vm, resolved, &verdict, &obs.now));
+    let status = status(vm, resolved, &verdict, &obs.now);
+    if let (Some(accelerator), None) = (&status.accelerator, previous.and_then(|p| p.accelerator.as_ref()))
+        && let Some((_, why)) = &obs.launcher.accelerator
+    {
+        plan.notice = Some((reason::ACCELERATOR, format!("QEMU runs the guest with {accelerator} ({why})")));
+    }
+    plan.status = Some(status);
     plan
 }
