@@ -4,7 +4,8 @@
 #
 #   vmkeep-guest: up as <name>                the VM's name from SMBIOS (system serial number,
 #                                             QEMU `-smbios type=1,serial=<name>`)
-#   vmkeep-guest: disk vdX markers: <a> <b>   for each other virtio disk: the names written on
+#   vmkeep-guest: disk vdX markers: <a> <b>   for each unpartitioned virtio disk (the boot disk
+#                                             has partitions): the names written on
 #                                             it before ("markers": text in its first 4 KiB)
 #   vmkeep-guest: disk vdX marked <name>      appended its own name there, flushed
 #   vmkeep-guest: disk vdX read-only          (a CDROM or read-only disk: read, not written)
@@ -15,7 +16,9 @@
 # and vmkeep.guest=ignore-button makes it ignore the power button (tests of the launcher's
 # restart and kill deadline).
 #
-#   hack/guest.sh            prints the path of the image (raw, 64 MiB, sparse)
+#   hack/guest.sh            prints the path of the image (raw, 64 MiB, sparse); beside it,
+#                            guest-poweroff.img and guest-ignore-button.img: the same guest
+#                            booted with vmkeep.guest=poweroff or =ignore-button
 #
 # Inputs: Debian's linux-image-amd64 (the kernel and its virtio, button and evdev modules,
 # not installed, only unpacked), busybox-static, syslinux and mtools. Cached under
@@ -87,7 +90,7 @@ say "up as $name"
 sleep 1 # devtmpfs fills /dev/vd* as virtio_blk probes
 for dev in /sys/block/vd*; do
   d=${dev##*/}
-  [ "$d" = vda ] && continue # the boot disk
+  [ -e "$dev/${d}1" ] && continue # a partitioned disk: the boot disk
   markers=$(dd if=/dev/$d bs=4096 count=1 2>/dev/null | tr -d '\000' | tr '\n' ' ')
   say "disk $d markers: ${markers:-none}"
   if [ "$(cat $dev/ro)" = 1 ]; then say "disk $d read-only"; continue; fi
@@ -131,6 +134,14 @@ mcopy -i "$img@@$offset" "$WORK/build/initrd.gz" ::initrd.gz
 mcopy -i "$img@@$offset" "$WORK/build/syslinux.cfg" ::syslinux.cfg
 syslinux --offset "$offset" --install "$img"
 dd if=/usr/lib/syslinux/mbr/mbr.bin of="$img" conv=notrunc bs=440 count=1 status=none
+# The variants for the launcher's tests: the same disk with another kernel command line.
+for mode in poweroff ignore-button; do
+  variant=$WORK/build/guest-$mode.img
+  cp --sparse=always "$img" "$variant"
+  sed "s/^  APPEND .*/& vmkeep.guest=$mode/" "$WORK/build/syslinux.cfg" >"$WORK/build/syslinux-$mode.cfg"
+  mcopy -o -i "$variant@@$offset" "$WORK/build/syslinux-$mode.cfg" ::syslinux.cfg
+  mv "$variant" "$WORK/guest-$mode.img"
+done
 mv "$img" "$OUT"
 echo "$inputs" >"$WORK/inputs"
 rm -rf "$WORK/build"
