@@ -14,7 +14,8 @@
 
 use futures::{Stream, StreamExt};
 use k8s_openapi::api::core::v1::{
-    PersistentVolumeClaim, PersistentVolumeClaimSpec, PersistentVolumeClaimStatus, Pod, PodStatus,
+    ContainerStatus, PersistentVolumeClaim, PersistentVolumeClaimSpec, PersistentVolumeClaimStatus, Pod, PodSpec,
+    PodStatus,
 };
 use kube::{
     Api, Resource, ResourceExt,
@@ -271,20 +272,38 @@ pub fn pvc_view(pvc: &PersistentVolumeClaim) -> u64 {
     plan::child_view(pvc, status.and_then(|s| s.phase.as_deref()), capacity)
 }
 
-/// [`plan::child_view`] of a Pod.
+/// [`plan::pod_view`] of a Pod.
 pub fn pod_view(pod: &Pod) -> u64 {
-    plan::child_view(pod, pod.status.as_ref().and_then(|s| s.phase.as_deref()), None)
+    plan::pod_view(pod)
 }
 
 /// Keeps every field.
 pub fn keep<K>(_: &mut K) {}
 
-/// A launcher Pod as the controllers read it: metadata (owner, deletion) and `status.phase`.
-/// Its spec (containers, volumes, security settings, what admission added) is most of its size,
-/// and with thousands of VMs most of the operator's memory.
+/// A launcher Pod as the controllers read it: metadata (owner, deletion), its node, its phase,
+/// its Ready condition and the launcher container's state, last state and restart count (what
+/// [`plan::LauncherView`] reads). Its spec (containers, volumes, security settings, what
+/// admission added) is most of its size, and with thousands of VMs most of the operator's memory.
 pub fn slim_pod(pod: &mut Pod) {
-    pod.spec = None;
-    pod.status = pod.status.take().map(|s| PodStatus { phase: s.phase, ..Default::default() });
+    pod.spec =
+        pod.spec.take().map(|s| PodSpec { node_name: s.node_name, containers: Vec::new(), ..Default::default() });
+    pod.status = pod.status.take().map(|s| PodStatus {
+        phase: s.phase,
+        conditions: s.conditions.map(|cs| cs.into_iter().filter(|c| c.type_ == "Ready").collect()),
+        container_statuses: s.container_statuses.map(|cs| {
+            cs.into_iter()
+                .map(|c| ContainerStatus {
+                    name: c.name,
+                    restart_count: c.restart_count,
+                    ready: c.ready,
+                    state: c.state,
+                    last_state: c.last_state,
+                    ..Default::default()
+                })
+                .collect()
+        }),
+        ..Default::default()
+    });
 }
 
 /// A PVC as the controllers read it: owner, deletion, size, class, volume mode, phase and
@@ -321,8 +340,10 @@ mod tests {
         .unwrap();
         slim_pod(&mut pod);
         assert_eq!(pod.metadata.owner_references.as_ref().map(Vec::len), Some(1));
-        assert!(pod.spec.is_none());
-        assert_eq!(pod.status, Some(PodStatus { phase: Some("Running".into()), ..Default::default() }));
+        assert_eq!(pod.spec.as_ref().map(|s| s.containers.len()), Some(0));
+        let status = pod.status.unwrap();
+        assert_eq!(status.phase.as_deref(), Some("Running"));
+        assert_eq!(status.conditions.map(|c| c.len()), Some(1), "Ready is kept");
     }
 
     #[test]

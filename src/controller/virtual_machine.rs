@@ -28,13 +28,13 @@ use super::{Context, Error, Stores, apply};
 use crate::{
     api::{Image, Template, VirtualMachine},
     claim::{self, Release},
+    launcher::spec,
     plan::{
+        build,
         claim::{self as rules, ClaimState},
         names,
-        build,
         virtual_machine::{self as plan, Child, LauncherView, Observed, OtherVm, PodChange, VmPlan},
     },
-    launcher::spec,
 };
 
 /// How often one reconcile decides again after applying found something new.

@@ -123,7 +123,7 @@ fn available_bytes(dir: &Path) -> Result<u64, String> {
     }
     // SAFETY: statvfs returned 0, so it filled `stat`.
     let stat = unsafe { stat.assume_init() };
-    Ok(stat.f_bavail as u64 * stat.f_frsize as u64)
+    Ok(stat.f_bavail * stat.f_frsize)
 }
 
 #[cfg(test)]

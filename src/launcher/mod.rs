@@ -217,7 +217,11 @@ fn exited(status: std::io::Result<ExitStatus>, stderr: String) -> Outcome {
         Ok(s) if s.success() => Outcome::new(ExitReason::GuestPowerOff, "the guest powered off"),
         Ok(s) => Outcome::new(
             ExitReason::QemuExited,
-            format!("QEMU exited with {}{}", describe(s), if stderr.is_empty() { String::new() } else { format!(": {stderr}") }),
+            format!(
+                "QEMU exited with {}{}",
+                describe(s),
+                if stderr.is_empty() { String::new() } else { format!(": {stderr}") }
+            ),
         ),
         Err(e) => Outcome::new(ExitReason::LaunchFailed, format!("cannot wait for QEMU: {e}")),
     }
@@ -253,12 +257,14 @@ async fn stop(child: &mut Child, mut qmp: Option<&mut Qmp>, timeout: Duration) -
                     ExitReason::Stopped,
                     format!("the guest powered off {secs:.1} s after the power button ({presses} presses)"),
                 ),
-                Ok(s) => Outcome::new(ExitReason::QemuExited, format!("QEMU exited with {} while stopping", describe(s))),
+                Ok(s) => {
+                    Outcome::new(ExitReason::QemuExited, format!("QEMU exited with {} while stopping", describe(s)))
+                }
                 Err(e) => Outcome::new(ExitReason::LaunchFailed, format!("cannot wait for QEMU: {e}")),
             };
         }
     }
-    if let Some(q) = qmp.as_deref_mut() {
+    if let Some(q) = qmp {
         let _ = tokio::time::timeout(Duration::from_secs(1), q.execute("quit")).await;
     }
     let quit = tokio::time::timeout(deadline.saturating_duration_since(Instant::now()), child.wait()).await.is_ok();
@@ -284,5 +290,7 @@ pub async fn probe(run_dir: &Path) -> anyhow::Result<()> {
         anyhow::ensure!(qmp.running().await?, "the guest is not running");
         Ok(())
     };
-    tokio::time::timeout(Duration::from_secs(3), check).await.map_err(|_| anyhow::anyhow!("QMP did not answer in 3 s"))?
+    tokio::time::timeout(Duration::from_secs(3), check)
+        .await
+        .map_err(|_| anyhow::anyhow!("QMP did not answer in 3 s"))?
 }

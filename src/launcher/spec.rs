@@ -162,7 +162,10 @@ mod tests {
             blank: false,
         };
         let arg = disk.to_string();
-        assert_eq!(arg, "name=root,path=/var/lib/vmkeep/disks/root,volumeMode=Block,capacity=1073741824,readOnly,cdrom");
+        assert_eq!(
+            arg,
+            "name=root,path=/var/lib/vmkeep/disks/root,volumeMode=Block,capacity=1073741824,readOnly,cdrom"
+        );
         assert_eq!(arg.parse::<LaunchDisk>(), Ok(disk));
         assert!("name=a,path=/x".parse::<LaunchDisk>().unwrap_err().contains("capacity"));
         assert!("name=a,path=/x,capacity=1,shiny".parse::<LaunchDisk>().unwrap_err().contains("shiny"));

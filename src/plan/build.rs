@@ -7,9 +7,10 @@ use k8s_openapi::{
     api::{
         coordination::v1::{Lease, LeaseSpec},
         core::v1::{
-            Capabilities, Container, EmptyDirVolumeSource, ExecAction, PersistentVolumeClaim, PersistentVolumeClaimSpec,
-            PersistentVolumeClaimVolumeSource, Pod, PodSecurityContext, PodSpec, Probe, ResourceRequirements, SeccompProfile,
-            SecurityContext, TypedLocalObjectReference, Volume, VolumeDevice, VolumeMount, VolumeResourceRequirements,
+            Capabilities, Container, EmptyDirVolumeSource, ExecAction, PersistentVolumeClaim,
+            PersistentVolumeClaimSpec, PersistentVolumeClaimVolumeSource, Pod, PodSecurityContext, PodSpec, Probe,
+            ResourceRequirements, SeccompProfile, SecurityContext, TypedLocalObjectReference, Volume, VolumeDevice,
+            VolumeMount, VolumeResourceRequirements,
         },
     },
     apimachinery::pkg::{
@@ -21,7 +22,9 @@ use kube::{Resource, ResourceExt};
 
 use super::{image::PvcRequest, names};
 use crate::{
-    api::{Image, VirtualMachine, image::VolumeMode, template::LauncherSpec, virtual_machine::VirtualMachineDiskStatus},
+    api::{
+        Image, VirtualMachine, image::VolumeMode, template::LauncherSpec, virtual_machine::VirtualMachineDiskStatus,
+    },
     launcher::{self, spec::LaunchDisk},
 };
 
@@ -193,7 +196,8 @@ pub fn launcher_pod(vm: &VirtualMachine, inputs: &LauncherInputs) -> Pod {
     let memory_bytes = super::quantity::bytes(inputs.memory).unwrap_or(0).min(u64::MAX as u128) as u64;
     let memory_mib = (memory_bytes >> 20).max(16);
     let mut volumes = Vec::new();
-    let mut mounts = vec![VolumeMount { name: "run".into(), mount_path: launcher::RUN_DIR.into(), ..Default::default() }];
+    let mut mounts =
+        vec![VolumeMount { name: "run".into(), mount_path: launcher::RUN_DIR.into(), ..Default::default() }];
     let mut devices = Vec::new();
     let mut args = vec![
         "launch".to_owned(),
@@ -204,7 +208,10 @@ pub fn launcher_pod(vm: &VirtualMachine, inputs: &LauncherInputs) -> Pod {
     ];
     volumes.push(Volume {
         name: "run".into(),
-        empty_dir: Some(EmptyDirVolumeSource { medium: Some("Memory".into()), size_limit: Some(Quantity("1Mi".into())) }),
+        empty_dir: Some(EmptyDirVolumeSource {
+            medium: Some("Memory".into()),
+            size_limit: Some(Quantity("1Mi".into())),
+        }),
         ..Default::default()
     });
     for LauncherDisk { disk, volume_mode, capacity, blank } in inputs.disks {

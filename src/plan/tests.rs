@@ -1305,9 +1305,10 @@ fn launcher(vm: &VirtualMachine, disks: &[VirtualMachineDiskStatus], settings: O
 
 #[test]
 fn the_launcher_pod_mounts_every_disk_and_requests_the_vm_size() {
-    let settings: LauncherSpec =
-        parse("{nodeSelector: {kvm: 'true'}, tolerations: [{key: kvm, operator: Exists}], priorityClassName: vms,
-               terminationGracePeriodSeconds: 30}");
+    let settings: LauncherSpec = parse(
+        "{nodeSelector: {kvm: 'true'}, tolerations: [{key: kvm, operator: Exists}], priorityClassName: vms,
+               terminationGracePeriodSeconds: 30}",
+    );
     let pod = launcher(&vm("vm-a"), &disks(POD_DISKS), Some(&settings));
     assert_eq!(
         pod,
@@ -1790,9 +1791,15 @@ fn the_launcher_view_reads_readiness_restarts_and_the_last_exit_from_the_pod() {
     );
     let view = LauncherView::of(&pod);
     assert!(!view.ready);
-    assert_eq!((view.node_name.as_deref(), view.restarts, view.waiting.as_deref()), (Some("node-1"), 2, Some("CrashLoopBackOff")));
+    assert_eq!(
+        (view.node_name.as_deref(), view.restarts, view.waiting.as_deref()),
+        (Some("node-1"), 2, Some("CrashLoopBackOff"))
+    );
     let exit = view.last_exit.clone().unwrap();
-    assert_eq!((exit.reason.as_str(), exit.message.as_str(), exit.exit_code), ("GuestPowerOff", "the guest powered off", 0));
+    assert_eq!(
+        (exit.reason.as_str(), exit.message.as_str(), exit.exit_code),
+        ("GuestPowerOff", "the guest powered off", 0)
+    );
 
     // The VM shows it, Starting with why; then Running once Ready, with the accelerator, once.
     let r = resolved("[{name: scratch, pvcName: vm-a-scratch, phase: Bound, size: 1Gi}]");

@@ -25,7 +25,6 @@ use super::{
     conditions::{Cond, find, merge},
     names, quantity, reason,
 };
-use crate::launcher::spec::ExitReason;
 use crate::api::{
     Image, Template,
     image::{ImagePhase, ImageType, VolumeMode},
@@ -34,6 +33,7 @@ use crate::api::{
         LastExit, RunStrategy, VirtualMachine, VirtualMachineDiskStatus, VirtualMachinePhase, VirtualMachineStatus,
     },
 };
+use crate::launcher::spec::ExitReason;
 
 pub const IMAGES_CLAIMED: &str = "ImagesClaimed";
 pub const DISKS_READY: &str = "DisksReady";
@@ -124,6 +124,14 @@ pub fn child_view<K: kube::Resource>(child: &K, phase: Option<&str>, capacity: O
     let meta = child.meta();
     let owners: Vec<&str> = meta.owner_references.iter().flatten().map(|o| o.uid.as_str()).collect();
     fingerprint(&(&meta.uid, owners, meta.deletion_timestamp.is_some(), phase, capacity))
+}
+
+/// What of a launcher Pod the VM controller decides from: [`child_view`] and the
+/// [`LauncherView`] (readiness, node, restarts, exits), so a restart or readiness change wakes
+/// the VM and nothing else does.
+pub fn pod_view(pod: &Pod) -> u64 {
+    let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
+    fingerprint(&(child_view(pod, phase, None), LauncherView::of(pod)))
 }
 
 fn fingerprint(value: &impl std::fmt::Debug) -> u64 {
