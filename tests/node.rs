@@ -29,7 +29,7 @@ spec: {persistent: true, size: 1Gi, source: {blank: {}}}
 apiVersion: vmkeep.io/v1alpha1
 kind: Template
 metadata: {name: t}
-spec: {cpu: 1, memory: 128Mi, disks: [{name: data, image: data}]}
+spec: {cpu: 1, memory: 128Mi, launcher: {terminationGracePeriodSeconds: 20}, disks: [{name: data, image: data}]}
 ---
 apiVersion: vmkeep.io/v1alpha1
 kind: VirtualMachine
@@ -82,7 +82,7 @@ async fn a_claim_moves_only_after_the_kubelet_confirms_the_launcher_gone() {
     let spec = launcher.spec.clone().expect("spec");
     assert_eq!(spec.node_name.as_deref(), Some(node.as_str()), "the launcher runs on the node");
     let log = kubectl_ok(&["logs", "-n", &ns.name, &names::launcher_pod("a")], None);
-    assert!(log.contains("holding the VM's disks"), "the launcher's log (kubectl logs):\n{log}");
+    assert!(log.contains("vmkeep-launcher: accelerator="), "the launcher's log (kubectl logs):\n{log}");
     let a_uid = env.vm("a").await.expect("a").uid().expect("uid");
 
     apply(ns, WAITER);
