@@ -64,6 +64,12 @@ pub struct Metrics {
     pub webhook_reviews: Family<ReviewLabels, Counter>,
     /// Objects skipped because they cannot be read as their kind.
     pub malformed: Family<MalformedLabels, Counter>,
+    /// Launcher Pod created -> VM Running (QEMU runs the guest), seconds, each start.
+    pub launcher_start: Histogram,
+    /// Guest restarts in running launchers (the guest powered off or QEMU ended).
+    pub launcher_restarts: Counter,
+    /// Launcher Pod deleted by vmkeep (Halted, VM deletion, fencing) -> Pod gone, seconds.
+    pub launcher_stop: Histogram,
 }
 
 impl Default for Metrics {
@@ -91,6 +97,26 @@ impl Default for Metrics {
         );
         let malformed = Family::<MalformedLabels, Counter>::default();
         registry.register("malformed_objects", "Watched objects skipped as unreadable, by kind", malformed.clone());
+        // Seconds: TCG boots take seconds to tens of seconds; a stop waits up to the grace period.
+        let buckets = [0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0];
+        let launcher_start = Histogram::new(buckets);
+        registry.register(
+            "launcher_start_seconds",
+            "From a launcher Pod's creation until QEMU runs the guest (VM Running)",
+            launcher_start.clone(),
+        );
+        let launcher_restarts = Counter::default();
+        registry.register(
+            "launcher_restarts",
+            "Guests started again in their launcher Pod (powered off or QEMU ended)",
+            launcher_restarts.clone(),
+        );
+        let launcher_stop = Histogram::new(buckets);
+        registry.register(
+            "launcher_stop_seconds",
+            "From vmkeep's deletion of a launcher Pod until the Pod is gone",
+            launcher_stop.clone(),
+        );
         Self {
             registry,
             ready,
@@ -101,6 +127,9 @@ impl Default for Metrics {
             api_writes,
             webhook_reviews,
             malformed,
+            launcher_start,
+            launcher_restarts,
+            launcher_stop,
         }
     }
 }

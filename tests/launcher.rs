@@ -360,6 +360,11 @@ async fn a_vm_boots_its_guest_powers_off_on_halted_and_boots_again_with_its_disk
     assert!(stopped.contains("vmkeep-guest: power button, shutting down"), "the guest's shutdown:\n{stopped}");
     assert!(stopped.contains("the guest powered off"), "the launcher's stop:\n{stopped}");
     drop(follow);
+    assert!(env.operator.gauge("launcher_start_seconds_count") >= Some(1), "vmkeep_launcher_start_seconds");
+    wait_for("vmkeep_launcher_stop_seconds to count the stop", LONG, async || {
+        (env.operator.gauge("launcher_stop_seconds_count") >= Some(1)).then_some(())
+    })
+    .await;
     assert_eq!(env.claim_holder("data").await.as_deref(), Some("a"), "the claim stays while Halted");
     let data_pvc = env.api::<Image>().get("data").await.expect("image").status.and_then(|s| s.pvc_name).expect("pvc");
     let data_disk = host_path(&env, &data_pvc).await.join("disk.img");
@@ -408,6 +413,7 @@ async fn a_guest_that_powers_off_is_restarted_and_one_that_ignores_the_button_is
     let exit = restarted.last_exit.clone().expect("status.lastExit");
     assert_eq!((exit.reason.as_str(), exit.exit_code), ("GuestPowerOff", 0), "{exit:?}");
     assert_eq!(exit.message, "the guest powered off");
+    assert!(env.operator.counter("launcher_restarts", "") >= 1, "vmkeep_launcher_restarts_total");
     env.delete_vm("q").await;
     env.wait_gone::<Pod>(&names::launcher_pod("q"), Duration::from_secs(60)).await;
 

@@ -108,6 +108,9 @@ pub struct Context {
     pub writes: Writes,
     /// Every claim read, take and release goes through here.
     pub claims: Claims,
+    /// When this replica deleted each launcher Pod still going, by Pod uid (for
+    /// `vmkeep_launcher_stop_seconds`).
+    pub stopping: std::sync::Mutex<std::collections::HashMap<String, std::time::Instant>>,
 }
 
 /// Why a reconcile failed; [`Error::reason`] is stable (logs, metrics).
@@ -240,6 +243,7 @@ pub async fn run(client: Client, metrics: Arc<Metrics>, settings: Settings, shut
         metrics,
         stores: stores.clone(),
         settings: settings.clone(),
+        stopping: Default::default(),
     });
     // A short debounce folds a burst of events about one object (its PVC binding, its Pod
     // appearing) into one reconcile, and so into one status write.

@@ -26,7 +26,10 @@ use tracing::{info, warn};
 
 use super::{Context, Error, Stores, apply};
 use crate::{
-    api::{Image, Template, VirtualMachine},
+    api::{
+        Image, Template, VirtualMachine,
+        virtual_machine::{VirtualMachinePhase, VirtualMachineStatus},
+    },
     claim::{self, Release},
     launcher::spec,
     plan::{
@@ -49,7 +52,10 @@ pub async fn reconcile(vm: Arc<VirtualMachine>, ctx: Arc<Context>) -> Result<Act
         let observed = observe(&ctx, &ns, &vm, &cached, &facts).await?;
         let decided = plan::decide(&observed);
         match apply(&ctx, &ns, &vm, &decided, &mut facts).await? {
-            Applied::Done => return Ok(decided.requeue.map_or_else(Action::await_change, Action::requeue)),
+            Applied::Done => {
+                record(&ctx, &ns, &vm, &cached, &decided);
+                return Ok(decided.requeue.map_or_else(Action::await_change, Action::requeue));
+            }
             // A Pod still fences a claim. Its deletion normally wakes the VM, but a Pod a user took
             // out of vmkeep's watch (labels edited) would not: look again in a while.
             Applied::Fenced => return Ok(Action::requeue(FENCED_RECHECK)),
@@ -58,6 +64,36 @@ pub async fn reconcile(vm: Arc<VirtualMachine>, ctx: Arc<Context>) -> Result<Act
     }
     // Still changing under our feet: look again shortly.
     Ok(Action::requeue(Duration::from_millis(500)))
+}
+
+/// The launcher metrics an applied plan shows: a start (into Running), restarts, and a stop
+/// this replica asked for that has ended (the Pod is gone).
+fn record(ctx: &Context, ns: &str, vm: &VirtualMachine, cached: &Cached, decided: &VmPlan) {
+    let key = format!("{ns}/{}", vm.name_any());
+    {
+        let mut stopping = ctx.stopping.lock().expect("stopping launchers");
+        if decided.pod == Some(PodChange::Delete) {
+            stopping.entry(key).or_insert_with(std::time::Instant::now);
+        } else if matches!(cached.pod, Child::Missing | Child::Foreign)
+            && let Some(asked) = stopping.remove(&key)
+        {
+            ctx.metrics.launcher_stop.observe(asked.elapsed().as_secs_f64());
+        }
+    }
+    let (before, after) = (vm.status.as_ref(), decided.status.as_ref());
+    let running = |s: Option<&VirtualMachineStatus>| s.and_then(|s| s.phase) == Some(VirtualMachinePhase::Running);
+    if running(after)
+        && !running(before)
+        && let Some(created) = &cached.launcher.created
+    {
+        let since = jiff::Timestamp::now().duration_since(created.0);
+        ctx.metrics.launcher_start.observe(since.as_secs_f64().max(0.0));
+    }
+    if let (Some(was), Some(now)) = (before.and_then(|s| s.restarts), after.and_then(|s| s.restarts))
+        && now > was
+    {
+        ctx.metrics.launcher_restarts.inc_by((now - was) as u64);
+    }
 }
 
 /// What the caches hold for one VM's decision (owned, so [`Observed`] can borrow from it).
