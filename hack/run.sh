@@ -4,7 +4,8 @@
 #   hack/run.sh [KUBECONFIG]   build vmkeep, install its CRDs and start the operator in the
 #                              background against that cluster, or against the local cluster
 #                              (control plane and one node, started on demand, with the
-#                              launcher image imported) when none is given; prints the
+#                              launcher image imported) when none is given; builds the
+#                              kubectl plugin (target/debug/kubectl-vmkeep); prints the
 #                              kubeconfig path to use with kubectl
 #   hack/run.sh stop           stop the operator and the local cluster
 set -euo pipefail
@@ -40,6 +41,8 @@ else
   # The launcher image (and the others) into the node, so the examples' VMs run.
   bash hack/images.sh >/dev/null
 fi
+# The kubectl plugin: `kubectl vmkeep console|start|stop|restart`.
+cargo build --locked --quiet --bin kubectl-vmkeep
 kubectl="$(bash hack/cluster.sh tools)/kubectl"
 "$kubectl" --kubeconfig "$kubeconfig" apply --server-side -f crds/ >/dev/null
 
@@ -52,8 +55,9 @@ for _ in $(seq 1 100); do
     cat >&2 <<MSG
 vmkeep is running (pid $(cat "$RUN/vmkeep.pid"), log $RUN/vmkeep.log, metrics http://$HTTP_ADDR/metrics).
 Try it:
-  export KUBECONFIG=$kubeconfig PATH=$(dirname "$kubectl"):\$PATH
+  export KUBECONFIG=$kubeconfig PATH=$(dirname "$kubectl"):$PWD/target/debug:\$PATH
   kubectl apply -f examples/ && kubectl get vmkeep
+  kubectl vmkeep console vm-a     # the VM's serial console; detach with Ctrl+]
 Stop it: hack/run.sh stop
 MSG
     echo "$kubeconfig"
