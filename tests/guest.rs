@@ -7,12 +7,12 @@ mod support;
 use std::{
     io::{BufRead, BufReader, Write},
     os::unix::net::UnixStream,
-    path::{Path, PathBuf},
+    path::Path,
     process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
-use support::repo;
+use support::{guest_image, repo};
 
 fn root() -> bool {
     Command::new("id").arg("-u").output().is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
@@ -68,18 +68,12 @@ fn the_test_guest_boots_marks_its_disks_and_powers_off_on_the_button() {
         eprintln!("skipped: hack/guest.sh installs Debian packages (needs root)");
         return;
     }
-    let out = Command::new("bash")
-        .arg(repo().join("hack/guest.sh"))
-        .stderr(Stdio::inherit())
-        .output()
-        .expect("hack/guest.sh");
-    assert!(out.status.success(), "hack/guest.sh failed");
-    let built = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim().lines().last().unwrap_or_default());
+    let built = guest_image();
     let dir = repo().join("target/e2e-guest");
     std::fs::create_dir_all(&dir).expect("folder");
     // A copy: the boot disk is writable for the guest, and the cached image stays as built.
     let image = dir.join("guest.img");
-    std::fs::copy(&built, &image).expect("copy the guest image");
+    std::fs::copy(built, &image).expect("copy the guest image");
     let data = dir.join("data.img");
     std::fs::write(&data, vec![0u8; 16 << 20]).expect("a blank data disk");
 

@@ -370,12 +370,12 @@ spec: {persistent: true, size: 1Gi, source: {blank: {}}}
 apiVersion: vmkeep.io/v1alpha1
 kind: Template
 metadata: {name: shared}
-spec: {cpu: 1, memory: 128Mi, disks: [{name: root, image: os}]}
+spec: {cpu: 1, memory: 128Mi, launcher: {terminationGracePeriodSeconds: 10}, disks: [{name: root, image: os}]}
 ---
 apiVersion: vmkeep.io/v1alpha1
 kind: Template
 metadata: {name: exclusive}
-spec: {cpu: 1, memory: 128Mi, disks: [{name: data, image: disk}]}
+spec: {cpu: 1, memory: 128Mi, launcher: {terminationGracePeriodSeconds: 10}, disks: [{name: data, image: disk}]}
 ---
 apiVersion: vmkeep.io/v1alpha1
 kind: VirtualMachine

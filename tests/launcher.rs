@@ -12,7 +12,6 @@ mod support;
 use std::{
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
-    sync::OnceLock,
     time::{Duration, Instant},
 };
 
@@ -45,19 +44,23 @@ fn skip_reason() -> Option<&'static str> {
     None
 }
 
-/// The folder of the test guest images (`hack/guest.sh`, built once, cached).
-fn guest_dir() -> &'static Path {
-    static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| {
-        let out = Command::new("bash")
-            .arg(repo().join("hack/guest.sh"))
-            .stderr(Stdio::inherit())
-            .output()
-            .expect("hack/guest.sh");
-        assert!(out.status.success(), "hack/guest.sh failed");
-        let image = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim().lines().last().unwrap_or_default());
-        image.parent().expect("the guest's folder").to_owned()
-    })
+/// A test on the node: its Env, its guest disks, and the node to itself. Bind them in the
+/// reverse order (`OnNode { _node, disks, env }`): they are dropped env first (its VMs go),
+/// then the disks, then the node is free.
+struct OnNode {
+    env: Env,
+    disks: HostDisks,
+    _node: tokio::sync::MutexGuard<'static, ()>,
+}
+
+/// Waits for the node and sets up `test`, or says why it is skipped.
+async fn on_node(test: &str) -> Option<OnNode> {
+    if let Some(reason) = skip_reason() {
+        eprintln!("skipped: {reason}");
+        return None;
+    }
+    let node = NODE.lock().await;
+    Some(OnNode { env: Env::new(test).await, disks: HostDisks::default(), _node: node })
 }
 
 /// Host-path volumes holding guest disks, removed (with their PersistentVolumes) when dropped.
@@ -67,21 +70,22 @@ struct HostDisks {
 }
 
 impl HostDisks {
-    /// A persistent Image `name` whose adopted PVC holds `variant` (a file of [`guest_dir`]) as
-    /// its `disk.img`, on a host-path PersistentVolume of this machine.
-    fn guest(&self, env: &Env, name: &str, variant: &str) {
-        self.guest_image(env, name, variant, true)
+    /// A persistent Image `name` whose adopted PVC holds `variant` (a file beside
+    /// [`guest_image`]) as its `disk.img`, on a host-path PersistentVolume of this machine;
+    /// returns once the Image knows its capacity.
+    async fn guest(&self, env: &Env, name: &str, variant: &str) {
+        self.guest_image(env, name, variant, true).await
     }
 
     /// [`HostDisks::guest`], persistent or not.
-    fn guest_image(&self, env: &Env, name: &str, variant: &str, persistent: bool) {
+    async fn guest_image(&self, env: &Env, name: &str, variant: &str, persistent: bool) {
         let pv = format!("{}-{name}", env.ns.name);
         let dir = std::env::temp_dir().join("vmkeep-e2e").join(&pv);
         std::fs::create_dir_all(&dir).expect("the volume's folder");
         let disk = dir.join("disk.img");
         let copied = Command::new("cp")
             .args(["--sparse=always"])
-            .arg(guest_dir().join(variant))
+            .arg(guest_image().parent().expect("the guest's folder").join(variant))
             .arg(&disk)
             .status()
             .expect("cp");
@@ -110,6 +114,7 @@ impl HostDisks {
                  spec: {{persistent: {persistent}, source: {{pvc: {{name: {name}-disk}}}}}}\n"
             ),
         );
+        env.wait_image(name, "Ready", |i| i.status.as_ref().and_then(|s| s.capacity.as_ref()).is_some()).await;
     }
 }
 
@@ -130,21 +135,10 @@ fn blank_image(name: &str, persistent: bool) -> String {
     )
 }
 
-/// A template: 1 CPU, 256 MiB, the disks `(name, image)` (`None`: a volatile 16 MiB disk), a
+/// A template (1 CPU, 256 MiB) with the disks `(name, image)` (`None`: a volatile disk) and a
 /// grace period of `grace` seconds.
 fn template(name: &str, disks: &[(&str, Option<&str>)], grace: u32) -> String {
-    let disks: Vec<String> = disks
-        .iter()
-        .map(|(disk, image)| match image {
-            Some(image) => format!("{{name: {disk}, image: {image}}}"),
-            None => format!("{{name: {disk}, blank: {{size: 16Mi}}}}"),
-        })
-        .collect();
-    format!(
-        "apiVersion: vmkeep.io/v1alpha1\nkind: Template\nmetadata: {{name: {name}}}\n\
-         spec: {{cpu: 1, memory: 256Mi, launcher: {{terminationGracePeriodSeconds: {grace}}}, disks: [{}]}}\n---\n",
-        disks.join(", ")
-    )
+    template_with(name, disks, &format!("launcher: {{terminationGracePeriodSeconds: {grace}}}, "))
 }
 
 /// The launcher's log (what `kubectl logs` shows), or an empty string.
@@ -265,7 +259,9 @@ async fn host_path(env: &Env, pvc: &str) -> PathBuf {
 /// The marker text at the start of a disk (what the guest wrote there).
 fn markers(disk: &Path) -> String {
     let bytes = std::fs::read(disk).unwrap_or_default();
-    String::from_utf8_lossy(&bytes[..bytes.len().min(4096)]).trim_matches(|c: char| c == '\0' || c.is_whitespace()).to_owned()
+    String::from_utf8_lossy(&bytes[..bytes.len().min(4096)])
+        .trim_matches(|c: char| c == '\0' || c.is_whitespace())
+        .to_owned()
 }
 
 /// The memory of the launcher Pod of `vm`, MiB: QEMU's resident set outside the guest's RAM,
@@ -311,17 +307,10 @@ fn launcher_memory(pod_uid: &str, guest_mib: u64) -> Option<(u64, u64, u64)> {
 
 #[tokio::test]
 async fn a_vm_boots_its_guest_powers_off_on_halted_and_boots_again_with_its_disk() {
-    if let Some(reason) = skip_reason() {
-        eprintln!("skipped: {reason}");
-        return;
-    }
-    let _node = NODE.lock().await;
-    let disks = HostDisks::default();
-    let env = Env::new("launcher-boot").await;
+    let Some(OnNode { _node, disks, env }) = on_node("launcher-boot").await else { return };
     let ns = &env.ns;
-    disks.guest(&env, "os", "guest.img");
+    disks.guest(&env, "os", "guest.img").await;
     apply(ns, &(blank_image("data", true) + &template("t", &[("root", Some("os")), ("data", Some("data"))], 20)));
-    env.wait_image("os", "Ready", |i| i.status.as_ref().and_then(|s| s.capacity.as_ref()).is_some()).await;
     let created = Instant::now();
     apply(ns, &vm("a", "t", "Reject"));
 
@@ -334,7 +323,9 @@ async fn a_vm_boots_its_guest_powers_off_on_halted_and_boots_again_with_its_disk
     let to_running = created.elapsed();
     let log = wait_log(&env, "a", "vmkeep-guest: ready", Duration::from_secs(60)).await;
     let to_ready = created.elapsed();
-    for line in ["vmkeep-launcher: accelerator=", "vmkeep-guest: up as a", "disk vdb markers: none", "disk vdb marked a"] {
+    for line in
+        ["vmkeep-launcher: accelerator=", "vmkeep-guest: up as a", "disk vdb markers: none", "disk vdb marked a"]
+    {
         assert!(log.contains(line), "no '{line}' in the launcher's log:\n{log}");
     }
     let status = running.status.clone().expect("status");
@@ -386,22 +377,11 @@ async fn a_vm_boots_its_guest_powers_off_on_halted_and_boots_again_with_its_disk
 
 #[tokio::test]
 async fn a_guest_that_powers_off_is_restarted_and_one_that_ignores_the_button_is_killed() {
-    if let Some(reason) = skip_reason() {
-        eprintln!("skipped: {reason}");
-        return;
-    }
-    let _node = NODE.lock().await;
-    let disks = HostDisks::default();
-    let env = Env::new("launcher-restart").await;
+    let Some(OnNode { _node, disks, env }) = on_node("launcher-restart").await else { return };
     let ns = &env.ns;
-    disks.guest(&env, "quitter", "guest-poweroff.img");
-    disks.guest(&env, "stubborn", "guest-ignore-button.img");
-    apply(
-        ns,
-        &(template("q", &[("root", Some("quitter"))], 20) + &template("s", &[("root", Some("stubborn"))], 15)),
-    );
-    env.wait_image("quitter", "Ready", |i| i.status.as_ref().and_then(|s| s.capacity.as_ref()).is_some()).await;
-    env.wait_image("stubborn", "Ready", |i| i.status.as_ref().and_then(|s| s.capacity.as_ref()).is_some()).await;
+    disks.guest(&env, "quitter", "guest-poweroff.img").await;
+    disks.guest(&env, "stubborn", "guest-ignore-button.img").await;
+    apply(ns, &(template("q", &[("root", Some("quitter"))], 20) + &template("s", &[("root", Some("stubborn"))], 15)));
 
     // A guest that powers itself off is started again (runStrategy Always), and says why.
     apply(ns, &vm("q", "q", "Reject"));
@@ -438,21 +418,14 @@ async fn a_guest_that_powers_off_is_restarted_and_one_that_ignores_the_button_is
 
 #[tokio::test]
 async fn a_persistent_disk_passes_to_the_next_vm_and_a_volatile_disk_starts_empty() {
-    if let Some(reason) = skip_reason() {
-        eprintln!("skipped: {reason}");
-        return;
-    }
-    let _node = NODE.lock().await;
-    let disks = HostDisks::default();
-    let env = Env::new("launcher-handover").await;
+    let Some(OnNode { _node, disks, env }) = on_node("launcher-handover").await else { return };
     let ns = &env.ns;
-    disks.guest(&env, "os", "guest.img");
+    disks.guest(&env, "os", "guest.img").await;
     apply(
         ns,
         &(blank_image("data", true)
             + &template("t", &[("root", Some("os")), ("data", Some("data")), ("scratch", None)], 20)),
     );
-    env.wait_image("os", "Ready", |i| i.status.as_ref().and_then(|s| s.capacity.as_ref()).is_some()).await;
     apply(ns, &vm("a", "t", "Reject"));
     env.wait_vm("a", P::Running).await;
     let log = wait_log(&env, "a", "vmkeep-guest: ready", BOOT).await;
@@ -471,18 +444,11 @@ async fn a_persistent_disk_passes_to_the_next_vm_and_a_volatile_disk_starts_empt
 
 #[tokio::test]
 async fn two_vms_of_one_template_run_at_once_each_on_its_own_disks() {
-    if let Some(reason) = skip_reason() {
-        eprintln!("skipped: {reason}");
-        return;
-    }
-    let _node = NODE.lock().await;
-    let disks = HostDisks::default();
-    let env = Env::new("launcher-pair").await;
+    let Some(OnNode { _node, disks, env }) = on_node("launcher-pair").await else { return };
     let ns = &env.ns;
     // One template: a clone of a non-persistent guest image and a volatile disk per VM.
-    disks.guest_image(&env, "os", "guest.img", false);
+    disks.guest_image(&env, "os", "guest.img", false).await;
     apply(ns, &template("t", &[("root", Some("os")), ("scratch", None)], 20));
-    env.wait_image("os", "Ready", |i| i.status.as_ref().and_then(|s| s.capacity.as_ref()).is_some()).await;
     apply(ns, &(vm("a", "t", "Reject") + &vm("b", "t", "Reject")));
     // Each VM runs its own clone, or (storage that binds clones empty, as this cluster's
     // host-path provisioner) its launcher refuses the empty disk, naming it: never a guest
@@ -518,16 +484,13 @@ async fn two_vms_of_one_template_run_at_once_each_on_its_own_disks() {
             env.wait_gone::<Pod>(&names::launcher_pod(name), Duration::from_secs(60)).await;
         }
         // Two guests at once, each on its own disks: each boots its own persistent image.
-        disks.guest(&env, "os-a", "guest.img");
-        disks.guest(&env, "os-b", "guest.img");
+        disks.guest(&env, "os-a", "guest.img").await;
+        disks.guest(&env, "os-b", "guest.img").await;
         apply(
             ns,
             &(template("ta", &[("root", Some("os-a")), ("scratch", None)], 20)
                 + &template("tb", &[("root", Some("os-b")), ("scratch", None)], 20)),
         );
-        for image in ["os-a", "os-b"] {
-            env.wait_image(image, "Ready", |i| i.status.as_ref().and_then(|s| s.capacity.as_ref()).is_some()).await;
-        }
         apply(ns, &(vm("c", "ta", "Reject") + &vm("d", "tb", "Reject")));
         for name in ["c", "d"] {
             env.wait_vm(name, P::Running).await;

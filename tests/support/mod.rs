@@ -278,3 +278,18 @@ impl Drop for Operator {
         let _ = self.child.wait();
     }
 }
+
+/// The test guest of `hack/guest.sh` (built once, cached; installs Debian packages, so root
+/// only): a BIOS-bootable raw disk. Its variants lie beside it.
+pub fn guest_image() -> &'static Path {
+    static IMAGE: OnceLock<PathBuf> = OnceLock::new();
+    IMAGE.get_or_init(|| {
+        let out = std::process::Command::new("bash")
+            .arg(repo().join("hack/guest.sh"))
+            .stderr(std::process::Stdio::inherit())
+            .output()
+            .expect("hack/guest.sh");
+        assert!(out.status.success(), "hack/guest.sh failed");
+        PathBuf::from(String::from_utf8_lossy(&out.stdout).trim().lines().last().unwrap_or_default())
+    })
+}
