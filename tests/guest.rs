@@ -18,12 +18,24 @@ fn root() -> bool {
     Command::new("id").arg("-u").output().is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
 }
 
+/// QEMU, killed if the test fails while it runs (it would keep the disks locked).
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// Boots `image` with a data disk, as the VM `name`; returns the console once the guest is ready
 /// and after the power button (and how long each took).
 fn boot(image: &Path, data: &Path, name: &str, dir: &Path) -> (String, Duration, Duration) {
     let console = dir.join(format!("{name}.console"));
     let qmp = dir.join(format!("{name}.qmp"));
+    // Left from an earlier run, these would be read before QEMU opens them anew.
     let _ = std::fs::remove_file(&qmp);
+    let _ = std::fs::remove_file(&console);
     let drive = |path: &Path, id: &str| format!("file={},format=raw,if=none,id={id}", path.display());
     let mut qemu = Command::new("qemu-system-x86_64")
         .args(["-machine", "q35", "-accel", "tcg", "-nodefaults", "-display", "none", "-m", "256"])
@@ -34,11 +46,12 @@ fn boot(image: &Path, data: &Path, name: &str, dir: &Path) -> (String, Duration,
         .args(["-drive", &drive(data, "d1"), "-device", "virtio-blk-pci,drive=d1"])
         .stdin(Stdio::null())
         .spawn()
+        .map(KillOnDrop)
         .expect("cannot start qemu-system-x86_64");
     let started = Instant::now();
     let read = || String::from_utf8_lossy(&std::fs::read(&console).unwrap_or_default()).into_owned();
     while !read().contains("vmkeep-guest: ready") {
-        assert!(qemu.try_wait().expect("wait").is_none(), "QEMU exited:\n{}", read());
+        assert!(qemu.0.try_wait().expect("wait").is_none(), "QEMU exited:\n{}", read());
         assert!(started.elapsed() < Duration::from_secs(120), "the guest was not ready in 120 s:\n{}", read());
         std::thread::sleep(Duration::from_millis(200));
     }
@@ -52,7 +65,7 @@ fn boot(image: &Path, data: &Path, name: &str, dir: &Path) -> (String, Duration,
     let pressed = Instant::now();
     send("system_powerdown");
     let status = loop {
-        if let Some(status) = qemu.try_wait().expect("wait") {
+        if let Some(status) = qemu.0.try_wait().expect("wait") {
             break status;
         }
         assert!(pressed.elapsed() < Duration::from_secs(30), "the guest ignored the power button:\n{}", read());
