@@ -15,6 +15,7 @@ pub mod health;
 pub mod launcher;
 pub mod leader;
 pub mod metrics;
+pub mod mover;
 pub mod operator;
 pub mod plan;
 pub mod telemetry;

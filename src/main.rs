@@ -4,7 +4,7 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
-use vmkeep::{api, controller, launcher, leader, operator, telemetry, webhook};
+use vmkeep::{api, controller, launcher, leader, mover, operator, telemetry, webhook};
 
 #[derive(Parser)]
 #[command(name = "vmkeep", version, about = "VM disk images on Kubernetes, persistent or cloned per VM")]
@@ -30,6 +30,12 @@ enum Command {
         #[arg(long, env = "VMKEEP_PVC_ACCESS_MODE", default_value = "ReadWriteOnce",
               value_parser = ["ReadWriteOnce", "ReadWriteOncePod"])]
         pvc_access_mode: String,
+        /// How clones are made when their StorageClass has no `vmkeep.io/clone-strategy`
+        /// annotation: `auto` (`csi-clone` where the provisioner can clone, else `copy`),
+        /// `csi-clone`, `copy` or `snapshot`.
+        #[arg(long, env = "VMKEEP_CLONE_STRATEGY", default_value = "auto",
+              value_parser = ["auto", "csi-clone", "copy", "snapshot"])]
+        clone_strategy: String,
         /// How many objects of each kind are reconciled at once.
         #[arg(long, env = "VMKEEP_CONCURRENCY", default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..))]
         concurrency: u16,
@@ -86,6 +92,18 @@ enum Command {
         #[arg(long, default_value = "/dev/termination-log")]
         termination_log: PathBuf,
     },
+    /// Inside a copier Pod: copy a disk into a clone sparsely and report its sha256.
+    Copy {
+        /// The source: a mounted folder holding `disk.img`, or a block device.
+        #[arg(long)]
+        source: PathBuf,
+        /// The target, likewise.
+        #[arg(long)]
+        target: PathBuf,
+        /// Where the termination message goes.
+        #[arg(long, default_value = "/dev/termination-log")]
+        termination_log: PathBuf,
+    },
     /// Inside a launcher Pod: exit 0 when QEMU runs the guest (the readiness probe).
     Probe {
         #[arg(long, default_value = launcher::RUN_DIR)]
@@ -113,6 +131,7 @@ async fn main() -> anyhow::Result<()> {
             log_format,
             launcher_image,
             pvc_access_mode,
+            clone_strategy,
             concurrency,
             namespace,
             leader_elect,
@@ -123,8 +142,13 @@ async fn main() -> anyhow::Result<()> {
             webhook,
         } => {
             telemetry::init(log_format);
-            let settings =
-                controller::Settings { launcher_image, access_mode: pvc_access_mode, concurrency, namespace };
+            let settings = controller::Settings {
+                launcher_image,
+                access_mode: pvc_access_mode,
+                concurrency,
+                namespace,
+                clone_strategy: vmkeep::plan::clone::CloneStrategy::parse(&clone_strategy),
+            };
             let election = leader_elect.then(|| {
                 let duration = Duration::from_secs(leader_election_seconds);
                 leader::Election {
@@ -162,6 +186,10 @@ async fn main() -> anyhow::Result<()> {
                 termination_log,
             };
             std::process::exit(launcher::run(options).await)
+        }
+        Command::Copy { source, target, termination_log } => {
+            telemetry::init(telemetry::LogFormat::Text);
+            std::process::exit(mover::copy::run(&source, &target, &termination_log))
         }
         Command::Probe { run_dir } => launcher::probe(&run_dir).await,
         Command::Console { run_dir } => launcher::console::attach(&launcher::console_socket(&run_dir)).await,

@@ -116,6 +116,16 @@ pub struct VirtualMachineDiskStatus {
     /// Whether the disk is attached read-only (CDROM images).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub read_only: bool,
+    /// How the clone was made: `csi-clone` (the storage's own clone) or `copy` (a copier Pod
+    /// filled it, for storage that cannot clone).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clone_strategy: Option<String>,
+    /// Why `copy` replaced the strategy the StorageClass or the operator asked for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clone_fallback: Option<String>,
+    /// The sha256 of the content copied into a `copy` clone (`sha256:<hex>`): what its image held.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub digest: Option<String>,
 }
 
 /// The observed state of a VirtualMachine.

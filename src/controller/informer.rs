@@ -265,11 +265,9 @@ impl<K: Resource<DynamicType = ()> + Clone + 'static> Subscriber<K> {
     }
 }
 
-/// [`plan::child_view`] of a PVC.
+/// [`plan::pvc_view`] of a PVC.
 pub fn pvc_view(pvc: &PersistentVolumeClaim) -> u64 {
-    let status = pvc.status.as_ref();
-    let capacity = status.and_then(|s| s.capacity.as_ref()?.get("storage"));
-    plan::child_view(pvc, status.and_then(|s| s.phase.as_deref()), capacity)
+    plan::pvc_view(pvc)
 }
 
 /// [`plan::pod_view`] of a Pod.
@@ -310,7 +308,15 @@ pub fn slim_pod(pod: &mut Pod) {
 /// capacity. Annotations the binder and provisioner add, access modes, data sources and
 /// conditions are dropped.
 pub fn slim_pvc(pvc: &mut PersistentVolumeClaim) {
-    pvc.metadata.annotations = None;
+    // vmkeep's own annotations stay (a clone's strategy and digest).
+    pvc.metadata.annotations = pvc
+        .metadata
+        .annotations
+        .take()
+        .map(|a| {
+            a.into_iter().filter(|(k, _)| k.starts_with("vmkeep.io/")).collect::<std::collections::BTreeMap<_, _>>()
+        })
+        .filter(|a| !a.is_empty());
     pvc.metadata.finalizers = None;
     pvc.spec = pvc.spec.take().map(|s| PersistentVolumeClaimSpec {
         resources: s.resources,
@@ -357,7 +363,7 @@ mod tests {
         }))
         .unwrap();
         slim_pvc(&mut pvc);
-        assert!(pvc.metadata.annotations.is_none());
+        assert!(pvc.metadata.annotations.is_none(), "only vmkeep's annotations are kept");
         assert_eq!(pvc.metadata.owner_references.as_ref().map(Vec::len), Some(1));
         let spec = pvc.spec.unwrap();
         assert_eq!(

@@ -33,6 +33,7 @@ use crate::{
     api::{Image, Template, VirtualMachine},
     claim::{self, Claims},
     metrics::{FailureLabels, Metrics, ReconcileLabels},
+    plan::clone::CloneStrategy,
     plan::{names, virtual_machine as plan},
     write::{self, Writes},
 };
@@ -48,6 +49,9 @@ pub struct Settings {
     pub concurrency: u16,
     /// Watch and act in this namespace only (all namespaces when `None`).
     pub namespace: Option<String>,
+    /// The clone strategy when a StorageClass does not name one (`None`: `csi-clone` where the
+    /// storage can clone, else `copy`); see [`crate::plan::clone`].
+    pub clone_strategy: Option<CloneStrategy>,
 }
 
 impl Settings {

@@ -14,12 +14,13 @@ use k8s_openapi::{
     api::{
         coordination::v1::Lease,
         core::v1::{PersistentVolumeClaim, Pod},
+        storage::v1::StorageClass,
     },
     apimachinery::pkg::apis::meta::v1::Time,
 };
 use kube::{
     Api, ResourceExt,
-    api::LogParams,
+    api::{LogParams, Patch, PatchParams},
     runtime::{controller::Action, reflector::ObjectRef},
 };
 use tracing::{info, warn};
@@ -35,8 +36,11 @@ use crate::{
     plan::{
         build,
         claim::{self as rules, ClaimState},
+        clone::{self, Chosen, ClassInfo},
         names,
-        virtual_machine::{self as plan, Child, LauncherView, Observed, OtherVm, PodChange, VmPlan},
+        virtual_machine::{
+            self as plan, Child, CloneView, CopierState, LauncherView, Observed, OtherVm, PodChange, VmPlan,
+        },
     },
 };
 
@@ -101,6 +105,9 @@ struct Cached {
     template: Option<Arc<Template>>,
     images: BTreeMap<String, Arc<Image>>,
     pvcs: BTreeMap<String, Child>,
+    /// What the VM's clone PVCs' annotations say, and its copier Pods, by PVC.
+    clones: BTreeMap<String, CloneView>,
+    copiers: BTreeMap<String, CopierState>,
     pod: Child,
     launcher: LauncherView,
     /// The claims this VM may hold or need: recorded disks, its template's persistent images,
@@ -143,6 +150,8 @@ impl Cached {
                 claim_images.insert(image.clone());
             }
         }
+        let mut clones = BTreeMap::new();
+        let mut copiers = BTreeMap::new();
         let pvcs = vm
             .status
             .iter()
@@ -155,6 +164,12 @@ impl Cached {
             .map(|pvc| {
                 let cached = ctx.stores.pvcs.get(&ObjectRef::new(&pvc).within(ns));
                 let state = apply::child_state(cached.as_deref(), &uid, |p| p.status.as_ref()?.phase.clone());
+                if let (Some(claim), Child::Ours { .. }) = (&cached, &state) {
+                    clones.insert(pvc.clone(), CloneView::of(&claim.metadata));
+                }
+                if let Some(pod) = ctx.stores.pods.get(&ObjectRef::new(&names::copier_pod(&pvc)).within(ns)) {
+                    copiers.insert(pvc.clone(), CopierState::of(&pod, apply::owned_by(&pod.metadata, &uid)));
+                }
                 (pvc, state)
             })
             .collect();
@@ -170,7 +185,17 @@ impl Cached {
             ),
             Some(_) => (Child::Foreign, LauncherView::default()),
         };
-        Self { template, images, pvcs, pod, launcher, claim_images, others: std::sync::OnceLock::new() }
+        Self {
+            template,
+            images,
+            pvcs,
+            clones,
+            copiers,
+            pod,
+            launcher,
+            claim_images,
+            others: std::sync::OnceLock::new(),
+        }
     }
 }
 
@@ -226,6 +251,8 @@ async fn observe<'a>(
     if launcher.ready && vm.status.as_ref().is_none_or(|s| s.accelerator.is_none()) {
         launcher.accelerator = accelerator(ctx, ns, vm).await;
     }
+    let clone_choices =
+        if vm.metadata.deletion_timestamp.is_none() { clone_choices(ctx, vm, cached).await? } else { BTreeMap::new() };
     let mut observed = Observed {
         vm,
         template: cached.template.as_deref(),
@@ -235,6 +262,9 @@ async fn observe<'a>(
         pvcs: cached.pvcs.clone(),
         pod: cached.pod.clone(),
         launcher,
+        clone_choices,
+        clones: cached.clones.clone(),
+        copiers: cached.copiers.clone(),
         taken: facts.taken.clone(),
         launcher_image: &ctx.settings.launcher_image,
         access_mode: &ctx.settings.access_mode,
@@ -245,6 +275,50 @@ async fn observe<'a>(
         observed.others = snapshot.iter().map(|(o, images)| OtherVm { vm: o, claims_now: images.clone() }).collect();
     }
     Ok(observed)
+}
+
+/// The clone strategy of each image disk of the VM whose PVC is still to be made: from the
+/// StorageClass of the image's PVC (read from the API server, only then) and the operator's
+/// setting ([`crate::plan::clone::choose`]).
+async fn clone_choices(ctx: &Context, vm: &VirtualMachine, cached: &Cached) -> Result<BTreeMap<String, Chosen>, Error> {
+    let recorded = vm.status.iter().flat_map(|s| s.disks.iter()).filter(|d| !d.persistent).map(|d| (&d.name, &d.image));
+    let templated = cached.template.iter().flat_map(|t| t.spec.disks.iter()).map(|d| (&d.name, &d.image));
+    let mut choices = BTreeMap::new();
+    let mut classes: BTreeMap<Option<String>, ClassInfo> = BTreeMap::new();
+    for (disk, image) in recorded.chain(templated) {
+        let Some(image) = image.as_ref().and_then(|i| cached.images.get(i)) else { continue };
+        let pvc = names::vm_disk_pvc(&vm.name_any(), disk);
+        if choices.contains_key(disk) || cached.pvcs.get(&pvc) != Some(&Child::Missing) {
+            continue;
+        }
+        let class = image.status.as_ref().and_then(|s| s.storage_class_name.clone());
+        if !classes.contains_key(&class) {
+            classes.insert(class.clone(), storage_class(ctx, class.as_deref()).await?);
+        }
+        let info = &classes[&class];
+        choices.insert(disk.clone(), clone::choose(info, info.name.as_deref(), ctx.settings.clone_strategy));
+    }
+    Ok(choices)
+}
+
+/// What the clone strategy needs of StorageClass `name` (the cluster's default class when
+/// `None`); an unknown class is all `None` (`csi-clone` is then tried).
+async fn storage_class(ctx: &Context, name: Option<&str>) -> Result<ClassInfo, Error> {
+    let api: Api<StorageClass> = Api::all(ctx.client.clone());
+    let class = match name {
+        Some(name) => api.get_opt(name).await?,
+        None => api.list(&Default::default()).await?.items.into_iter().find(|c| {
+            c.annotations().get("storageclass.kubernetes.io/is-default-class").map(String::as_str) == Some("true")
+        }),
+    };
+    Ok(match class {
+        Some(c) => ClassInfo {
+            name: Some(c.name_any()),
+            annotation: c.annotations().get(clone::STRATEGY_ANNOTATION).cloned(),
+            provisioner: Some(c.provisioner),
+        },
+        None => ClassInfo { name: name.map(str::to_owned), ..Default::default() },
+    })
 }
 
 /// The accelerator a running launcher chose, from the start of its log (it has no API
@@ -342,7 +416,21 @@ async fn apply(
             return Ok(Applied::Learned(Fact::Taken("PersistentVolumeClaim", pvc.name_any())));
         }
     }
+    for (pvc, digest) in &decided.record_digests {
+        let patch = serde_json::json!({"metadata": {"annotations": {names::DIGEST_ANNOTATION: digest}}});
+        let params = PatchParams::default();
+        ctx.writes.send("PersistentVolumeClaim", "patch", pvc_api.patch(pvc, &params, &Patch::Merge(&patch))).await?;
+        info!(%pvc, %digest, "copied a clone");
+    }
     let pod_api: Api<Pod> = Api::namespaced(ctx.client.clone(), ns);
+    for copier in &decided.delete_copiers {
+        apply::delete_child(ctx, &pod_api, copier).await?;
+    }
+    for copier in &decided.create_copiers {
+        if !apply::create_child(ctx, &pod_api, copier, &uid).await? {
+            return Ok(Applied::Learned(Fact::Taken("Pod", copier.name_any())));
+        }
+    }
     let pod_name = names::launcher_pod(&vm.name_any());
     match &decided.pod {
         Some(PodChange::Create(pod)) => {
@@ -421,7 +509,9 @@ pub fn vms_of_lease(stores: &Stores, lease: &Lease) -> Vec<ObjectRef<VirtualMach
 
 /// A launcher Pod change concerns the VM it is labelled with (its owner reference may be gone).
 pub fn vm_of_pod(stores: &Stores, pod: &Pod) -> Vec<ObjectRef<VirtualMachine>> {
-    let (Some(label), Some(ns)) = (pod.labels().get(names::VM_LABEL), pod.namespace()) else { return Vec::new() };
+    let labels = pod.labels();
+    let label = labels.get(names::VM_LABEL).or_else(|| labels.get(names::COPY_FOR_LABEL));
+    let (Some(label), Some(ns)) = (label, pod.namespace()) else { return Vec::new() };
     if label.len() < 63 {
         // Not shortened: the label is the VM's name.
         return vec![ObjectRef::new(label).within(&ns)];

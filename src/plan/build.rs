@@ -20,7 +20,11 @@ use k8s_openapi::{
 };
 use kube::{Resource, ResourceExt};
 
-use super::{image::PvcRequest, names};
+use super::{
+    clone::{Chosen, CloneStrategy},
+    image::PvcRequest,
+    names,
+};
 use crate::{
     api::{
         Image, VirtualMachine, image::VolumeMode, template::LauncherSpec, virtual_machine::VirtualMachineDiskStatus,
@@ -110,19 +114,43 @@ pub fn image_pvc(image: &Image, request: &PvcRequest, access_mode: &str) -> Pers
     )
 }
 
-/// The PVC of a VM's non-persistent disk: a clone of its image (`image` and `clone_from` set)
-/// or a volatile blank disk; owned by the VM, so it dies with it.
+/// How a VM disk PVC is filled from its image's PVC.
+#[derive(Clone, Debug)]
+pub struct CloneOf<'a> {
+    /// The image PVC it is cloned from.
+    pub source: &'a str,
+    /// The strategy, and why `copy` replaced the one asked for.
+    pub chosen: &'a Chosen,
+}
+
+/// The PVC of a VM's non-persistent disk: a clone of its image (`image` and `clone` set) or a
+/// volatile blank disk; owned by the VM, so it dies with it. A `csi-clone` has the source as
+/// `dataSource`; a `copy` is an empty PVC a copier Pod fills ([`copier_pod`]). The strategy (and
+/// a fallback's reason, and the copy's source) are recorded in annotations.
 pub fn vm_disk_pvc(
     vm: &VirtualMachine,
     disk: &VirtualMachineDiskStatus,
     image: Option<&Image>,
-    clone_from: Option<&str>,
+    clone: Option<CloneOf>,
     access_mode: &str,
 ) -> PersistentVolumeClaim {
     let vm_name = vm.name_any();
     let mut annotations = BTreeMap::new();
     if let Some(image) = &disk.image {
         annotations.insert(names::IMAGE_ANNOTATION.to_owned(), image.clone());
+    }
+    let mut clone_from = None;
+    if let Some(CloneOf { source, chosen }) = clone {
+        annotations.insert(names::CLONE_STRATEGY_ANNOTATION.to_owned(), chosen.strategy.as_str().to_owned());
+        if let Some(why) = &chosen.fallback {
+            annotations.insert(names::CLONE_FALLBACK_ANNOTATION.to_owned(), why.clone());
+        }
+        match chosen.strategy {
+            CloneStrategy::Copy => {
+                annotations.insert(names::COPY_SOURCE_ANNOTATION.to_owned(), source.to_owned());
+            }
+            _ => clone_from = Some(source),
+        }
     }
     pvc(
         disk.pvc_name.clone().unwrap_or_else(|| names::vm_disk_pvc(&vm_name, &disk.name)),
@@ -137,6 +165,106 @@ pub fn vm_disk_pvc(
         access_mode,
         clone_from.map(str::to_owned),
     )
+}
+
+/// The name of a copier Pod's container.
+pub const COPIER_CONTAINER: &str = "copier";
+
+/// The copier Pod that fills `copy` clone `pvc` from image PVC `source` (`vmkeep copy`): the
+/// source mounted read-only, the target read-write, no API credentials, restricted Pod
+/// Security, restarted on failure by the kubelet; owned by the VM (it goes with the VM) and
+/// labelled [`names::COPY_FOR_LABEL`] (its changes wake the VM). It mounts no persistent image,
+/// so it never fences a claim.
+pub fn copier_pod(vm: &VirtualMachine, pvc: &str, source: &str, mode: VolumeMode, image: &str) -> Pod {
+    let mut volumes = Vec::new();
+    let mut mounts = Vec::new();
+    let mut devices = Vec::new();
+    let mut args = vec!["copy".to_owned()];
+    for (role, claim, read_only) in [("source", source, true), ("target", pvc, false)] {
+        let path = match mode {
+            VolumeMode::Block => format!("/dev/vmkeep/{role}"),
+            VolumeMode::Filesystem => format!("/var/lib/vmkeep/{role}"),
+        };
+        volumes.push(Volume {
+            name: role.into(),
+            persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
+                claim_name: claim.to_owned(),
+                read_only: read_only.then_some(true),
+            }),
+            ..Default::default()
+        });
+        match mode {
+            VolumeMode::Block => devices.push(VolumeDevice { name: role.into(), device_path: path.clone() }),
+            VolumeMode::Filesystem => mounts.push(VolumeMount {
+                name: role.into(),
+                mount_path: path.clone(),
+                read_only: read_only.then_some(true),
+                ..Default::default()
+            }),
+        }
+        args.push(format!("--{role}={path}"));
+    }
+    let vm_name = vm.name_any();
+    Pod {
+        metadata: ObjectMeta {
+            name: Some(names::copier_pod(pvc)),
+            namespace: vm.namespace(),
+            labels: Some(labels(&[(names::COPY_FOR_LABEL, &names::label_value(&vm_name))])),
+            owner_references: Some(vec![
+                vm.controller_owner_ref(&()).expect("a VirtualMachine from the API has a name and uid"),
+            ]),
+            ..Default::default()
+        },
+        spec: Some(PodSpec {
+            automount_service_account_token: Some(false),
+            enable_service_links: Some(false),
+            restart_policy: Some("OnFailure".into()),
+            security_context: Some(restricted_pod()),
+            containers: vec![Container {
+                name: COPIER_CONTAINER.into(),
+                image: Some(image.to_owned()),
+                args: Some(args),
+                resources: Some(ResourceRequirements {
+                    requests: Some(BTreeMap::from([
+                        ("cpu".to_owned(), Quantity("100m".into())),
+                        ("memory".to_owned(), Quantity("64Mi".into())),
+                    ])),
+                    limits: Some(BTreeMap::from([("memory".to_owned(), Quantity("256Mi".into()))])),
+                    ..Default::default()
+                }),
+                security_context: Some(restricted_container()),
+                termination_message_policy: Some("File".into()),
+                volume_mounts: (!mounts.is_empty()).then_some(mounts),
+                volume_devices: (!devices.is_empty()).then_some(devices),
+                ..Default::default()
+            }],
+            volumes: Some(volumes),
+            ..Default::default()
+        }),
+        status: None,
+    }
+}
+
+/// The Pod security context of launcher and copier Pods (restricted Pod Security, non-root).
+fn restricted_pod() -> PodSecurityContext {
+    PodSecurityContext {
+        run_as_non_root: Some(true),
+        run_as_user: Some(LAUNCHER_UID),
+        run_as_group: Some(LAUNCHER_UID),
+        fs_group: Some(LAUNCHER_UID),
+        seccomp_profile: Some(SeccompProfile { type_: "RuntimeDefault".into(), ..Default::default() }),
+        ..Default::default()
+    }
+}
+
+/// The container security context of launcher and copier Pods.
+fn restricted_container() -> SecurityContext {
+    SecurityContext {
+        allow_privilege_escalation: Some(false),
+        read_only_root_filesystem: Some(true),
+        capabilities: Some(Capabilities { drop: Some(vec!["ALL".into()]), add: None }),
+        ..Default::default()
+    }
 }
 
 /// Where a disk appears inside the launcher: a block device or a mounted folder.
@@ -271,14 +399,7 @@ pub fn launcher_pod(vm: &VirtualMachine, inputs: &LauncherInputs) -> Pod {
             node_selector: (!settings.node_selector.is_empty()).then_some(settings.node_selector),
             tolerations: (!settings.tolerations.is_empty()).then_some(settings.tolerations),
             priority_class_name: settings.priority_class_name,
-            security_context: Some(PodSecurityContext {
-                run_as_non_root: Some(true),
-                run_as_user: Some(LAUNCHER_UID),
-                run_as_group: Some(LAUNCHER_UID),
-                fs_group: Some(LAUNCHER_UID),
-                seccomp_profile: Some(SeccompProfile { type_: "RuntimeDefault".into(), ..Default::default() }),
-                ..Default::default()
-            }),
+            security_context: Some(restricted_pod()),
             containers: vec![Container {
                 name: LAUNCHER_CONTAINER.into(),
                 image: Some(inputs.image.to_owned()),
@@ -288,12 +409,7 @@ pub fn launcher_pod(vm: &VirtualMachine, inputs: &LauncherInputs) -> Pod {
                     limits: Some(BTreeMap::from([("memory".to_owned(), memory)])),
                     ..Default::default()
                 }),
-                security_context: Some(SecurityContext {
-                    allow_privilege_escalation: Some(false),
-                    read_only_root_filesystem: Some(true),
-                    capabilities: Some(Capabilities { drop: Some(vec!["ALL".into()]), add: None }),
-                    ..Default::default()
-                }),
+                security_context: Some(restricted_container()),
                 readiness_probe: Some(Probe {
                     exec: Some(ExecAction { command: Some(vec!["/vmkeep".into(), "probe".into()]) }),
                     period_seconds: Some(READINESS_PERIOD_SECONDS),

@@ -3,6 +3,7 @@
 
 pub mod build;
 pub mod claim;
+pub mod clone;
 pub mod conditions;
 pub mod image;
 pub mod names;

@@ -26,6 +26,24 @@ pub const VM_FINALIZER: &str = "vmkeep.io/release-claims";
 /// The finalizer that keeps an Image while VirtualMachines use it.
 pub const IMAGE_FINALIZER: &str = "vmkeep.io/image-in-use";
 
+/// The label naming the VirtualMachine a copier Pod fills a disk for (not [`VM_LABEL`]: a copier
+/// mounts no persistent image, so it never fences a claim).
+pub const COPY_FOR_LABEL: &str = "vmkeep.io/copy-for";
+/// The annotation of a clone PVC recording its clone strategy (`csi-clone`, `copy`).
+pub const CLONE_STRATEGY_ANNOTATION: &str = "vmkeep.io/clone-strategy";
+/// The annotation of a clone PVC saying why `copy` replaced the strategy asked for.
+pub const CLONE_FALLBACK_ANNOTATION: &str = "vmkeep.io/clone-fallback";
+/// The annotation of a `copy` clone PVC naming the PVC it is copied from.
+pub const COPY_SOURCE_ANNOTATION: &str = "vmkeep.io/copy-source";
+/// The annotation of a `copy` clone PVC recording the sha256 of what was copied into it
+/// (`sha256:<hex>`), written once its copier succeeded: the clone is complete.
+pub const DIGEST_ANNOTATION: &str = "vmkeep.io/digest";
+
+/// The copier Pod that fills a `copy` clone PVC: `<pvc>-copy`.
+pub fn copier_pod(pvc: &str) -> String {
+    fit(&format!("{pvc}-copy"), 253)
+}
+
 /// The PVC of a VM's disk: `<vm>-<disk>`.
 pub fn vm_disk_pvc(vm: &str, disk: &str) -> String {
     fit(&format!("{vm}-{disk}"), 253)

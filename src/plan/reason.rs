@@ -38,6 +38,8 @@ pub const DISKS_CREATED: &str = "DisksCreated";
 pub const RUNNING: &str = "Running";
 /// The launcher Pod exists and does not run yet.
 pub const STARTING: &str = "Starting";
+/// A `copy` clone of the VM is being filled by its copier Pod; the launcher waits.
+pub const COPYING: &str = "Copying";
 /// Event: the accelerator QEMU runs the guest with (KVM, or TCG and why not KVM).
 pub const ACCELERATOR: &str = "Accelerator";
 /// The launcher Pod is being created.

@@ -18,11 +18,13 @@ use serde_json::{Value, json};
 use super::{
     build::{self, LauncherDisk, LauncherInputs},
     claim::{self as claim_plan, ClaimPlan, ClaimState},
+    clone::{Chosen, CloneStrategy},
     conditions::{Cond, find},
     image::{self as image_plan, Finalizer, ImageObservation, ImagePlan, ImagePvc, PvcRequest},
     names, template as template_plan,
     virtual_machine::{
-        self as vm_plan, Blocker, CheckedDisk, Child, LauncherView, PodAction, Resolved, UsableImage, Verdict,
+        self as vm_plan, Blocker, CheckedDisk, Child, CloneView, CopierState, LauncherView, PodAction, Resolved,
+        UsableImage, Verdict,
     },
 };
 use crate::api::{
@@ -1439,13 +1441,86 @@ fn a_vm_clone_pvc_copies_the_image_pvc_in_its_class_and_mode() {
          status: {storageClassName: fast}",
     );
     let disk = &disks("[{name: root, image: ubuntu, pvcName: vm-a-root, size: 20Gi}]")[0];
-    let pvc = build::vm_disk_pvc(&vm("vm-a"), disk, Some(&img), Some("ubuntu-image"), "ReadWriteOnce");
+    let csi = Chosen { strategy: CloneStrategy::CsiClone, fallback: None };
+    let clone = build::CloneOf { source: "ubuntu-image", chosen: &csi };
+    let pvc = build::vm_disk_pvc(&vm("vm-a"), disk, Some(&img), Some(clone), "ReadWriteOnce");
     let spec = json!({"storageClassName": "fast", "volumeMode": "Block", "dataSource": clone_of("ubuntu-image")});
     let owner = owner("VirtualMachine", "vm-a", true);
+    let mut want = pvc_json("vm-a-root", owner, Some("vm-a"), Some("ubuntu"), "ReadWriteOnce", "20Gi", spec);
+    want["metadata"]["annotations"]["vmkeep.io/clone-strategy"] = "csi-clone".into();
+    assert_eq!(to_json(&pvc), want);
+
+    // A copy: no dataSource; the strategy, why, and the source in annotations.
+    let copy = Chosen { strategy: CloneStrategy::Copy, fallback: Some("provisioner p cannot clone volumes".into()) };
+    let clone = build::CloneOf { source: "ubuntu-image", chosen: &copy };
+    let pvc = to_json(&build::vm_disk_pvc(&vm("vm-a"), disk, Some(&img), Some(clone), "ReadWriteOnce"));
+    assert!(pvc["spec"].get("dataSource").is_none(), "{pvc}");
     assert_eq!(
-        to_json(&pvc),
-        pvc_json("vm-a-root", owner, Some("vm-a"), Some("ubuntu"), "ReadWriteOnce", "20Gi", spec)
+        pvc["metadata"]["annotations"],
+        json!({"vmkeep.io/image": "ubuntu", "vmkeep.io/clone-strategy": "copy",
+               "vmkeep.io/clone-fallback": "provisioner p cannot clone volumes", "vmkeep.io/copy-source": "ubuntu-image"})
     );
+}
+
+#[test]
+fn a_copy_clone_is_filled_by_a_copier_before_the_launcher_starts() {
+    let images = vec![image(
+        "os",
+        "spec: {source: {blank: {}}}\nstatus: {phase: Ready, persistent: false, pvcName: os-image, capacity: 1Gi}",
+    )];
+    let t = template("[{name: root, image: os}]");
+    let v = vm("vm-a");
+    let copy = Chosen { strategy: CloneStrategy::Copy, fallback: Some("no clones here".into()) };
+    // First: the PVC (no dataSource) and its copier; no launcher; Provisioning, Copying.
+    let mut obs = observed(&v, &t, &images, &[]);
+    obs.clone_choices = map(&[("root", copy.clone())]);
+    let plan = vm_plan::decide(&obs);
+    assert_eq!(plan.create_pvcs.len(), 1);
+    assert_eq!(plan.create_copiers.len(), 1);
+    let copier = to_json(&plan.create_copiers[0]);
+    assert_eq!(copier["metadata"]["name"], "vm-a-root-copy");
+    assert_eq!(copier["metadata"]["labels"]["vmkeep.io/copy-for"], "vm-a");
+    assert!(copier["metadata"]["labels"].get("vmkeep.io/virtual-machine").is_none(), "a copier never fences");
+    assert_eq!(
+        copier["spec"]["containers"][0]["args"],
+        json!(["copy", "--source=/var/lib/vmkeep/source", "--target=/var/lib/vmkeep/target"])
+    );
+    assert_eq!(
+        copier["spec"]["volumes"][0]["persistentVolumeClaim"],
+        json!({"claimName": "os-image", "readOnly": true})
+    );
+    assert_eq!(copier["spec"]["automountServiceAccountToken"], false);
+    assert_eq!(plan.pod, None, "the launcher waits for the copy");
+    let status = plan.status.clone().unwrap();
+    assert_eq!(status.phase, Some(P::Provisioning));
+    let ready = find(&status.conditions, "Ready").unwrap();
+    assert_eq!(
+        (ready.reason.as_str(), ready.message.as_str()),
+        ("Copying", "copying disk root from image os (copier Pod vm-a-root-copy)")
+    );
+    assert_eq!(status.disks[0].clone_strategy.as_deref(), Some("copy"));
+    assert_eq!(status.disks[0].clone_fallback.as_deref(), Some("no clones here"));
+
+    // The copier succeeded: record the digest, delete the copier, start the launcher.
+    let mut v = v;
+    v.status = Some(status);
+    let pvc = plan.create_pvcs[0].clone();
+    let mut obs = observed(&v, &t, &images, &[]);
+    obs.pvcs = map(&[("vm-a-root", ours("Bound"))]);
+    obs.clones = map(&[("vm-a-root", CloneView::of(&pvc.metadata))]);
+    obs.copiers = map(&[("vm-a-root", CopierState::Copied("sha256:ab".into()))]);
+    let plan = vm_plan::decide(&obs);
+    assert_eq!(plan.record_digests, vec![("vm-a-root".to_owned(), "sha256:ab".to_owned())]);
+    assert_eq!(plan.delete_copiers, vec!["vm-a-root-copy".to_owned()]);
+    assert!(matches!(plan.pod, Some(vm_plan::PodChange::Create(_))), "{:?}", plan.pod);
+    assert_eq!(plan.status.unwrap().disks[0].digest.as_deref(), Some("sha256:ab"));
+
+    // A copier whose attempts fail says why, and the launcher still waits.
+    obs.copiers = map(&[("vm-a-root", CopierState::Running { note: Some("cannot open the source".into()) })]);
+    let plan = vm_plan::decide(&obs);
+    assert!(plan.pod.is_none() && plan.create_copiers.is_empty());
+    let message = find(&plan.status.unwrap().conditions, "Ready").unwrap().message.clone();
+    assert!(message.ends_with("its last attempt failed: cannot open the source"), "{message}");
 }
 
 #[test]
@@ -1505,7 +1580,9 @@ fn a_vm_clone_is_in_the_storage_class_of_the_image_pvc() {
     let request = plan.create_pvc.unwrap();
     copy.status = Some(plan.status);
     let disk = &disks("[{name: root, image: copy, pvcName: vm-a-root, size: 10Gi}]")[0];
-    let pvc = build::vm_disk_pvc(&vm("vm-a"), disk, Some(&copy), Some("copy-image"), "ReadWriteOnce");
+    let csi = Chosen { strategy: CloneStrategy::CsiClone, fallback: None };
+    let clone = build::CloneOf { source: "copy-image", chosen: &csi };
+    let pvc = build::vm_disk_pvc(&vm("vm-a"), disk, Some(&copy), Some(clone), "ReadWriteOnce");
     assert_eq!(pvc.spec.unwrap().storage_class_name, request.storage_class);
 }
 
@@ -1584,6 +1661,9 @@ fn observed<'a>(
         pvcs: BTreeMap::new(),
         pod: Child::Missing,
         launcher: Default::default(),
+        clone_choices: Default::default(),
+        clones: Default::default(),
+        copiers: Default::default(),
         taken: Default::default(),
         launcher_image: "vmkeep:test",
         access_mode: "ReadWriteOnce",

@@ -22,6 +22,7 @@ use kube::ResourceExt;
 use super::{
     build,
     claim::{self, ClaimPlan, ClaimState},
+    clone::{Chosen, CloneStrategy},
     conditions::{Cond, find, merge},
     names, quantity, reason,
 };
@@ -124,6 +125,14 @@ pub fn child_view<K: kube::Resource>(child: &K, phase: Option<&str>, capacity: O
     let meta = child.meta();
     let owners: Vec<&str> = meta.owner_references.iter().flatten().map(|o| o.uid.as_str()).collect();
     fingerprint(&(&meta.uid, owners, meta.deletion_timestamp.is_some(), phase, capacity))
+}
+
+/// What of a PVC the controllers decide from: [`child_view`] with its capacity, and the
+/// [`CloneView`] of its annotations (a recorded copy wakes its VM).
+pub fn pvc_view(pvc: &PersistentVolumeClaim) -> u64 {
+    let status = pvc.status.as_ref();
+    let capacity = status.and_then(|s| s.capacity.as_ref()?.get("storage"));
+    fingerprint(&(child_view(pvc, status.and_then(|s| s.phase.as_deref()), capacity), CloneView::of(&pvc.metadata)))
 }
 
 /// What of a launcher Pod the VM controller decides from: [`child_view`] and the
@@ -309,6 +318,9 @@ pub fn resolve_disks<'a>(
                 phase: None,
                 size: d.size,
                 read_only: d.read_only,
+                clone_strategy: None,
+                clone_fallback: None,
+                digest: None,
             }
         })
         .collect();
@@ -416,6 +428,72 @@ pub enum Verdict {
         pod: Child,
         launcher: LauncherView,
     },
+}
+
+/// What a clone PVC's annotations say of how it is filled ([`build::vm_disk_pvc`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CloneView {
+    /// `csi-clone` or `copy`.
+    pub strategy: Option<String>,
+    /// Why `copy` replaced the strategy asked for.
+    pub fallback: Option<String>,
+    /// The sha256 copied into a `copy` clone, once its copier succeeded.
+    pub digest: Option<String>,
+}
+
+impl CloneView {
+    /// The view of a PVC's metadata.
+    pub fn of(meta: &kube::api::ObjectMeta) -> Self {
+        let get = |key: &str| meta.annotations.as_ref().and_then(|a| a.get(key)).cloned();
+        CloneView {
+            strategy: get(names::CLONE_STRATEGY_ANNOTATION),
+            fallback: get(names::CLONE_FALLBACK_ANNOTATION),
+            digest: get(names::DIGEST_ANNOTATION),
+        }
+    }
+
+    /// Whether the clone is a `copy` still waiting for its data.
+    pub fn copy_pending(&self) -> bool {
+        self.strategy.as_deref() == Some(CloneStrategy::Copy.as_str()) && self.digest.is_none()
+    }
+}
+
+/// A copier Pod as the VM plan sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CopierState {
+    /// Copying; `note` is why its last attempt failed, if one did.
+    Running { note: Option<String> },
+    /// Copied: the digest.
+    Copied(String),
+    /// Failed for good (the Pod's phase is `Failed`): why.
+    Failed(String),
+    /// A Pod with the copier's name that is not this VM's.
+    Foreign,
+}
+
+impl CopierState {
+    /// The state of a copier Pod of the VM (`ours`: controlled by it).
+    pub fn of(pod: &Pod, ours: bool) -> Self {
+        if !ours {
+            return CopierState::Foreign;
+        }
+        let status = pod.status.as_ref();
+        let container =
+            status.and_then(|s| s.container_statuses.as_ref()?.iter().find(|c| c.name == build::COPIER_CONTAINER));
+        let message = |t: Option<&k8s_openapi::api::core::v1::ContainerStateTerminated>| {
+            t.and_then(|t| t.message.as_deref()).and_then(crate::mover::copy::parse_result)
+        };
+        let now = message(container.and_then(|c| c.state.as_ref()?.terminated.as_ref()));
+        let last = message(container.and_then(|c| c.last_state.as_ref()?.terminated.as_ref()));
+        match (status.and_then(|s| s.phase.as_deref()), now) {
+            (Some("Succeeded"), Some(Ok(digest))) => CopierState::Copied(digest),
+            (Some("Failed"), result) => CopierState::Failed(match result {
+                Some(Err(why)) => why,
+                _ => "the copier Pod failed".into(),
+            }),
+            _ => CopierState::Running { note: last.and_then(Result::err) },
+        }
+    }
 }
 
 /// What a VM's status shows of its launcher Pod's container.
@@ -624,6 +702,13 @@ pub struct Observed<'a> {
     pub pod: Child,
     /// Its launcher Pod's container, when the Pod is ours.
     pub launcher: LauncherView,
+    /// The clone strategy of each clone disk whose PVC is still to be made, by disk name
+    /// (`csi-clone` when absent).
+    pub clone_choices: BTreeMap<String, Chosen>,
+    /// What its clone PVCs' annotations say, by PVC name.
+    pub clones: BTreeMap<String, CloneView>,
+    /// Its copier Pods, by the PVC each fills.
+    pub copiers: BTreeMap<String, CopierState>,
     /// Child names found taken by objects that are not the VM's when it tried to create them.
     pub taken: BTreeSet<(&'static str, String)>,
     /// The container image of launcher Pods.
@@ -658,6 +743,12 @@ pub struct VmPlan {
     pub create_pvcs: Vec<PersistentVolumeClaim>,
     /// A change to the launcher Pod.
     pub pod: Option<PodChange>,
+    /// Copier Pods to create (after the PVCs, before the launcher).
+    pub create_copiers: Vec<Pod>,
+    /// Digests to record on copied PVCs `(pvc, digest)`: the copy is complete.
+    pub record_digests: Vec<(String, String)>,
+    /// Copier Pods to delete (their copy is recorded).
+    pub delete_copiers: Vec<String>,
     /// The status to have (written when it differs); `None` leaves it as it is.
     pub status: Option<VirtualMachineStatus>,
     /// A Warning Event `(reason, message)`, once per transition.
@@ -784,11 +875,57 @@ fn provision(obs: &Observed, mut plan: VmPlan, mut resolved: Resolved) -> VmPlan
             );
             return with_status(obs, plan, Some(&resolved), Verdict::Blocked { blocker, claimed: true });
         }
-        let pvc = build::vm_disk_pvc(vm, disk, image, source, obs.access_mode);
+        let csi = Chosen { strategy: CloneStrategy::CsiClone, fallback: None };
+        let chosen = obs.clone_choices.get(disk_name).unwrap_or(&csi);
+        let clone = source.map(|source| build::CloneOf { source, chosen });
+        let pvc = build::vm_disk_pvc(vm, disk, image, clone, obs.access_mode);
         pvcs.insert(pvc.name_any(), Child::Ours { phase: Some("Pending".into()), deleting: false });
         plan.create_pvcs.push(pvc);
     }
-    if children.conflict.is_none() {
+    // Copies: a copier per `copy` clone without its digest, only while no launcher Pod exists
+    // (never under a running guest); the launcher waits for every copy.
+    let mut copying = Vec::new();
+    let planned: BTreeMap<String, CloneView> =
+        plan.create_pvcs.iter().map(|p| (p.name_any(), CloneView::of(&p.metadata))).collect();
+    for disk in resolved.disks.iter_mut().filter(|d| !d.persistent && d.image.is_some()) {
+        let pvc = disk.pvc_name.clone().unwrap_or_default();
+        let Some(mut view) = planned.get(&pvc).or_else(|| obs.clones.get(&pvc)).cloned() else { continue };
+        if view.copy_pending() && children.conflict.is_none() && obs.pod == Child::Missing {
+            let image = disk.image.clone().unwrap_or_default();
+            let copier = names::copier_pod(&pvc);
+            match obs.copiers.get(&pvc) {
+                Some(CopierState::Copied(digest)) => {
+                    plan.record_digests.push((pvc.clone(), digest.clone()));
+                    plan.delete_copiers.push(copier);
+                    view.digest = Some(digest.clone());
+                }
+                None => match resolved.clone_sources.get(&disk.name) {
+                    Some(source) => {
+                        let mode = obs.images.get(&image).map_or(VolumeMode::Filesystem, |i| i.spec.volume_mode);
+                        plan.create_copiers.push(build::copier_pod(vm, &pvc, source, mode, obs.launcher_image));
+                        copying.push(format!("copying disk {} from image {image} (copier Pod {copier})", disk.name));
+                    }
+                    None => copying.push(format!("disk {} waits for image {image} to be ready to copy", disk.name)),
+                },
+                Some(CopierState::Running { note }) => copying.push(format!(
+                    "copying disk {} from image {image} (copier Pod {copier}){}",
+                    disk.name,
+                    note.as_deref().map(|n| format!("; its last attempt failed: {n}")).unwrap_or_default()
+                )),
+                Some(CopierState::Failed(why)) => {
+                    copying.push(format!("the copy of disk {} failed: {why} (delete Pod {copier} to retry)", disk.name))
+                }
+                Some(CopierState::Foreign) => copying.push(format!(
+                    "Pod {copier} exists and does not belong to VirtualMachine {name}; vmkeep leaves it alone"
+                )),
+            }
+        }
+        disk.clone_strategy = view.strategy;
+        disk.clone_fallback = view.fallback;
+        disk.digest = view.digest;
+    }
+    let copying = (!copying.is_empty()).then(|| copying.join("; "));
+    if children.conflict.is_none() && copying.is_none() {
         match children.pod {
             PodAction::Create => {
                 let disks = launcher_disks(&resolved.disks, |n| obs.images.get(n).copied());
@@ -817,6 +954,10 @@ fn provision(obs: &Observed, mut plan: VmPlan, mut resolved: Resolved) -> VmPlan
         };
     }
     let verdict = match children.conflict {
+        None if let Some(message) = copying => Verdict::Blocked {
+            blocker: Blocker { phase: VirtualMachinePhase::Provisioning, reason: reason::COPYING, message },
+            claimed: true,
+        },
         Some((kind, object)) => Verdict::Blocked {
             blocker: Blocker::pending(
                 reason::NAME_CONFLICT,

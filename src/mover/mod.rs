@@ -1,0 +1,8 @@
+//! Data movers: short-lived helper Pods that move image bytes, with no API credentials. They
+//! report through their container's termination message, which the controller reads from the
+//! Pod's status.
+//!
+//! - [`copy`]: `vmkeep copy`, the host-assisted `copy` clone strategy (a clone PVC filled from
+//!   its source by a copier Pod, for storage that cannot clone).
+
+pub mod copy;
