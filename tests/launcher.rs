@@ -479,5 +479,8 @@ async fn two_vms_of_one_template_run_at_once_each_on_its_own_copy() {
     for name in ["a", "b"] {
         assert_eq!(env.vm_phase(name).await, Some(P::Running), "{name} runs beside the other");
     }
-    eprintln!("two VMs from one template, each a copy of a 64 MiB guest: created -> both Running {:.1} s", to_running.as_secs_f64());
+    eprintln!(
+        "two VMs from one template, each a copy of a 64 MiB guest: created -> both Running {:.1} s",
+        to_running.as_secs_f64()
+    );
 }

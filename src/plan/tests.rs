@@ -1930,3 +1930,30 @@ fn the_accelerator_is_recorded_with_one_event() {
     assert_eq!(again.notice, None);
     assert_eq!(again.status.unwrap().accelerator.as_deref(), Some("TCG"), "kept while the Pod runs");
 }
+
+#[test]
+fn a_copier_pod_tells_its_copy_its_failures_and_its_waits() {
+    let pod = |status: &str| -> k8s_openapi::api::core::v1::Pod {
+        parse(&format!("{{metadata: {{name: vm-a-root-copy}}, spec: {{containers: [{{name: copier}}]}}, status: {status}}}"))
+    };
+    let copied = pod(
+        "{phase: Succeeded, containerStatuses: [{name: copier, ready: false, restartCount: 0, image: i, imageID: i,
+          state: {terminated: {exitCode: 0, message: 'Copied: sha256:ab 5 bytes in 0.1 s'}}}]}",
+    );
+    assert_eq!(CopierState::of(&copied, true), CopierState::Copied("sha256:ab".into()));
+    assert_eq!(CopierState::of(&copied, false), CopierState::Foreign);
+    let failing = pod(
+        "{phase: Running, containerStatuses: [{name: copier, ready: false, restartCount: 2, image: i, imageID: i,
+          state: {waiting: {reason: CrashLoopBackOff}},
+          lastState: {terminated: {exitCode: 1, message: 'CopyFailed: cannot open the source'}}}]}",
+    );
+    assert_eq!(
+        CopierState::of(&failing, true),
+        CopierState::Running { note: Some("cannot open the source; CrashLoopBackOff".into()) }
+    );
+    let crashed = pod(
+        "{phase: Running, containerStatuses: [{name: copier, ready: false, restartCount: 1, image: i, imageID: i,
+          state: {running: {}}, lastState: {terminated: {exitCode: 2, reason: Error}}}]}",
+    );
+    assert_eq!(CopierState::of(&crashed, true), CopierState::Running { note: Some("exit code 2 (Error)".into()) });
+}

@@ -484,14 +484,33 @@ impl CopierState {
             t.and_then(|t| t.message.as_deref()).and_then(crate::mover::copy::parse_result)
         };
         let now = message(container.and_then(|c| c.state.as_ref()?.terminated.as_ref()));
-        let last = message(container.and_then(|c| c.last_state.as_ref()?.terminated.as_ref()));
+        let last_state = container.and_then(|c| c.last_state.as_ref()?.terminated.as_ref());
+        // Why the last attempt failed: the copier's own words, else the exit code; then why the
+        // container waits (back-off, an image that cannot be pulled).
+        let failed = message(last_state).and_then(Result::err).or_else(|| {
+            last_state.map(|t| {
+                format!(
+                    "exit code {}{}",
+                    t.exit_code,
+                    t.reason.as_deref().map(|r| format!(" ({r})")).unwrap_or_default()
+                )
+            })
+        });
+        let waiting = container
+            .and_then(|c| c.state.as_ref()?.waiting.as_ref())
+            .and_then(|w| w.reason.clone())
+            .filter(|r| r != "ContainerCreating" && r != "PodInitializing");
+        let note = match (failed, waiting) {
+            (Some(f), Some(w)) => Some(format!("{f}; {w}")),
+            (f, w) => f.or(w),
+        };
         match (status.and_then(|s| s.phase.as_deref()), now) {
             (Some("Succeeded"), Some(Ok(digest))) => CopierState::Copied(digest),
             (Some("Failed"), result) => CopierState::Failed(match result {
                 Some(Err(why)) => why,
                 _ => "the copier Pod failed".into(),
             }),
-            _ => CopierState::Running { note: last.and_then(Result::err) },
+            _ => CopierState::Running { note },
         }
     }
 }
