@@ -100,6 +100,9 @@ enum Command {
         /// The target, likewise.
         #[arg(long)]
         target: PathBuf,
+        /// The source is a blank image: a folder without `disk.img` copies nothing.
+        #[arg(long)]
+        allow_missing_source: bool,
         /// Where the termination message goes.
         #[arg(long, default_value = "/dev/termination-log")]
         termination_log: PathBuf,
@@ -187,9 +190,9 @@ async fn main() -> anyhow::Result<()> {
             };
             std::process::exit(launcher::run(options).await)
         }
-        Command::Copy { source, target, termination_log } => {
+        Command::Copy { source, target, allow_missing_source, termination_log } => {
             telemetry::init(telemetry::LogFormat::Text);
-            std::process::exit(mover::copy::run(&source, &target, &termination_log))
+            std::process::exit(mover::copy::run(&source, &target, allow_missing_source, &termination_log))
         }
         Command::Probe { run_dir } => launcher::probe(&run_dir).await,
         Command::Console { run_dir } => launcher::console::attach(&launcher::console_socket(&run_dir)).await,

@@ -457,8 +457,7 @@ async fn run_core_scenarios(client: Client, namespace: &str, running: bool) {
     for vm in ["clone-1", "clone-2"] {
         wait_phase(&vms, vm, VirtualMachinePhase::Starting).await;
         let pvc = pvcs.get(&names::vm_disk_pvc(vm, "root")).await.expect("the VM's own clone PVC");
-        let source = pvc.spec.and_then(|s| s.data_source).expect("the clone has a dataSource");
-        assert_eq!((source.kind.as_str(), source.name), ("PersistentVolumeClaim", names::image_pvc("os")));
+        assert_clone_of(&pvc, &names::image_pvc("os"));
     }
 
     let holder = wait_phase(&vms, "holder", VirtualMachinePhase::Starting).await;

@@ -38,10 +38,19 @@ pub struct Copied {
     pub bytes: u64,
 }
 
-/// Copies `source` into `target` (see the module). Errors name the file and the step.
-pub fn copy(source: &Path, target: &Path) -> Result<Copied, String> {
+/// The digest recorded for a copy of a blank image that holds no `disk.img` yet: nothing to copy
+/// (the launcher creates the clone's blank disk).
+pub const NOTHING: &str = "none";
+
+/// Copies `source` into `target` (see the module). With `allow_missing` (a blank image), a
+/// source folder without `disk.img` copies nothing: `Ok(None)`. Errors name the file and the
+/// step.
+pub fn copy(source: &Path, target: &Path, allow_missing: bool) -> Result<Option<Copied>, String> {
     let source_file = disk_file(source);
     let target_file = disk_file(target);
+    if allow_missing && source.is_dir() && !source_file.exists() {
+        return Ok(None);
+    }
     let mut from =
         File::open(&source_file).map_err(|e| format!("cannot open the source {}: {e}", source_file.display()))?;
     let bytes = from
@@ -82,7 +91,7 @@ pub fn copy(source: &Path, target: &Path) -> Result<Copied, String> {
         offset += n as u64;
     }
     to.sync_all().map_err(|e| format!("flushing the target: {e}"))?;
-    Ok(Copied { digest: sha256_name(hasher.finish().as_ref()), bytes: offset })
+    Ok(Some(Copied { digest: sha256_name(hasher.finish().as_ref()), bytes: offset }))
 }
 
 /// `sha256:<hex>` of a SHA-256 digest.
@@ -104,10 +113,14 @@ fn read_full(file: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
 
 /// Runs a copy as a copier Pod's container: writes the termination message; returns the exit
 /// code (0 copied, 1 failed).
-pub fn run(source: &Path, target: &Path, termination_log: &Path) -> i32 {
+pub fn run(source: &Path, target: &Path, allow_missing: bool, termination_log: &Path) -> i32 {
     let started = Instant::now();
-    let (code, message) = match copy(source, target) {
-        Ok(c) => {
+    let (code, message) = match copy(source, target, allow_missing) {
+        Ok(None) => {
+            tracing::info!("the blank source holds no disk.img: nothing to copy");
+            (0, format!("Copied: {NOTHING} 0 bytes (a blank image that holds no disk.img yet)"))
+        }
+        Ok(Some(c)) => {
             let secs = started.elapsed().as_secs_f64();
             tracing::info!(digest = %c.digest, bytes = c.bytes, secs, "copied");
             (0, format!("Copied: {} {} bytes in {secs:.1} s", c.digest, c.bytes))
@@ -127,7 +140,8 @@ pub fn run(source: &Path, target: &Path, termination_log: &Path) -> i32 {
 /// `None` for anything else.
 pub fn parse_result(message: &str) -> Option<Result<String, String>> {
     if let Some(rest) = message.trim().strip_prefix("Copied: ") {
-        return rest.split_whitespace().next().filter(|d| d.starts_with("sha256:")).map(|d| Ok(d.to_owned()));
+        let digest = rest.split_whitespace().next().filter(|d| d.starts_with("sha256:") || *d == NOTHING);
+        return digest.map(|d| Ok(d.to_owned()));
     }
     message.trim().strip_prefix("CopyFailed: ").map(|why| Err(why.to_owned()))
 }
@@ -149,7 +163,7 @@ mod tests {
         std::fs::write(src.join(DISK_IMG), &content).unwrap();
         // A larger target (grown clone) keeps its size.
         File::create(dst.join(DISK_IMG)).unwrap().set_len(4 * CHUNK as u64).unwrap();
-        let copied = copy(&src, &dst).unwrap();
+        let copied = copy(&src, &dst, false).unwrap().unwrap();
         assert_eq!(copied.bytes, content.len() as u64);
         assert_eq!(copied.digest, sha256_name(ring::digest::digest(&SHA256, &content).as_ref()));
         let out = std::fs::read(dst.join(DISK_IMG)).unwrap();
@@ -161,6 +175,12 @@ mod tests {
         assert!(std::fs::metadata(dst.join(DISK_IMG)).unwrap().blocks() * 512 < 3 * CHUNK as u64);
         assert_eq!(parse_result(&format!("Copied: {} 1 bytes in 0.1 s\n", copied.digest)), Some(Ok(copied.digest)));
         assert_eq!(parse_result("CopyFailed: no source"), Some(Err("no source".into())));
-        assert!(copy(&dir.join("absent"), &dst).unwrap_err().contains("cannot open the source"));
+        assert!(copy(&dir.join("absent"), &dst, false).unwrap_err().contains("cannot open the source"));
+        // A blank image never written holds no disk.img: nothing to copy, when that is allowed.
+        let blank = dir.join("blank");
+        std::fs::create_dir_all(&blank).unwrap();
+        assert_eq!(copy(&blank, &dst, true), Ok(None));
+        assert!(copy(&blank, &dst, false).unwrap_err().contains("cannot open the source"));
+        assert_eq!(parse_result("Copied: none 0 bytes (a blank image)"), Some(Ok(NOTHING.into())));
     }
 }

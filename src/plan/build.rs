@@ -175,7 +175,16 @@ pub const COPIER_CONTAINER: &str = "copier";
 /// Security, restarted on failure by the kubelet; owned by the VM (it goes with the VM) and
 /// labelled [`names::COPY_FOR_LABEL`] (its changes wake the VM). It mounts no persistent image,
 /// so it never fences a claim.
-pub fn copier_pod(vm: &VirtualMachine, pvc: &str, source: &str, mode: VolumeMode, image: &str) -> Pod {
+/// With `blank_source` (an image made with `source.blank`), a source without `disk.img` is an
+/// image never written: nothing to copy.
+pub fn copier_pod(
+    vm: &VirtualMachine,
+    pvc: &str,
+    source: &str,
+    mode: VolumeMode,
+    blank_source: bool,
+    image: &str,
+) -> Pod {
     let mut volumes = Vec::new();
     let mut mounts = Vec::new();
     let mut devices = Vec::new();
@@ -203,6 +212,9 @@ pub fn copier_pod(vm: &VirtualMachine, pvc: &str, source: &str, mode: VolumeMode
             }),
         }
         args.push(format!("--{role}={path}"));
+    }
+    if blank_source {
+        args.push("--allow-missing-source".into());
     }
     let vm_name = vm.name_any();
     Pod {

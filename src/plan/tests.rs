@@ -1481,9 +1481,10 @@ fn a_copy_clone_is_filled_by_a_copier_before_the_launcher_starts() {
     assert_eq!(copier["metadata"]["name"], "vm-a-root-copy");
     assert_eq!(copier["metadata"]["labels"]["vmkeep.io/copy-for"], "vm-a");
     assert!(copier["metadata"]["labels"].get("vmkeep.io/virtual-machine").is_none(), "a copier never fences");
+    // os is a blank image: a source without disk.img is one never written, nothing to copy.
     assert_eq!(
         copier["spec"]["containers"][0]["args"],
-        json!(["copy", "--source=/var/lib/vmkeep/source", "--target=/var/lib/vmkeep/target"])
+        json!(["copy", "--source=/var/lib/vmkeep/source", "--target=/var/lib/vmkeep/target", "--allow-missing-source"])
     );
     assert_eq!(
         copier["spec"]["volumes"][0]["persistentVolumeClaim"],
@@ -1934,7 +1935,9 @@ fn the_accelerator_is_recorded_with_one_event() {
 #[test]
 fn a_copier_pod_tells_its_copy_its_failures_and_its_waits() {
     let pod = |status: &str| -> k8s_openapi::api::core::v1::Pod {
-        parse(&format!("{{metadata: {{name: vm-a-root-copy}}, spec: {{containers: [{{name: copier}}]}}, status: {status}}}"))
+        parse(&format!(
+            "{{metadata: {{name: vm-a-root-copy}}, spec: {{containers: [{{name: copier}}]}}, status: {status}}}"
+        ))
     };
     let copied = pod(
         "{phase: Succeeded, containerStatuses: [{name: copier, ready: false, restartCount: 0, image: i, imageID: i,
@@ -1942,18 +1945,16 @@ fn a_copier_pod_tells_its_copy_its_failures_and_its_waits() {
     );
     assert_eq!(CopierState::of(&copied, true), CopierState::Copied("sha256:ab".into()));
     assert_eq!(CopierState::of(&copied, false), CopierState::Foreign);
-    let failing = pod(
-        "{phase: Running, containerStatuses: [{name: copier, ready: false, restartCount: 2, image: i, imageID: i,
+    let failing =
+        pod("{phase: Running, containerStatuses: [{name: copier, ready: false, restartCount: 2, image: i, imageID: i,
           state: {waiting: {reason: CrashLoopBackOff}},
-          lastState: {terminated: {exitCode: 1, message: 'CopyFailed: cannot open the source'}}}]}",
-    );
+          lastState: {terminated: {exitCode: 1, message: 'CopyFailed: cannot open the source'}}}]}");
     assert_eq!(
         CopierState::of(&failing, true),
         CopierState::Running { note: Some("cannot open the source; CrashLoopBackOff".into()) }
     );
-    let crashed = pod(
-        "{phase: Running, containerStatuses: [{name: copier, ready: false, restartCount: 1, image: i, imageID: i,
-          state: {running: {}}, lastState: {terminated: {exitCode: 2, reason: Error}}}]}",
-    );
+    let crashed =
+        pod("{phase: Running, containerStatuses: [{name: copier, ready: false, restartCount: 1, image: i, imageID: i,
+          state: {running: {}}, lastState: {terminated: {exitCode: 2, reason: Error}}}]}");
     assert_eq!(CopierState::of(&crashed, true), CopierState::Running { note: Some("exit code 2 (Error)".into()) });
 }

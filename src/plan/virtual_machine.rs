@@ -920,8 +920,10 @@ fn provision(obs: &Observed, mut plan: VmPlan, mut resolved: Resolved) -> VmPlan
                 }
                 None => match resolved.clone_sources.get(&disk.name) {
                     Some(source) => {
-                        let mode = obs.images.get(&image).map_or(VolumeMode::Filesystem, |i| i.spec.volume_mode);
-                        plan.create_copiers.push(build::copier_pod(vm, &pvc, source, mode, obs.launcher_image));
+                        let found = obs.images.get(&image);
+                        let mode = found.map_or(VolumeMode::Filesystem, |i| i.spec.volume_mode);
+                        let blank = found.is_some_and(|i| i.spec.source.blank.is_some());
+                        plan.create_copiers.push(build::copier_pod(vm, &pvc, source, mode, blank, obs.launcher_image));
                         copying.push(format!("copying disk {} from image {image} (copier Pod {copier})", disk.name));
                     }
                     None => copying.push(format!("disk {} waits for image {image} to be ready to copy", disk.name)),
@@ -941,7 +943,8 @@ fn provision(obs: &Observed, mut plan: VmPlan, mut resolved: Resolved) -> VmPlan
         }
         disk.clone_strategy = view.strategy;
         disk.clone_fallback = view.fallback;
-        disk.digest = view.digest;
+        // A blank image's copy copied nothing: no digest to show.
+        disk.digest = view.digest.filter(|d| d != crate::mover::copy::NOTHING);
     }
     let copying = (!copying.is_empty()).then(|| copying.join("; "));
     if children.conflict.is_none() && copying.is_none() {

@@ -293,3 +293,21 @@ pub fn guest_image() -> &'static Path {
         PathBuf::from(String::from_utf8_lossy(&out.stdout).trim().lines().last().unwrap_or_default())
     })
 }
+
+/// Asserts that `pvc` is a clone of the image PVC `source`, made as the cluster's storage allows
+/// (docs/clones.md): a `csi-clone` (its `dataSource`) or a `copy` (its copy-source annotation).
+/// Returns the strategy.
+pub fn assert_clone_of(pvc: &k8s_openapi::api::core::v1::PersistentVolumeClaim, source: &str) -> String {
+    use kube::ResourceExt;
+    use vmkeep::plan::names;
+    let annotations = pvc.annotations();
+    let strategy = annotations.get(names::CLONE_STRATEGY_ANNOTATION).cloned().unwrap_or_default();
+    if strategy == "copy" {
+        assert_eq!(annotations.get(names::COPY_SOURCE_ANNOTATION).map(String::as_str), Some(source), "{annotations:?}");
+        assert!(pvc.spec.as_ref().and_then(|s| s.data_source.as_ref()).is_none(), "a copy has no dataSource");
+    } else {
+        let data_source = pvc.spec.as_ref().and_then(|s| s.data_source.clone()).expect("the clone has a dataSource");
+        assert_eq!((data_source.kind.as_str(), data_source.name.as_str()), ("PersistentVolumeClaim", source));
+    }
+    strategy
+}
