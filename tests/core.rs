@@ -374,10 +374,10 @@ async fn api_writes_per_vm_stay_within_budget() {
         .sum();
     // On a cluster whose Pods run, one more: Running.
     let running = u64::from(env.vm_phase("vm").await == Some(VirtualMachinePhase::Running));
-    // Where the storage cannot clone, three more for the copy: the copier Pod's create and
-    // delete, and the digest on the PVC (docs/clones.md).
+    // Where the storage cannot clone, four more for the copy: the copier Pod's create and
+    // delete, the digest on the PVC, and the status while copying (docs/clones.md).
     let root = env.pvc(&names::vm_disk_pvc("vm", "root")).await.expect("the clone");
-    let copies = if assert_clone_of(&root, &names::image_pvc("os")) == "copy" { 3 } else { 0 };
+    let copies = if assert_clone_of(&root, &names::image_pvc("os")) == "copy" { 4 } else { 0 };
     assert!(own <= 1 + 5 + running + copies, "{own} writes for one VM: {spent:?}");
     // Plus the images' and the template's status (users, claim holder, instances).
     let all: u64 = spent.iter().map(|(_, n)| n).sum();

@@ -244,9 +244,11 @@ async fn stop(child: &mut Child, mut qmp: Option<&mut Qmp>, timeout: Duration) -
     let mut presses = 0;
     while Instant::now() < quit_at {
         if let Some(q) = qmp.as_deref_mut() {
-            match q.execute("system_powerdown").await {
-                Ok(_) => presses += 1,
-                Err(e) => warn!("power button: {e}"),
+            // A QEMU that does not answer must not hold the stop past its deadline.
+            match tokio::time::timeout(Duration::from_secs(2), q.execute("system_powerdown")).await {
+                Ok(Ok(_)) => presses += 1,
+                Ok(Err(e)) => warn!("power button: {e}"),
+                Err(_) => warn!("power button: QMP did not answer in 2 s"),
             }
         }
         let wait = POWER_BUTTON_EVERY.min(quit_at.saturating_duration_since(Instant::now()));

@@ -95,7 +95,7 @@ impl Operator {
             .args(["run", "--http-addr", &http.to_string(), "--namespace", namespace])
             .args(["--concurrency", &concurrency.to_string()])
             // The figures are those of the csi-clone path (most CSI storage); where storage
-            // cannot clone, a copy adds three writes per clone (docs/clones.md).
+            // cannot clone, a copy adds four writes per clone (docs/clones.md).
             .args(["--clone-strategy", "csi-clone"])
             .env("KUBECONFIG", kubeconfig)
             .env("RUST_LOG", "info")
