@@ -103,6 +103,10 @@ enum Command {
         /// The source is a blank image: a folder without `disk.img` copies nothing.
         #[arg(long)]
         allow_missing_source: bool,
+        /// The size the target should have, bytes (the clone's PVC request; rounded down to
+        /// 1 MiB); at least the source's.
+        #[arg(long, default_value_t = 0)]
+        capacity: u64,
         /// Where the termination message goes.
         #[arg(long, default_value = "/dev/termination-log")]
         termination_log: PathBuf,
@@ -190,9 +194,9 @@ async fn main() -> anyhow::Result<()> {
             };
             std::process::exit(launcher::run(options).await)
         }
-        Command::Copy { source, target, allow_missing_source, termination_log } => {
+        Command::Copy { source, target, allow_missing_source, capacity, termination_log } => {
             telemetry::init(telemetry::LogFormat::Text);
-            std::process::exit(mover::copy::run(&source, &target, allow_missing_source, &termination_log))
+            std::process::exit(mover::copy::run(&source, &target, allow_missing_source, capacity, &termination_log))
         }
         Command::Probe { run_dir } => launcher::probe(&run_dir).await,
         Command::Console { run_dir } => launcher::console::attach(&launcher::console_socket(&run_dir)).await,

@@ -20,6 +20,7 @@ use crate::launcher::disk::DISK_IMG;
 
 /// The copy buffer: a run of zeros this long (aligned) is skipped in the target.
 const CHUNK: usize = 1 << 20;
+const MIB: u64 = 1 << 20;
 
 /// The file a disk path names: a block device as it is, a folder's `disk.img`.
 pub fn disk_file(path: &Path) -> PathBuf {
@@ -43,9 +44,12 @@ pub struct Copied {
 pub const NOTHING: &str = "none";
 
 /// Copies `source` into `target` (see the module). With `allow_missing` (a blank image), a
-/// source folder without `disk.img` copies nothing: `Ok(None)`. Errors name the file and the
-/// step.
-pub fn copy(source: &Path, target: &Path, allow_missing: bool) -> Result<Option<Copied>, String> {
+/// source folder without `disk.img` copies nothing: `Ok(None)`. A file target is written as
+/// `disk.img.partial` and renamed when complete, at least `capacity` bytes (rounded down to
+/// 1 MiB: a clone grown by the Template keeps its size); a target that already holds `disk.img`
+/// is never overwritten (it was copied before, or a guest wrote it). Errors name the file and
+/// the step.
+pub fn copy(source: &Path, target: &Path, allow_missing: bool, capacity: u64) -> Result<Option<Copied>, String> {
     let source_file = disk_file(source);
     let target_file = disk_file(target);
     if allow_missing && source.is_dir() && !source_file.exists() {
@@ -58,20 +62,32 @@ pub fn copy(source: &Path, target: &Path, allow_missing: bool) -> Result<Option<
         .and_then(|n| from.seek(SeekFrom::Start(0)).map(|_| n))
         .map_err(|e| e.to_string())?;
     let block = std::fs::metadata(&target_file).is_ok_and(|m| m.file_type().is_block_device());
+    let written = if block {
+        target_file.clone()
+    } else {
+        if target_file.exists() {
+            return Err(format!(
+                "the target already holds {} (copied before, or written by a guest): vmkeep never copies over a disk",
+                target_file.display()
+            ));
+        }
+        target_file.with_extension("img.partial")
+    };
     let mut to = OpenOptions::new()
         .write(true)
         .create(!block)
-        .truncate(false)
+        .truncate(!block)
         .mode(0o660)
-        .open(&target_file)
-        .map_err(|e| format!("cannot open the target {}: {e}", target_file.display()))?;
-    let target_len = to.seek(SeekFrom::End(0)).map_err(|e| e.to_string())?;
-    if block && target_len < bytes {
-        return Err(format!("the target device has {target_len} bytes, the source {bytes}"));
-    }
-    if !block {
-        // A fresh sparse file of the source's size (or larger, as it was): holes read as zeros.
-        to.set_len(0).and_then(|()| to.set_len(bytes.max(target_len))).map_err(|e| e.to_string())?;
+        .open(&written)
+        .map_err(|e| format!("cannot open the target {}: {e}", written.display()))?;
+    if block {
+        let target_len = to.seek(SeekFrom::End(0)).map_err(|e| e.to_string())?;
+        if target_len < bytes {
+            return Err(format!("the target device has {target_len} bytes, the source {bytes}"));
+        }
+    } else {
+        // A sparse file: holes read as zeros, so only data is written.
+        to.set_len(bytes.max(capacity / MIB * MIB)).map_err(|e| format!("sizing the target: {e}"))?;
     }
     let mut hasher = Context::new(&SHA256);
     let mut buf = vec![0u8; CHUNK];
@@ -91,6 +107,12 @@ pub fn copy(source: &Path, target: &Path, allow_missing: bool) -> Result<Option<
         offset += n as u64;
     }
     to.sync_all().map_err(|e| format!("flushing the target: {e}"))?;
+    if !block {
+        std::fs::rename(&written, &target_file).map_err(|e| format!("renaming {}: {e}", written.display()))?;
+        if let Some(dir) = target_file.parent() {
+            File::open(dir).and_then(|d| d.sync_all()).map_err(|e| format!("flushing {}: {e}", dir.display()))?;
+        }
+    }
     Ok(Some(Copied { digest: sha256_name(hasher.finish().as_ref()), bytes: offset }))
 }
 
@@ -113,9 +135,9 @@ fn read_full(file: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
 
 /// Runs a copy as a copier Pod's container: writes the termination message; returns the exit
 /// code (0 copied, 1 failed).
-pub fn run(source: &Path, target: &Path, allow_missing: bool, termination_log: &Path) -> i32 {
+pub fn run(source: &Path, target: &Path, allow_missing: bool, capacity: u64, termination_log: &Path) -> i32 {
     let started = Instant::now();
-    let (code, message) = match copy(source, target, allow_missing) {
+    let (code, message) = match copy(source, target, allow_missing, capacity) {
         Ok(None) => {
             tracing::info!("the blank source holds no disk.img: nothing to copy");
             (0, format!("Copied: {NOTHING} 0 bytes (a blank image that holds no disk.img yet)"))
@@ -161,26 +183,29 @@ mod tests {
         content[10..14].copy_from_slice(b"boot");
         content[2 * CHUNK + 7] = 1;
         std::fs::write(src.join(DISK_IMG), &content).unwrap();
-        // A larger target (grown clone) keeps its size.
-        File::create(dst.join(DISK_IMG)).unwrap().set_len(4 * CHUNK as u64).unwrap();
-        let copied = copy(&src, &dst, false).unwrap().unwrap();
+        // A clone grown by the Template is as large as its capacity.
+        let copied = copy(&src, &dst, false, 4 * CHUNK as u64 + 7).unwrap().unwrap();
         assert_eq!(copied.bytes, content.len() as u64);
         assert_eq!(copied.digest, sha256_name(ring::digest::digest(&SHA256, &content).as_ref()));
         let out = std::fs::read(dst.join(DISK_IMG)).unwrap();
         assert_eq!(out.len(), 4 * CHUNK);
         assert_eq!(&out[..content.len()], &content[..]);
         assert!(out[content.len()..].iter().all(|b| *b == 0));
+        assert!(!dst.join("disk.img.partial").exists());
         // Sparse: the all-zero chunk between was not written.
         use std::os::unix::fs::MetadataExt;
         assert!(std::fs::metadata(dst.join(DISK_IMG)).unwrap().blocks() * 512 < 3 * CHUNK as u64);
+        // Never over a disk that is there.
+        let again = copy(&src, &dst, false, 0).unwrap_err();
+        assert!(again.contains("vmkeep never copies over a disk"), "{again}");
         assert_eq!(parse_result(&format!("Copied: {} 1 bytes in 0.1 s\n", copied.digest)), Some(Ok(copied.digest)));
         assert_eq!(parse_result("CopyFailed: no source"), Some(Err("no source".into())));
-        assert!(copy(&dir.join("absent"), &dst, false).unwrap_err().contains("cannot open the source"));
+        assert!(copy(&dir.join("absent"), &dst, false, 0).unwrap_err().contains("cannot open the source"));
         // A blank image never written holds no disk.img: nothing to copy, when that is allowed.
         let blank = dir.join("blank");
         std::fs::create_dir_all(&blank).unwrap();
-        assert_eq!(copy(&blank, &dst, true), Ok(None));
-        assert!(copy(&blank, &dst, false).unwrap_err().contains("cannot open the source"));
+        assert_eq!(copy(&blank, &dst, true, 0), Ok(None));
+        assert!(copy(&blank, &dst, false, 0).unwrap_err().contains("cannot open the source"));
         assert_eq!(parse_result("Copied: none 0 bytes (a blank image)"), Some(Ok(NOTHING.into())));
     }
 }

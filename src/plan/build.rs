@@ -176,13 +176,14 @@ pub const COPIER_CONTAINER: &str = "copier";
 /// labelled [`names::COPY_FOR_LABEL`] (its changes wake the VM). It mounts no persistent image,
 /// so it never fences a claim.
 /// With `blank_source` (an image made with `source.blank`), a source without `disk.img` is an
-/// image never written: nothing to copy.
+/// image never written: nothing to copy. `capacity`: the clone's size in bytes.
 pub fn copier_pod(
     vm: &VirtualMachine,
     pvc: &str,
     source: &str,
     mode: VolumeMode,
     blank_source: bool,
+    capacity: u64,
     image: &str,
 ) -> Pod {
     let mut volumes = Vec::new();
@@ -213,6 +214,7 @@ pub fn copier_pod(
         }
         args.push(format!("--{role}={path}"));
     }
+    args.push(format!("--capacity={capacity}"));
     if blank_source {
         args.push("--allow-missing-source".into());
     }

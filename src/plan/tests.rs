@@ -1484,7 +1484,13 @@ fn a_copy_clone_is_filled_by_a_copier_before_the_launcher_starts() {
     // os is a blank image: a source without disk.img is one never written, nothing to copy.
     assert_eq!(
         copier["spec"]["containers"][0]["args"],
-        json!(["copy", "--source=/var/lib/vmkeep/source", "--target=/var/lib/vmkeep/target", "--allow-missing-source"])
+        json!([
+            "copy",
+            "--source=/var/lib/vmkeep/source",
+            "--target=/var/lib/vmkeep/target",
+            "--capacity=1073741824",
+            "--allow-missing-source"
+        ])
     );
     assert_eq!(
         copier["spec"]["volumes"][0]["persistentVolumeClaim"],

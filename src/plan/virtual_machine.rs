@@ -923,7 +923,9 @@ fn provision(obs: &Observed, mut plan: VmPlan, mut resolved: Resolved) -> VmPlan
                         let found = obs.images.get(&image);
                         let mode = found.map_or(VolumeMode::Filesystem, |i| i.spec.volume_mode);
                         let blank = found.is_some_and(|i| i.spec.source.blank.is_some());
-                        plan.create_copiers.push(build::copier_pod(vm, &pvc, source, mode, blank, obs.launcher_image));
+                        let capacity = disk.size.as_ref().and_then(quantity::bytes).unwrap_or(0).min(u64::MAX as u128);
+                        let pod = build::copier_pod(vm, &pvc, source, mode, blank, capacity as u64, obs.launcher_image);
+                        plan.create_copiers.push(pod);
                         copying.push(format!("copying disk {} from image {image} (copier Pod {copier})", disk.name));
                     }
                     None => copying.push(format!("disk {} waits for image {image} to be ready to copy", disk.name)),
