@@ -188,6 +188,9 @@ async fn console(vms: &Api<VirtualMachine>, pods: &Api<Pod>, name: &str) -> anyh
         loop {
             let n = stdin.read(&mut buf).await?;
             if n == 0 {
+                // Input ended (a pipe, /dev/null): the console still streams until interrupted.
+                drop(remote_in);
+                std::future::pending::<()>().await;
                 return Ok::<_, std::io::Error>(());
             }
             let chunk = &buf[..n];

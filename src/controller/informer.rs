@@ -287,7 +287,9 @@ pub fn slim_pod(pod: &mut Pod) {
         pod.spec.take().map(|s| PodSpec { node_name: s.node_name, containers: Vec::new(), ..Default::default() });
     pod.status = pod.status.take().map(|s| PodStatus {
         phase: s.phase,
-        conditions: s.conditions.map(|cs| cs.into_iter().filter(|c| c.type_ == "Ready").collect()),
+        conditions: s
+            .conditions
+            .map(|cs| cs.into_iter().filter(|c| c.type_ == "Ready" || c.type_ == "PodScheduled").collect()),
         container_statuses: s.container_statuses.map(|cs| {
             cs.into_iter()
                 .map(|c| ContainerStatus {

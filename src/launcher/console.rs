@@ -133,6 +133,8 @@ pub async fn attach(socket: &Path) -> anyhow::Result<()> {
     };
     let inp = async move {
         tokio::io::copy(&mut tokio::io::stdin(), &mut writer).await?;
+        // Input ended: the console still streams (until the client goes or the VM stops).
+        std::future::pending::<()>().await;
         Ok::<_, std::io::Error>(())
     };
     tokio::select! {

@@ -182,29 +182,34 @@ async fn launch(opts: &Options, mut term: tokio::signal::unix::Signal) -> Outcom
         Err(e) => return Outcome::new(ExitReason::LaunchFailed, format!("cannot serve the console: {e}")),
     };
     let tail = || stderr_tail.lock().expect("stderr tail").iter().cloned().collect::<Vec<_>>().join("; ");
-    let mut qmp = tokio::select! {
-        qmp = Qmp::connect(&qmp_path, Duration::from_secs(30)) => match qmp {
-            Ok(qmp) => Some(qmp),
-            Err(e) => {
-                let _ = child.start_kill();
-                return Outcome::new(ExitReason::LaunchFailed, format!("{e}; QEMU said: {}", tail()));
+    // A SIGTERM while QMP connects is kept: the stop needs QMP for its power button.
+    let connect = Qmp::connect(&qmp_path, Duration::from_secs(30));
+    tokio::pin!(connect);
+    let mut terminated = false;
+    let mut qmp = loop {
+        tokio::select! {
+            qmp = &mut connect => match qmp {
+                Ok(qmp) => break qmp,
+                Err(e) => {
+                    let _ = child.start_kill();
+                    return Outcome::new(ExitReason::LaunchFailed, format!("{e}; QEMU said: {}", tail()));
+                }
+            },
+            status = child.wait() => {
+                let _ = console.await;
+                return exited(status, tail());
             }
-        },
-        status = child.wait() => {
-            let _ = console.await;
-            return exited(status, tail());
+            _ = term.recv(), if !terminated => terminated = true,
         }
-        _ = term.recv() => None,
     };
-    let outcome = match qmp {
-        Some(ref mut q) => {
-            info!(vm = %opts.vm, accelerator = accelerator.as_str(), after_ms = started.elapsed().as_millis() as u64, "QEMU runs the guest");
-            tokio::select! {
-                status = child.wait() => exited(status, tail()),
-                _ = term.recv() => stop(&mut child, Some(q), opts.stop_timeout).await,
-            }
+    info!(vm = %opts.vm, accelerator = accelerator.as_str(), after_ms = started.elapsed().as_millis() as u64, "QEMU runs the guest");
+    let outcome = if terminated {
+        stop(&mut child, &mut qmp, opts.stop_timeout).await
+    } else {
+        tokio::select! {
+            status = child.wait() => exited(status, tail()),
+            _ = term.recv() => stop(&mut child, &mut qmp, opts.stop_timeout).await,
         }
-        None => stop(&mut child, None, opts.stop_timeout).await,
     };
     // The console's last bytes (the guest's shutdown lines) reach the log before we exit.
     let _ = tokio::time::timeout(Duration::from_secs(2), console).await;
@@ -237,19 +242,17 @@ fn describe(status: ExitStatus) -> String {
 }
 
 /// The graceful stop (see the module): power button every 5 s, `quit`, SIGKILL at the deadline.
-async fn stop(child: &mut Child, mut qmp: Option<&mut Qmp>, timeout: Duration) -> Outcome {
+async fn stop(child: &mut Child, qmp: &mut Qmp, timeout: Duration) -> Outcome {
     let begun = Instant::now();
     let deadline = begun + timeout;
     let quit_at = deadline.checked_sub(QUIT_GRACE).unwrap_or(begun);
     let mut presses = 0;
     while Instant::now() < quit_at {
-        if let Some(q) = qmp.as_deref_mut() {
-            // A QEMU that does not answer must not hold the stop past its deadline.
-            match tokio::time::timeout(Duration::from_secs(2), q.execute("system_powerdown")).await {
-                Ok(Ok(_)) => presses += 1,
-                Ok(Err(e)) => warn!("power button: {e}"),
-                Err(_) => warn!("power button: QMP did not answer in 2 s"),
-            }
+        // A QEMU that does not answer must not hold the stop past its deadline.
+        match tokio::time::timeout(Duration::from_secs(2), qmp.execute("system_powerdown")).await {
+            Ok(Ok(_)) => presses += 1,
+            Ok(Err(e)) => warn!("power button: {e}"),
+            Err(_) => warn!("power button: QMP did not answer in 2 s"),
         }
         let wait = POWER_BUTTON_EVERY.min(quit_at.saturating_duration_since(Instant::now()));
         if let Ok(status) = tokio::time::timeout(wait, child.wait()).await {
@@ -266,9 +269,7 @@ async fn stop(child: &mut Child, mut qmp: Option<&mut Qmp>, timeout: Duration) -
             };
         }
     }
-    if let Some(q) = qmp {
-        let _ = tokio::time::timeout(Duration::from_secs(1), q.execute("quit")).await;
-    }
+    let _ = tokio::time::timeout(Duration::from_secs(1), qmp.execute("quit")).await;
     let quit = tokio::time::timeout(deadline.saturating_duration_since(Instant::now()), child.wait()).await.is_ok();
     if !quit {
         let _ = child.start_kill();

@@ -42,18 +42,51 @@ pub struct Copied {
 /// The digest recorded for a copy of a blank image that holds no `disk.img` yet: nothing to copy
 /// (the launcher creates the clone's blank disk).
 pub const NOTHING: &str = "none";
+/// The digest recorded for a clone that already held its `disk.img` (copied before and its
+/// record lost, or written by its guest): kept as it is, never copied over.
+pub const KEPT: &str = "kept";
+
+/// What a copy did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// The source was copied.
+    Copied(Copied),
+    /// A blank source without `disk.img`: nothing to copy.
+    Nothing,
+    /// The target already held `disk.img`: kept.
+    Kept,
+}
+
+impl Outcome {
+    /// What the controller records as the clone's digest: `sha256:<hex>`, [`NOTHING`] or [`KEPT`].
+    pub fn digest(&self) -> &str {
+        match self {
+            Outcome::Copied(c) => &c.digest,
+            Outcome::Nothing => NOTHING,
+            Outcome::Kept => KEPT,
+        }
+    }
+}
+
+/// Whether a recorded digest is a real one (not [`NOTHING`] or [`KEPT`]).
+pub fn is_sha256(digest: &str) -> bool {
+    digest.starts_with("sha256:")
+}
 
 /// Copies `source` into `target` (see the module). With `allow_missing` (a blank image), a
 /// source folder without `disk.img` copies nothing: `Ok(None)`. A file target is written as
 /// `disk.img.partial` and renamed when complete, at least `capacity` bytes (rounded down to
 /// 1 MiB: a clone grown by the Template keeps its size); a target that already holds `disk.img`
-/// is never overwritten (it was copied before, or a guest wrote it). Errors name the file and
-/// the step.
-pub fn copy(source: &Path, target: &Path, allow_missing: bool, capacity: u64) -> Result<Option<Copied>, String> {
+/// is never overwritten (it was copied before, or a guest wrote it): [`Outcome::Kept`]. Errors
+/// name the file and the step.
+pub fn copy(source: &Path, target: &Path, allow_missing: bool, capacity: u64) -> Result<Outcome, String> {
     let source_file = disk_file(source);
     let target_file = disk_file(target);
+    if target.is_dir() && target_file.exists() {
+        return Ok(Outcome::Kept);
+    }
     if allow_missing && source.is_dir() && !source_file.exists() {
-        return Ok(None);
+        return Ok(Outcome::Nothing);
     }
     let mut from =
         File::open(&source_file).map_err(|e| format!("cannot open the source {}: {e}", source_file.display()))?;
@@ -62,17 +95,7 @@ pub fn copy(source: &Path, target: &Path, allow_missing: bool, capacity: u64) ->
         .and_then(|n| from.seek(SeekFrom::Start(0)).map(|_| n))
         .map_err(|e| e.to_string())?;
     let block = std::fs::metadata(&target_file).is_ok_and(|m| m.file_type().is_block_device());
-    let written = if block {
-        target_file.clone()
-    } else {
-        if target_file.exists() {
-            return Err(format!(
-                "the target already holds {} (copied before, or written by a guest): vmkeep never copies over a disk",
-                target_file.display()
-            ));
-        }
-        target_file.with_extension("img.partial")
-    };
+    let written = if block { target_file.clone() } else { target_file.with_extension("img.partial") };
     let mut to = OpenOptions::new()
         .write(true)
         .create(!block)
@@ -113,7 +136,7 @@ pub fn copy(source: &Path, target: &Path, allow_missing: bool, capacity: u64) ->
             File::open(dir).and_then(|d| d.sync_all()).map_err(|e| format!("flushing {}: {e}", dir.display()))?;
         }
     }
-    Ok(Some(Copied { digest: sha256_name(hasher.finish().as_ref()), bytes: offset }))
+    Ok(Outcome::Copied(Copied { digest: sha256_name(hasher.finish().as_ref()), bytes: offset }))
 }
 
 /// `sha256:<hex>` of a SHA-256 digest.
@@ -138,11 +161,15 @@ fn read_full(file: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
 pub fn run(source: &Path, target: &Path, allow_missing: bool, capacity: u64, termination_log: &Path) -> i32 {
     let started = Instant::now();
     let (code, message) = match copy(source, target, allow_missing, capacity) {
-        Ok(None) => {
+        Ok(Outcome::Nothing) => {
             tracing::info!("the blank source holds no disk.img: nothing to copy");
             (0, format!("Copied: {NOTHING} 0 bytes (a blank image that holds no disk.img yet)"))
         }
-        Ok(Some(c)) => {
+        Ok(Outcome::Kept) => {
+            tracing::warn!("the clone already holds disk.img: kept as it is, not copied over");
+            (0, format!("Copied: {KEPT} 0 bytes (the clone already held its disk.img: kept, not copied over)"))
+        }
+        Ok(Outcome::Copied(c)) => {
             let secs = started.elapsed().as_secs_f64();
             tracing::info!(digest = %c.digest, bytes = c.bytes, secs, "copied");
             (0, format!("Copied: {} {} bytes in {secs:.1} s", c.digest, c.bytes))
@@ -162,7 +189,7 @@ pub fn run(source: &Path, target: &Path, allow_missing: bool, capacity: u64, ter
 /// `None` for anything else.
 pub fn parse_result(message: &str) -> Option<Result<String, String>> {
     if let Some(rest) = message.trim().strip_prefix("Copied: ") {
-        let digest = rest.split_whitespace().next().filter(|d| d.starts_with("sha256:") || *d == NOTHING);
+        let digest = rest.split_whitespace().next().filter(|d| is_sha256(d) || *d == NOTHING || *d == KEPT);
         return digest.map(|d| Ok(d.to_owned()));
     }
     message.trim().strip_prefix("CopyFailed: ").map(|why| Err(why.to_owned()))
@@ -184,7 +211,9 @@ mod tests {
         content[2 * CHUNK + 7] = 1;
         std::fs::write(src.join(DISK_IMG), &content).unwrap();
         // A clone grown by the Template is as large as its capacity.
-        let copied = copy(&src, &dst, false, 4 * CHUNK as u64 + 7).unwrap().unwrap();
+        let Outcome::Copied(copied) = copy(&src, &dst, false, 4 * CHUNK as u64 + 7).unwrap() else {
+            panic!("not copied")
+        };
         assert_eq!(copied.bytes, content.len() as u64);
         assert_eq!(copied.digest, sha256_name(ring::digest::digest(&SHA256, &content).as_ref()));
         let out = std::fs::read(dst.join(DISK_IMG)).unwrap();
@@ -195,16 +224,18 @@ mod tests {
         // Sparse: the all-zero chunk between was not written.
         use std::os::unix::fs::MetadataExt;
         assert!(std::fs::metadata(dst.join(DISK_IMG)).unwrap().blocks() * 512 < 3 * CHUNK as u64);
-        // Never over a disk that is there.
-        let again = copy(&src, &dst, false, 0).unwrap_err();
-        assert!(again.contains("vmkeep never copies over a disk"), "{again}");
+        // Never over a disk that is there: kept.
+        std::fs::write(dst.join(DISK_IMG), b"the guest wrote this").unwrap();
+        assert_eq!(copy(&src, &dst, false, 0), Ok(Outcome::Kept));
+        assert_eq!(std::fs::read(dst.join(DISK_IMG)).unwrap(), b"the guest wrote this");
+        std::fs::remove_file(dst.join(DISK_IMG)).unwrap();
         assert_eq!(parse_result(&format!("Copied: {} 1 bytes in 0.1 s\n", copied.digest)), Some(Ok(copied.digest)));
         assert_eq!(parse_result("CopyFailed: no source"), Some(Err("no source".into())));
         assert!(copy(&dir.join("absent"), &dst, false, 0).unwrap_err().contains("cannot open the source"));
         // A blank image never written holds no disk.img: nothing to copy, when that is allowed.
         let blank = dir.join("blank");
         std::fs::create_dir_all(&blank).unwrap();
-        assert_eq!(copy(&blank, &dst, true, 0), Ok(None));
+        assert_eq!(copy(&blank, &dst, true, 0), Ok(Outcome::Nothing));
         assert!(copy(&blank, &dst, false, 0).unwrap_err().contains("cannot open the source"));
         assert_eq!(parse_result("Copied: none 0 bytes (a blank image)"), Some(Ok(NOTHING.into())));
     }

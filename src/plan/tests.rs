@@ -724,7 +724,7 @@ const RUNNING_DISKS: &str = "[{name: root, image: ubuntu, pvcName: vm-a-root, ph
 /// A provisioned VM whose launcher Pod is `pod`; the guest runs (Pod Ready) when it is Running.
 fn provisioned(pod: Child) -> Verdict {
     let ready = matches!(&pod, Child::Ours { phase: Some(p), .. } if p == "Running");
-    Verdict::Provisioned { pod, launcher: LauncherView { ready, ..Default::default() } }
+    Verdict::Provisioned { pod, launcher: Box::new(LauncherView { ready, ..Default::default() }) }
 }
 
 #[test]
@@ -751,7 +751,13 @@ fn status_follows_the_launcher_pod_and_the_run_strategy() {
     let deleting = |phase: &str| Child::Ours { phase: Some(phase.into()), deleting: true };
     let cases = [
         (RunStrategy::Always, ours("Pending"), P::Starting, "Starting", "QEMU does not run the guest yet"),
-        (RunStrategy::Always, deleting("Running"), P::Starting, "Starting", "QEMU does not run the guest yet"),
+        (
+            RunStrategy::Always,
+            deleting("Running"),
+            P::Starting,
+            "Starting",
+            "the launcher Pod is stopping; a new one starts once it is gone",
+        ),
         (RunStrategy::Always, Child::Missing, P::Provisioning, "Provisioning", "creating the launcher Pod"),
         (RunStrategy::Halted, Child::Missing, P::Stopped, "Halted", "runStrategy is Halted"),
         (RunStrategy::Halted, ours("Running"), P::Stopped, "Stopping", "removing the launcher Pod"),
@@ -1890,7 +1896,8 @@ fn the_launcher_view_reads_readiness_restarts_and_the_last_exit_from_the_pod() {
 
     // The VM shows it, Starting with why; then Running once Ready, with the accelerator, once.
     let r = resolved("[{name: scratch, pvcName: vm-a-scratch, phase: Bound, size: 1Gi}]");
-    let s = settle(&vm("vm-a"), Some(&r), &Verdict::Provisioned { pod: ours("Running"), launcher: view.clone() });
+    let s =
+        settle(&vm("vm-a"), Some(&r), &Verdict::Provisioned { pod: ours("Running"), launcher: Box::new(view.clone()) });
     assert_eq!((s.phase, s.restarts, s.node_name.as_deref()), (Some(P::Starting), Some(2), Some("node-1")));
     assert_eq!(s.last_exit, Some(exit.clone()));
     let ready = find(&s.conditions, "Ready").unwrap();
@@ -1899,7 +1906,7 @@ fn the_launcher_view_reads_readiness_restarts_and_the_last_exit_from_the_pod() {
         "the launcher starts the guest again (restart 2, CrashLoopBackOff); it last ended: GuestPowerOff: the guest powered off"
     );
     let running = LauncherView { ready: true, waiting: None, ..view };
-    let s = settle(&vm("vm-a"), Some(&r), &Verdict::Provisioned { pod: ours("Running"), launcher: running });
+    let s = settle(&vm("vm-a"), Some(&r), &Verdict::Provisioned { pod: ours("Running"), launcher: Box::new(running) });
     assert_eq!((s.phase, &s.last_exit), (Some(P::Running), &Some(exit.clone())), "the last exit stays shown");
     // Stopped: no node or restarts, the last exit kept.
     let mut halted = vm("vm-a");
@@ -1963,4 +1970,28 @@ fn a_copier_pod_tells_its_copy_its_failures_and_its_waits() {
         pod("{phase: Running, containerStatuses: [{name: copier, ready: false, restartCount: 1, image: i, imageID: i,
           state: {running: {}}, lastState: {terminated: {exitCode: 2, reason: Error}}}]}");
     assert_eq!(CopierState::of(&crashed, true), CopierState::Running { note: Some("exit code 2 (Error)".into()) });
+}
+
+#[test]
+fn an_unschedulable_launcher_or_copier_says_why() {
+    let pod: k8s_openapi::api::core::v1::Pod = parse(
+        "{metadata: {name: vm-a-launcher}, spec: {containers: [{name: launcher}]},
+          status: {phase: Pending, conditions: [{type: PodScheduled, status: 'False', reason: Unschedulable,
+            message: '0/1 nodes are available: 1 Insufficient cpu.'}]}}",
+    );
+    let view = LauncherView::of(&pod);
+    let r = resolved("[{name: scratch, pvcName: vm-a-scratch, phase: Bound, size: 1Gi}]");
+    let s = settle(&vm("vm-a"), Some(&r), &Verdict::Provisioned { pod: ours("Pending"), launcher: Box::new(view) });
+    assert_eq!(
+        find(&s.conditions, "Ready").unwrap().message,
+        "the launcher Pod cannot be scheduled: Unschedulable: 0/1 nodes are available: 1 Insufficient cpu."
+    );
+    assert_eq!(
+        CopierState::of(&pod, true),
+        CopierState::Running {
+            note: Some(
+                "the Pod cannot be scheduled (Unschedulable: 0/1 nodes are available: 1 Insufficient cpu.)".into()
+            )
+        }
+    );
 }

@@ -426,7 +426,7 @@ pub enum Verdict {
     /// Claims held, disks exist; the launcher Pod is as `pod` says, its guest as `launcher`.
     Provisioned {
         pod: Child,
-        launcher: LauncherView,
+        launcher: Box<LauncherView>,
     },
 }
 
@@ -456,6 +456,19 @@ impl CloneView {
     pub fn copy_pending(&self) -> bool {
         self.strategy.as_deref() == Some(CloneStrategy::Copy.as_str()) && self.digest.is_none()
     }
+}
+
+/// Why a Pod cannot be scheduled (its `PodScheduled` condition's message), if it cannot.
+pub fn unschedulable(pod: &Pod) -> Option<String> {
+    let conditions = pod.status.as_ref()?.conditions.as_ref()?;
+    let scheduled = conditions.iter().find(|c| c.type_ == "PodScheduled")?;
+    (scheduled.status == "False").then(|| {
+        let reason = scheduled.reason.as_deref().unwrap_or("Unschedulable");
+        match scheduled.message.as_deref() {
+            Some(message) => format!("{reason}: {message}"),
+            None => reason.to_owned(),
+        }
+    })
 }
 
 /// A copier Pod as the VM plan sees it.
@@ -500,6 +513,7 @@ impl CopierState {
             .and_then(|c| c.state.as_ref()?.waiting.as_ref())
             .and_then(|w| w.reason.clone())
             .filter(|r| r != "ContainerCreating" && r != "PodInitializing");
+        let waiting = waiting.or_else(|| unschedulable(pod).map(|u| format!("the Pod cannot be scheduled ({u})")));
         let note = match (failed, waiting) {
             (Some(f), Some(w)) => Some(format!("{f}; {w}")),
             (f, w) => f.or(w),
@@ -528,6 +542,8 @@ pub struct LauncherView {
     pub last_exit: Option<LastExit>,
     /// Why the container waits to run again, e.g. `CrashLoopBackOff`.
     pub waiting: Option<String>,
+    /// Why the Pod cannot be scheduled, if it cannot.
+    pub unschedulable: Option<String>,
     /// The accelerator the launcher chose and why, once read from its log.
     pub accelerator: Option<(String, String)>,
     /// When the Pod was created (for the start latency).
@@ -562,6 +578,7 @@ impl LauncherView {
                 let w = c.state.as_ref()?.waiting.as_ref()?;
                 w.reason.clone().filter(|r| r != "ContainerCreating" && r != "PodInitializing")
             }),
+            unschedulable: unschedulable(pod),
             accelerator: None,
             created: pod.metadata.creation_timestamp.clone(),
         }
@@ -626,6 +643,15 @@ pub fn status(vm: &VirtualMachine, resolved: Option<&Resolved>, verdict: &Verdic
                 Child::Missing => {
                     (P::Provisioning, Cond::new(READY, false, reason::PROVISIONING, "creating the launcher Pod"))
                 }
+                Child::Ours { deleting: true, .. } => (
+                    P::Starting,
+                    Cond::new(
+                        READY,
+                        false,
+                        reason::STARTING,
+                        "the launcher Pod is stopping; a new one starts once it is gone",
+                    ),
+                ),
                 _ => (P::Starting, Cond::new(READY, false, reason::STARTING, starting_message(launcher))),
             };
             (phase, vec![claimed, disks_ready, ready])
@@ -667,6 +693,9 @@ pub fn status(vm: &VirtualMachine, resolved: Option<&Resolved>, verdict: &Verdic
 
 /// The Ready message of a VM whose launcher has not started the guest (yet, or again).
 fn starting_message(launcher: &LauncherView) -> String {
+    if let Some(why) = &launcher.unschedulable {
+        return format!("the launcher Pod cannot be scheduled: {why}");
+    }
     match (&launcher.last_exit, &launcher.waiting) {
         (Some(exit), waiting) => format!(
             "the launcher starts the guest again (restart {}{}); it last ended: {}: {}",
@@ -873,15 +902,25 @@ fn provision(obs: &Observed, mut plan: VmPlan, mut resolved: Resolved) -> VmPlan
     let name = vm.name_any();
     let mut pvcs = obs.pvcs.clone();
     let mut pod = obs.pod.clone();
+    let mut copiers = obs.copiers.clone();
+    let pod_name = names::launcher_pod(&name);
     for (kind, taken) in &obs.taken {
         match *kind {
-            "Pod" => pod = Child::Foreign,
+            "Pod" if *taken == pod_name => pod = Child::Foreign,
+            // A copier's name taken by a Pod that is not the VM's (the Pod cache only sees
+            // vmkeep's own).
+            "Pod" => {
+                let disk =
+                    resolved.disks.iter().filter_map(|d| d.pvc_name.as_ref()).find(|p| names::copier_pod(p) == *taken);
+                if let Some(pvc) = disk {
+                    copiers.insert(pvc.clone(), CopierState::Foreign);
+                }
+            }
             _ => {
                 pvcs.insert(taken.clone(), Child::Foreign);
             }
         }
     }
-    let pod_name = names::launcher_pod(&name);
     let children = plan_children(vm.spec.run_strategy, &resolved.disks, &pvcs, &pod_name, &pod);
     for disk_name in &children.create_pvcs {
         let Some(disk) = resolved.disks.iter().find(|d| &d.name == disk_name) else { continue };
@@ -912,7 +951,7 @@ fn provision(obs: &Observed, mut plan: VmPlan, mut resolved: Resolved) -> VmPlan
         if view.copy_pending() && children.conflict.is_none() && obs.pod == Child::Missing {
             let image = disk.image.clone().unwrap_or_default();
             let copier = names::copier_pod(&pvc);
-            match obs.copiers.get(&pvc) {
+            match copiers.get(&pvc) {
                 Some(CopierState::Copied(digest)) => {
                     plan.record_digests.push((pvc.clone(), digest.clone()));
                     plan.delete_copiers.push(copier);
@@ -945,8 +984,8 @@ fn provision(obs: &Observed, mut plan: VmPlan, mut resolved: Resolved) -> VmPlan
         }
         disk.clone_strategy = view.strategy;
         disk.clone_fallback = view.fallback;
-        // A blank image's copy copied nothing: no digest to show.
-        disk.digest = view.digest.filter(|d| d != crate::mover::copy::NOTHING);
+        // A blank image's copy copied nothing, a kept clone was not copied: no digest to show.
+        disk.digest = view.digest.filter(|d| crate::mover::copy::is_sha256(d));
     }
     let copying = (!copying.is_empty()).then(|| copying.join("; "));
     if children.conflict.is_none() && copying.is_none() {
@@ -989,7 +1028,7 @@ fn provision(obs: &Observed, mut plan: VmPlan, mut resolved: Resolved) -> VmPlan
             ),
             claimed: true,
         },
-        None => Verdict::Provisioned { pod, launcher: obs.launcher.clone() },
+        None => Verdict::Provisioned { pod, launcher: Box::new(obs.launcher.clone()) },
     };
     with_status(obs, plan, Some(&resolved), verdict)
 }
