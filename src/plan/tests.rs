@@ -1995,3 +1995,26 @@ fn an_unschedulable_launcher_or_copier_says_why() {
         }
     );
 }
+
+#[test]
+fn a_foreign_pod_with_a_copiers_name_blocks_that_copy_and_not_the_launcher() {
+    let images = vec![image(
+        "os",
+        "spec: {source: {pvc: {name: os-disk}}}\nstatus: {phase: Ready, persistent: false, pvcName: os-disk, capacity: 1Gi}",
+    )];
+    let t = template("[{name: root, image: os}]");
+    let v = vm("vm-a");
+    let copy = Chosen { strategy: CloneStrategy::Copy, fallback: None };
+    let mut obs = observed(&v, &t, &images, &[]);
+    obs.clone_choices = map(&[("root", copy)]);
+    obs.taken.insert(("Pod", "vm-a-root-copy".into()));
+    let plan = vm_plan::decide(&obs);
+    assert!(plan.create_copiers.is_empty() && plan.pod.is_none(), "{plan:?}");
+    let status = plan.status.unwrap();
+    let ready = find(&status.conditions, "Ready").unwrap();
+    assert_eq!(ready.reason, "Copying");
+    assert_eq!(
+        ready.message,
+        "Pod vm-a-root-copy exists and does not belong to VirtualMachine vm-a; vmkeep leaves it alone"
+    );
+}
