@@ -55,6 +55,7 @@ struct FakeNode {
 impl FakeNode {
     /// Creates the Node (if needed) and starts binding and watching the Pods of `namespace`.
     fn run(client: Client, namespace: &str) -> Self {
+        FAKE_NODE_USERS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let node = format!("apiVersion: v1\nkind: Node\nmetadata: {{name: {NODE}, labels: {{{NODE_LABEL}: fake}}}}\n");
         kubectl_ok(&["apply", "-f", "-"], Some(&node));
         let violations = Arc::new(Mutex::new(Vec::new()));
@@ -105,9 +106,16 @@ impl FakeNode {
     }
 }
 
+/// How many tests use the fake Node now: the last one to finish deletes it (a NotReady Node
+/// left behind would show in every later `0/N nodes are available`).
+static FAKE_NODE_USERS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
 impl Drop for FakeNode {
     fn drop(&mut self) {
         self.task.abort();
+        if FAKE_NODE_USERS.fetch_sub(1, std::sync::atomic::Ordering::SeqCst) == 1 {
+            let _ = kubectl(&["delete", "node", NODE, "--wait=false"], None);
+        }
     }
 }
 

@@ -180,6 +180,8 @@ async fn console(vms: &Api<VirtualMachine>, pods: &Api<Pod>, name: &str) -> anyh
     let interactive = std::io::stdin().is_terminal();
     if interactive {
         eprintln!("Connected to the console of VirtualMachine {name}; detach with Ctrl+]\r");
+    } else {
+        eprintln!("Connected to the console of VirtualMachine {name} (no terminal: streaming until interrupted)");
     }
     let _raw = interactive.then(RawMode::enable).transpose()?;
     let to_vm = async move {
