@@ -219,21 +219,12 @@ pub fn copier_pod(
         args.push("--allow-missing-source".into());
     }
     let vm_name = vm.name_any();
-    Pod {
-        metadata: ObjectMeta {
-            name: Some(names::copier_pod(pvc)),
-            namespace: vm.namespace(),
-            labels: Some(labels(&[(names::COPY_FOR_LABEL, &names::label_value(&vm_name))])),
-            owner_references: Some(vec![
-                vm.controller_owner_ref(&()).expect("a VirtualMachine from the API has a name and uid"),
-            ]),
-            ..Default::default()
-        },
-        spec: Some(PodSpec {
-            automount_service_account_token: Some(false),
-            enable_service_links: Some(false),
+    vm_pod(
+        vm,
+        names::copier_pod(pvc),
+        labels(&[(names::COPY_FOR_LABEL, &names::label_value(&vm_name))]),
+        PodSpec {
             restart_policy: Some("OnFailure".into()),
-            security_context: Some(restricted_pod()),
             containers: vec![Container {
                 name: COPIER_CONTAINER.into(),
                 image: Some(image.to_owned()),
@@ -246,7 +237,6 @@ pub fn copier_pod(
                     limits: Some(BTreeMap::from([("memory".to_owned(), Quantity("256Mi".into()))])),
                     ..Default::default()
                 }),
-                security_context: Some(restricted_container()),
                 termination_message_policy: Some("File".into()),
                 volume_mounts: (!mounts.is_empty()).then_some(mounts),
                 volume_devices: (!devices.is_empty()).then_some(devices),
@@ -254,7 +244,31 @@ pub fn copier_pod(
             }],
             volumes: Some(volumes),
             ..Default::default()
-        }),
+        },
+    )
+}
+
+/// A Pod of a VM (its launcher or a copier): `spec` with vmkeep's labels, owned by the VM,
+/// without API credentials or service links, under restricted Pod Security (non-root, no
+/// privilege escalation, no capabilities, read-only root filesystem, RuntimeDefault seccomp).
+fn vm_pod(vm: &VirtualMachine, name: String, labels: BTreeMap<String, String>, mut spec: PodSpec) -> Pod {
+    spec.automount_service_account_token = Some(false);
+    spec.enable_service_links = Some(false);
+    spec.security_context = Some(restricted_pod());
+    for container in &mut spec.containers {
+        container.security_context = Some(restricted_container());
+    }
+    Pod {
+        metadata: ObjectMeta {
+            name: Some(name),
+            namespace: vm.namespace(),
+            labels: Some(labels),
+            owner_references: Some(vec![
+                vm.controller_owner_ref(&()).expect("a VirtualMachine from the API has a name and uid"),
+            ]),
+            ..Default::default()
+        },
+        spec: Some(spec),
         status: None,
     }
 }
@@ -389,31 +403,23 @@ pub fn launcher_pod(vm: &VirtualMachine, inputs: &LauncherInputs) -> Pod {
     }
     let memory = Quantity(format!("{}Mi", memory_mib + launcher_overhead_mib(inputs.cpu, memory_bytes)));
     let cpu = Quantity(inputs.cpu.to_string());
-    Pod {
-        metadata: ObjectMeta {
-            name: Some(names::launcher_pod(&vm_name)),
-            namespace: vm.namespace(),
-            // The VM's name and uid: how fencing finds the Pod even once an orphaning deletion
-            // removed its owner reference.
-            labels: Some(labels(&[
-                (names::VM_LABEL, &names::label_value(&vm_name)),
-                (names::VM_UID_LABEL, &names::label_value(&vm.uid().unwrap_or_default())),
-            ])),
-            owner_references: Some(vec![
-                vm.controller_owner_ref(&()).expect("a VirtualMachine from the API has a name and uid"),
-            ]),
-            ..Default::default()
-        },
-        spec: Some(PodSpec {
-            automount_service_account_token: Some(false),
-            enable_service_links: Some(false),
+    // The VM's name and uid: how fencing finds the Pod even once an orphaning deletion removed
+    // its owner reference.
+    let labels = labels(&[
+        (names::VM_LABEL, &names::label_value(&vm_name)),
+        (names::VM_UID_LABEL, &names::label_value(&vm.uid().unwrap_or_default())),
+    ]);
+    vm_pod(
+        vm,
+        names::launcher_pod(&vm_name),
+        labels,
+        PodSpec {
             // A guest that powers itself off is started again, with the kubelet's back-off.
             restart_policy: Some("Always".into()),
             termination_grace_period_seconds: Some(grace),
             node_selector: (!settings.node_selector.is_empty()).then_some(settings.node_selector),
             tolerations: (!settings.tolerations.is_empty()).then_some(settings.tolerations),
             priority_class_name: settings.priority_class_name,
-            security_context: Some(restricted_pod()),
             containers: vec![Container {
                 name: LAUNCHER_CONTAINER.into(),
                 image: Some(inputs.image.to_owned()),
@@ -423,7 +429,6 @@ pub fn launcher_pod(vm: &VirtualMachine, inputs: &LauncherInputs) -> Pod {
                     limits: Some(BTreeMap::from([("memory".to_owned(), memory)])),
                     ..Default::default()
                 }),
-                security_context: Some(restricted_container()),
                 readiness_probe: Some(Probe {
                     exec: Some(ExecAction { command: Some(vec!["/vmkeep".into(), "probe".into()]) }),
                     period_seconds: Some(READINESS_PERIOD_SECONDS),
@@ -438,9 +443,8 @@ pub fn launcher_pod(vm: &VirtualMachine, inputs: &LauncherInputs) -> Pod {
             }],
             volumes: Some(volumes),
             ..Default::default()
-        }),
-        status: None,
-    }
+        },
+    )
 }
 
 /// The claim Lease on persistent image `image` in `namespace`, held by one VM (by uid). It has
