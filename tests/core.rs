@@ -373,8 +373,10 @@ async fn api_writes_per_vm_stay_within_budget() {
         .map(|(_, n)| n)
         .sum();
     // On a cluster whose Pods run, two more: the node it was scheduled to (status.nodeName),
-    // then Running.
-    let running = 2 * u64::from(env.vm_phase("vm").await == Some(VirtualMachinePhase::Running));
+    // then Running; and up to two for what scheduling shows on this busy 2-CPU node (the
+    // copier's or launcher's Pod "cannot be scheduled" while other tests' launchers hold the
+    // CPUs, then scheduled). The benchmark measures the undisturbed path (docs/performance.md).
+    let running = 4 * u64::from(env.vm_phase("vm").await == Some(VirtualMachinePhase::Running));
     // Where the storage cannot clone, four more for the copy: the copier Pod's create and
     // delete, the digest on the PVC, and the status while copying (docs/clones.md).
     let root = env.pvc(&names::vm_disk_pvc("vm", "root")).await.expect("the clone");
