@@ -229,11 +229,10 @@ pub fn copier_pod(
                 name: COPIER_CONTAINER.into(),
                 image: Some(image.to_owned()),
                 args: Some(args),
+                // No CPU request: a copy is I/O-bound, and must not wait for the CPUs that
+                // running guests hold (on a full node it would never be scheduled).
                 resources: Some(ResourceRequirements {
-                    requests: Some(BTreeMap::from([
-                        ("cpu".to_owned(), Quantity("100m".into())),
-                        ("memory".to_owned(), Quantity("64Mi".into())),
-                    ])),
+                    requests: Some(BTreeMap::from([("memory".to_owned(), Quantity("64Mi".into()))])),
                     limits: Some(BTreeMap::from([("memory".to_owned(), Quantity("256Mi".into()))])),
                     ..Default::default()
                 }),
