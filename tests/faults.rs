@@ -371,10 +371,11 @@ async fn examples_rounds(env: &Env, rounds: usize, replicas: usize) {
         .await;
         assert_eq!(env.claim_holder("shared-data").await.as_deref(), Some("vm-a"), "round {round}");
         assert_eq!(env.vm_phase("vm-b").await, Some(VirtualMachinePhase::Pending), "round {round}");
-        kubectl_ok(
-            &["delete", "-n", &env.ns.name, "-f", examples.to_str().unwrap(), "--wait=true", "--timeout=90s"],
-            None,
-        );
+        // A launcher deleted while the kubelet creates its container takes it up to ~90 s on
+        // this busy node (kubelet 1.20), and the examples' VMs start after their copies: the
+        // deletion gets the GC deadline.
+        let timeout = format!("--timeout={}s", GC.as_secs());
+        kubectl_ok(&["delete", "-n", &env.ns.name, "-f", examples.to_str().unwrap(), "--wait=true", &timeout], None);
     }
 }
 
