@@ -7,9 +7,9 @@
 //! - `snapshot`: through a `VolumeSnapshot`; not in this version (falls back to `copy`, saying so).
 //!
 //! The choice: the StorageClass annotation [`STRATEGY_ANNOTATION`], else the operator's
-//! `--clone-strategy` when it names one, else `csi-clone`; then `copy` when the provisioner is
-//! known not to clone (it would bind an empty volume) or the clone is into another StorageClass
-//! (CSI clones stay within one).
+//! `--clone-strategy` when it names one, else `auto`: `csi-clone`, or `copy` when the
+//! provisioner is known not to clone (it would bind an empty volume). `copy` also replaces
+//! `csi-clone` for a clone into another StorageClass (CSI clones stay within one).
 
 use std::fmt;
 
@@ -86,11 +86,14 @@ pub fn choose(target: &ClassInfo, source: Option<&str>, default: Option<CloneStr
         },
         None => default.unwrap_or(CloneStrategy::CsiClone),
     };
+    // Only `auto` second-guesses the provisioner; a StorageClass or operator that names
+    // csi-clone is trusted (a CSI driver may clone under a name vmkeep does not know).
+    let auto = target.annotation.is_none() && default.is_none();
     let fallback = match asked {
         CloneStrategy::Copy => None,
         CloneStrategy::Snapshot => Some("the snapshot strategy is not available in this vmkeep version".to_owned()),
         CloneStrategy::CsiClone => {
-            if let Some(p) = target.provisioner.as_deref().filter(|p| NON_CLONING_PROVISIONERS.contains(p)) {
+            if let Some(p) = target.provisioner.as_deref().filter(|p| auto && NON_CLONING_PROVISIONERS.contains(p)) {
                 Some(format!("provisioner {p} of StorageClass {class} cannot clone volumes"))
             } else if let (Some(s), Some(t)) = (source, target.name.as_deref())
                 && s != t
@@ -127,6 +130,11 @@ mod tests {
         let annotated = class("fast", "csi.example.com", Some("copy"));
         assert_eq!(choose(&annotated, Some("fast"), Some(CloneStrategy::CsiClone)).strategy, CloneStrategy::Copy);
         let hostpath = class("standard", "kubernetes.io/host-path", None);
+        // Named explicitly, csi-clone is trusted; only auto falls back.
+        assert_eq!(
+            choose(&hostpath, Some("standard"), Some(CloneStrategy::CsiClone)).strategy,
+            CloneStrategy::CsiClone
+        );
         let chosen = choose(&hostpath, Some("standard"), None);
         assert_eq!(chosen.strategy, CloneStrategy::Copy);
         assert_eq!(
