@@ -348,7 +348,7 @@ pub fn launcher_pod(vm: &VirtualMachine, inputs: &LauncherInputs) -> Pod {
     let vm_name = vm.name_any();
     let settings = inputs.settings.cloned().unwrap_or_default();
     let grace = settings.termination_grace_period_seconds.unwrap_or(DEFAULT_GRACE_SECONDS);
-    let memory_bytes = super::quantity::bytes(inputs.memory).unwrap_or(0).min(u64::MAX as u128) as u64;
+    let memory_bytes = super::quantity::bytes_u64(inputs.memory);
     let memory_mib = (memory_bytes >> 20).max(16);
     let mut volumes = Vec::new();
     let mut mounts =

@@ -19,6 +19,12 @@ const SUFFIXES: &[(&str, u128)] = &[
     ("E", 1_000_000_000_000_000_000),
 ];
 
+/// [`bytes`] as a `u64` for sizes handed to a Pod: 0 for an invalid quantity, saturating above
+/// `u64::MAX`.
+pub fn bytes_u64(q: &Quantity) -> u64 {
+    bytes(q).unwrap_or(0).min(u128::from(u64::MAX)) as u64
+}
+
 /// The number of bytes a quantity stands for (rounded up), or `None` if it is not a valid
 /// non-negative quantity.
 pub fn bytes(q: &Quantity) -> Option<u128> {

@@ -458,6 +458,13 @@ impl CloneView {
     }
 }
 
+/// Why a container waits to run (e.g. `CrashLoopBackOff`, `ImagePullBackOff`); `None` while it
+/// is only being created.
+fn waiting_reason(container: &k8s_openapi::api::core::v1::ContainerStatus) -> Option<String> {
+    let reason = container.state.as_ref()?.waiting.as_ref()?.reason.clone()?;
+    (reason != "ContainerCreating" && reason != "PodInitializing").then_some(reason)
+}
+
 /// Why a Pod cannot be scheduled (its `PodScheduled` condition's message), if it cannot.
 pub fn unschedulable(pod: &Pod) -> Option<String> {
     let conditions = pod.status.as_ref()?.conditions.as_ref()?;
@@ -510,10 +517,8 @@ impl CopierState {
             })
         });
         let waiting = container
-            .and_then(|c| c.state.as_ref()?.waiting.as_ref())
-            .and_then(|w| w.reason.clone())
-            .filter(|r| r != "ContainerCreating" && r != "PodInitializing");
-        let waiting = waiting.or_else(|| unschedulable(pod).map(|u| format!("the Pod cannot be scheduled ({u})")));
+            .and_then(waiting_reason)
+            .or_else(|| unschedulable(pod).map(|u| format!("the Pod cannot be scheduled ({u})")));
         let note = match (failed, waiting) {
             (Some(f), Some(w)) => Some(format!("{f}; {w}")),
             (f, w) => f.or(w),
@@ -574,10 +579,7 @@ impl LauncherView {
                 };
                 LastExit { reason, message, exit_code: t.exit_code, finished_at: t.finished_at.clone() }
             }),
-            waiting: container.and_then(|c| {
-                let w = c.state.as_ref()?.waiting.as_ref()?;
-                w.reason.clone().filter(|r| r != "ContainerCreating" && r != "PodInitializing")
-            }),
+            waiting: container.and_then(waiting_reason),
             unschedulable: unschedulable(pod),
             accelerator: None,
             created: pod.metadata.creation_timestamp.clone(),
@@ -962,8 +964,8 @@ fn provision(obs: &Observed, mut plan: VmPlan, mut resolved: Resolved) -> VmPlan
                         let found = obs.images.get(&image);
                         let mode = found.map_or(VolumeMode::Filesystem, |i| i.spec.volume_mode);
                         let blank = found.is_some_and(|i| i.spec.source.blank.is_some());
-                        let capacity = disk.size.as_ref().and_then(quantity::bytes).unwrap_or(0).min(u64::MAX as u128);
-                        let pod = build::copier_pod(vm, &pvc, source, mode, blank, capacity as u64, obs.launcher_image);
+                        let capacity = disk.size.as_ref().map_or(0, quantity::bytes_u64);
+                        let pod = build::copier_pod(vm, &pvc, source, mode, blank, capacity, obs.launcher_image);
                         plan.create_copiers.push(pod);
                         copying.push(format!("copying disk {} from image {image} (copier Pod {copier})", disk.name));
                     }
@@ -1048,7 +1050,7 @@ pub fn launcher_disks<'a>(
             build::LauncherDisk {
                 disk,
                 volume_mode: image.map_or(VolumeMode::Filesystem, |i| i.spec.volume_mode),
-                capacity: size.and_then(quantity::bytes).unwrap_or(0).min(u64::MAX as u128) as u64,
+                capacity: size.map_or(0, quantity::bytes_u64),
                 blank: image.is_none_or(|i| i.spec.source.blank.is_some()),
             }
         })
