@@ -4,9 +4,10 @@
 #
 #   vmkeep-guest: up as <name>                the VM's name from SMBIOS (system serial number,
 #                                             QEMU `-smbios type=1,serial=<name>`)
-#   vmkeep-guest: disk vdX markers: <a> <b>   for each unpartitioned virtio disk (the boot disk
-#                                             has partitions): the names written on
-#                                             it before ("markers": text in its first 4 KiB)
+#   vmkeep-guest: disk vdX markers: <a> <b>   for each virtio disk: the names written on it
+#                                             before ("markers": text in its first 4 KiB, or
+#                                             for the boot disk, which has partitions, in the
+#                                             4 KiB at 512 KiB: the gap before its partition)
 #   vmkeep-guest: disk vdX marked <name>      appended its own name there, flushed
 #   vmkeep-guest: disk vdX read-only          (a CDROM or read-only disk: read, not written)
 #   vmkeep-guest: ready                       then it waits for the ACPI power button
@@ -90,12 +91,13 @@ say "up as $name"
 sleep 1 # devtmpfs fills /dev/vd* as virtio_blk probes
 for dev in /sys/block/vd*; do
   d=${dev##*/}
-  [ -e "$dev/${d}1" ] && continue # a partitioned disk: the boot disk
-  markers=$(dd if=/dev/$d bs=4096 count=1 2>/dev/null | tr -d '\000' | tr '\n' ' ')
+  at=0
+  [ -e "$dev/${d}1" ] && at=128 # a partitioned disk (the boot disk): the gap before its partition
+  markers=$(dd if=/dev/$d bs=4096 skip=$at count=1 2>/dev/null | tr -d '\000' | tr '\n' ' ')
   say "disk $d markers: ${markers:-none}"
   if [ "$(cat $dev/ro)" = 1 ]; then say "disk $d read-only"; continue; fi
-  { dd if=/dev/$d bs=4096 count=1 2>/dev/null | tr -d '\000'; echo "$name"; } >/tmp/m
-  dd if=/tmp/m of=/dev/$d bs=4096 count=1 conv=sync,fsync 2>/dev/null && sync && say "disk $d marked $name"
+  { dd if=/dev/$d bs=4096 skip=$at count=1 2>/dev/null | tr -d '\000'; echo "$name"; } >/tmp/m
+  dd if=/tmp/m of=/dev/$d bs=4096 seek=$at count=1 conv=sync,fsync 2>/dev/null && sync && say "disk $d marked $name"
 done
 say ready
 if [ "$mode" = poweroff ]; then say "powering off by itself"; poweroff -f; fi

@@ -92,6 +92,40 @@ enum Command {
         #[arg(long, default_value = "/dev/termination-log")]
         termination_log: PathBuf,
     },
+    /// Inside an importer Pod: download a disk image (raw or qcow2, gzip or xz compressed)
+    /// into a PVC, or only find the size it needs (`--probe`).
+    Import {
+        /// The `http://` or `https://` URL.
+        #[arg(long)]
+        url: String,
+        /// A mounted folder (`disk.img` is written) or a block device; not with `--probe`.
+        #[arg(long, required_unless_present = "probe")]
+        target: Option<PathBuf>,
+        /// `raw` or `qcow2`, once decompressed.
+        #[arg(long, default_value = "raw")]
+        format: mover::import::Format,
+        /// The expected sha256 of the downloaded file (64 hex digits).
+        #[arg(long)]
+        sha256: Option<String>,
+        /// The PVC's size, bytes (0: unknown); a larger image is refused.
+        #[arg(long, default_value_t = 0)]
+        capacity: u64,
+        /// A writable folder for qcow2 downloads.
+        #[arg(long, default_value = "/var/lib/vmkeep/scratch")]
+        scratch: PathBuf,
+        /// A folder of HTTP headers (a mounted Secret: file name = header, content = value).
+        #[arg(long)]
+        headers_dir: Option<PathBuf>,
+        /// A folder of PEM CA bundles trusted besides the system's (a mounted ConfigMap).
+        #[arg(long)]
+        ca_dir: Option<PathBuf>,
+        /// Only find the size the PVC needs (`Size: <bytes>`), writing nothing.
+        #[arg(long)]
+        probe: bool,
+        /// Where the termination message goes.
+        #[arg(long, default_value = "/dev/termination-log")]
+        termination_log: PathBuf,
+    },
     /// Inside a copier Pod: copy a disk into a clone sparsely and report its sha256.
     Copy {
         /// The source: a mounted folder holding `disk.img`, or a block device.
@@ -193,6 +227,34 @@ async fn main() -> anyhow::Result<()> {
                 termination_log,
             };
             std::process::exit(launcher::run(options).await)
+        }
+        Command::Import {
+            url,
+            target,
+            format,
+            sha256,
+            capacity,
+            scratch,
+            headers_dir,
+            ca_dir,
+            probe,
+            termination_log,
+        } => {
+            telemetry::init(telemetry::LogFormat::Text);
+            let args = mover::import::ImportArgs {
+                url,
+                target: target.unwrap_or_default(),
+                format,
+                sha256,
+                capacity,
+                scratch,
+                headers_dir,
+                ca_dir,
+                probe,
+            };
+            // Blocking I/O (the HTTP client, qemu-img) off the async workers.
+            let code = tokio::task::spawn_blocking(move || mover::import::run(&args, &termination_log)).await;
+            std::process::exit(code.unwrap_or(1))
         }
         Command::Copy { source, target, allow_missing_source, capacity, termination_log } => {
             telemetry::init(telemetry::LogFormat::Text);

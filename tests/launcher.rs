@@ -17,14 +17,11 @@ use std::{
 
 use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim, Pod};
 use kube::{Api, ResourceExt};
-use support::{env::*, *};
+use support::{env::*, node::*, *};
 use vmkeep::{
     api::{Image, virtual_machine::VirtualMachinePhase as P},
     plan::names,
 };
-
-/// How long a VM may take to boot its guest under TCG on this 2-CPU machine.
-const BOOT: Duration = Duration::from_secs(90);
 
 /// The local cluster's StorageClass (`hack/cluster.sh`): the guest's volume is in it, so clones of
 /// a non-persistent guest image are made by its provisioner.
@@ -32,17 +29,6 @@ const STORAGE_CLASS: &str = "standard";
 
 /// One test on the node at a time.
 static NODE: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
-/// Why these tests cannot run here, if they cannot.
-fn skip_reason() -> Option<&'static str> {
-    if !is_local_cluster() {
-        return Some("the guest disk is a host-path volume of this machine: local cluster only");
-    }
-    if schedulable_node().is_none() {
-        return Some("the cluster has no schedulable node (Pods would never run)");
-    }
-    None
-}
 
 /// A test on the node: its Env, its guest disks, and the node to itself. Bind them in the
 /// reverse order (`OnNode { _node, disks, env }`): they are dropped env first (its VMs go),
@@ -139,28 +125,6 @@ fn blank_image(name: &str, persistent: bool) -> String {
 /// grace period of `grace` seconds.
 fn template(name: &str, disks: &[(&str, Option<&str>)], grace: u32) -> String {
     template_with(name, disks, &format!("launcher: {{terminationGracePeriodSeconds: {grace}}}, "))
-}
-
-/// The launcher's log (what `kubectl logs` shows), or an empty string.
-fn log(env: &Env, vm: &str) -> String {
-    let out = kubectl(&["logs", "-n", &env.ns.name, &names::launcher_pod(vm), "-c", "launcher"], None);
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// Waits until the launcher's log shows `line`; returns the log.
-async fn wait_log(env: &Env, vm: &str, line: &str, timeout: Duration) -> String {
-    let mut last = String::new();
-    let found = tokio::time::timeout(timeout, async {
-        loop {
-            last = log(env, vm);
-            if last.contains(line) {
-                return last.clone();
-            }
-            tokio::time::sleep(Duration::from_millis(500)).await;
-        }
-    })
-    .await;
-    found.unwrap_or_else(|_| panic!("no '{line}' in the log of {vm}'s launcher within {timeout:?}:\n{last}"))
 }
 
 /// `kubectl logs -f` of a launcher into a file, until dropped: what a launcher printed while it

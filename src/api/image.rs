@@ -151,9 +151,27 @@ pub struct HttpSource {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = r"^[0-9a-fA-F]{64}$"))]
     pub sha256: Option<String>,
-    /// The file's format: `raw` (default) or `qcow2` (converted to raw on import).
+    /// The file's format: `raw` (default) or `qcow2` (converted to raw on import). Either may
+    /// be gzip or xz compressed (detected from the file's first bytes).
     #[serde(default)]
     pub format: DiskFormat,
+    /// A Secret in the Image's namespace whose keys are HTTP header names and values their
+    /// values (e.g. `Authorization: Bearer ...`), sent with every request. The importer Pod
+    /// mounts it; vmkeep itself never reads it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_ref: Option<LocalObjectReference>,
+    /// A ConfigMap in the Image's namespace whose every key is a PEM bundle of CA certificates
+    /// trusted for `https://` in addition to the system's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_config_map: Option<LocalObjectReference>,
+}
+
+/// A reference to an object by name, in the same namespace.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+pub struct LocalObjectReference {
+    /// The object's name.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
 }
 
 /// The format of a downloaded disk image.
@@ -165,6 +183,35 @@ pub enum DiskFormat {
     Raw,
     /// A QEMU copy-on-write image.
     Qcow2,
+}
+
+impl std::str::FromStr for DiskFormat {
+    type Err = String;
+
+    /// `raw` or `qcow2` (any case).
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "raw" => Ok(DiskFormat::Raw),
+            "qcow2" => Ok(DiskFormat::Qcow2),
+            other => Err(format!("unknown disk image format {other:?}: raw or qcow2")),
+        }
+    }
+}
+
+impl std::fmt::Display for DiskFormat {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl DiskFormat {
+    /// The name in the spec and on `vmkeep import --format`: `raw`, `qcow2`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DiskFormat::Raw => "raw",
+            DiskFormat::Qcow2 => "qcow2",
+        }
+    }
 }
 
 /// A disk of a VirtualMachine.
@@ -214,6 +261,18 @@ pub struct ClaimHolder {
     pub since: Time,
 }
 
+/// A helper Pod that moves an image's data.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+pub struct TransferPod {
+    /// The Pod's name, in the Image's namespace.
+    pub name: String,
+    /// What it does: `Import`, `Probe` (finds the size of an import without `spec.size`) or `Copy`.
+    pub role: String,
+    /// The Pod's phase (`Pending`, `Running`, `Succeeded`, `Failed`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<String>,
+}
+
 /// The observed state of an Image.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
@@ -243,9 +302,29 @@ pub struct ImageStatus {
     /// For a persistent image, the VirtualMachine that holds it; absent when free.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub claimed_by: Option<ClaimHolder>,
-    /// The progress of an import, e.g. `42%`.
+    /// The progress of an import, e.g. `42%` (`1.2 GiB` when the server gives no size);
+    /// refreshed at most every 5 s while the phase is `Importing`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub progress: Option<String>,
+    /// How many times the importer retried after a server or network error (it resumes where
+    /// the server allows Range requests).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub import_retries: Option<u32>,
+    /// `sha256:<hex>` of the image's raw content, recorded by its import or copy (a
+    /// `csi-clone` inherits its source's): a clone holds what its source held when both agree.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub digest: Option<String>,
+    /// For an image cloned from another Image or a VM disk: `csi-clone`, `copy` or `snapshot`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clone_strategy: Option<String>,
+    /// Why `copy` replaced the clone strategy asked for (a provisioner that cannot clone, a
+    /// clone into another StorageClass, ...).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clone_fallback: Option<String>,
+    /// The helper Pod moving the image's data now (importer, size probe or copier) and its
+    /// phase; absent when none runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transfer_pod: Option<TransferPod>,
     /// The `metadata.generation` this status was computed from.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,

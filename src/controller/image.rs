@@ -13,20 +13,25 @@ use k8s_openapi::{
 };
 use kube::{
     Api, ResourceExt,
-    api::{Patch, PatchParams, PostParams},
+    api::{LogParams, Patch, PatchParams, PostParams},
     runtime::{controller::Action, reflector::ObjectRef},
 };
 
 use super::{Context, Error, Stores, apply};
+use tracing::{info, warn};
+
 use crate::{
-    api::{ConditionStatus, Image, VirtualMachine},
+    api::{ConditionStatus, Image, VirtualMachine, image::VolumeMode, virtual_machine::VirtualMachinePhase},
     claim::{self, Release},
+    mover::import::{self, ImportResult, Progress},
     plan::{
         build,
+        clone::{self, Chosen},
         conditions::find,
-        image::{self as plan, Finalizer, ImageObservation, ImagePvc},
+        image::{self as plan, Finalizer, ImageObservation, ImagePvc, ObservedMover, Role, SourceDisk, SourceVm},
+        mover::MoverState,
         names,
-        virtual_machine::IMAGES_CLAIMED,
+        virtual_machine::{CloneView, IMAGES_CLAIMED},
     },
 };
 
@@ -64,6 +69,7 @@ fn pvc_view(pvc: Option<&PersistentVolumeClaim>, owner_uid: &str) -> ImagePvc {
                 capacity: p.status.as_ref().and_then(|s| s.capacity.as_ref()?.get("storage").cloned()).or(requested),
                 storage_class: spec.storage_class_name,
                 volume_mode: spec.volume_mode,
+                fill: Box::new(CloneView::of(&p.metadata)),
             }
         }
     }
@@ -115,8 +121,31 @@ pub async fn reconcile(image: Arc<Image>, ctx: Arc<Context>) -> Result<Action, E
         detach_claim(&ctx, lease).await?;
     }
     let source_image = image.spec.source.image.as_ref().and_then(|s| ctx.stores.image(&ns, &s.name));
-    let mut observation =
-        ImageObservation { image: &image, pvc, source_image: source_image.as_deref(), consumers, claim: claim_holder };
+    let own_pvc = names::image_pvc(&name);
+    let movers = movers(&ctx, &ns, &own_pvc, &uid);
+    let source_vm = source_vm(&ctx, &ns, &image);
+    let source_writer = source_image.as_deref().and_then(|s| writer(&ctx, &ns, s));
+    let clone_choice = match &pvc {
+        ImagePvc::Missing => clone_choice(&ctx, &image, source_image.as_deref(), source_vm.as_ref()).await?,
+        ImagePvc::Present { .. } => None,
+    };
+    let progress = match movers.iter().find(|m| m.role == Role::Import) {
+        Some(m) if matches!(m.state, MoverState::Running { .. }) => progress(&ctx, &ns, &m.name).await,
+        _ => None,
+    };
+    let mut observation = ImageObservation {
+        image: &image,
+        pvc,
+        source_image: source_image.as_deref(),
+        consumers,
+        claim: claim_holder,
+        source_writer,
+        source_vm,
+        clone_choice,
+        movers,
+        progress,
+        launcher_image: &ctx.settings.launcher_image,
+    };
     let now = Time(jiff::Timestamp::now());
     let mut decided = plan::plan(&observation, &now);
 
@@ -130,6 +159,27 @@ pub async fn reconcile(image: Arc<Image>, ctx: Arc<Context>) -> Result<Action, E
             decided = plan::plan(&observation, &now);
         }
     }
+    if let Some(record) = &decided.record {
+        let mut annotations = serde_json::Map::new();
+        annotations.insert(names::DIGEST_ANNOTATION.into(), record.digest.clone().into());
+        if let Some(retries) = record.retries {
+            annotations.insert(names::IMPORT_RETRIES_ANNOTATION.into(), retries.to_string().into());
+        }
+        let patch = serde_json::json!({"metadata": {"annotations": annotations}});
+        let (params, patch) = (PatchParams::default(), Patch::Merge(&patch));
+        ctx.writes.send("PersistentVolumeClaim", "patch", pvc_api.patch(&record.pvc, &params, &patch)).await?;
+        info!(image = %name, pvc = %record.pvc, digest = %record.digest, "the image's data is complete");
+    }
+    let pod_api: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
+    for pod in &decided.delete_pods {
+        apply::delete_child(&ctx, &pod_api, pod).await?;
+    }
+    for pod in &decided.create_pods {
+        if !apply::create_child(&ctx, &pod_api, pod, &uid).await? {
+            // Taken by a Pod that is not this Image's: the next reconcile reports it.
+            warn!(image = %name, pod = %pod.name_any(), "a helper Pod's name is taken");
+        }
+    }
     apply::status(&ctx, image.as_ref(), image.status.as_ref(), &decided.status).await?;
     if let Some(pvc) = &decided.delete_pvc {
         apply::delete_child(&ctx, &pvc_api, pvc).await?;
@@ -138,10 +188,121 @@ pub async fn reconcile(image: Arc<Image>, ctx: Arc<Context>) -> Result<Action, E
         apply::remove_finalizer(&ctx, image.as_ref(), names::IMAGE_FINALIZER).await?;
     }
     // An adopted PVC is not watched: look at it again now and then.
-    Ok(match adopted {
-        Some(_) => Action::requeue(Duration::from_secs(300)),
-        None => Action::await_change(),
+    Ok(match (adopted, decided.requeue) {
+        (_, Some(after)) => Action::requeue(after),
+        (Some(_), None) => Action::requeue(Duration::from_secs(300)),
+        (None, None) => Action::await_change(),
     })
+}
+
+/// The Image's helper Pods at their names (importer, size probe, copier), from the cache.
+fn movers(ctx: &Context, ns: &str, pvc: &str, image_uid: &str) -> Vec<ObservedMover> {
+    Role::pods(pvc)
+        .into_iter()
+        .filter_map(|(role, pod_name)| {
+            let pod = ctx.stores.pods.get(&ObjectRef::new(&pod_name).within(ns))?;
+            let ours = apply::owned_by(&pod.metadata, image_uid);
+            let state = match role {
+                Role::Copy => MoverState::of_copier(&pod, ours),
+                Role::Import | Role::Probe => MoverState::of(&pod, ours, build::IMPORTER_CONTAINER, import_outcome),
+            };
+            Some(ObservedMover {
+                name: pod_name,
+                role,
+                state,
+                phase: pod.status.as_ref().and_then(|s| s.phase.clone()),
+                generation: pod.annotations().get(names::GENERATION_ANNOTATION).and_then(|g| g.parse().ok()),
+            })
+        })
+        .collect()
+}
+
+/// An importer's termination message as a helper's outcome: the message itself when it
+/// succeeded (the plan reads it again), `<Reason>: <message>` when it failed.
+fn import_outcome(message: &str) -> Option<Result<String, String>> {
+    match import::parse_result(message)? {
+        ImportResult::Failed { reason, message } => Some(Err(format!("{reason}: {message}"))),
+        _ => Some(Ok(message.trim().to_owned())),
+    }
+}
+
+/// Whether VM `name` runs (or starts or stops): its launcher Pod exists, or it is not `Stopped`.
+fn vm_runs(ctx: &Context, ns: &str, vm: &VirtualMachine) -> bool {
+    let launcher = ctx.stores.pods.get(&ObjectRef::new(&names::launcher_pod(&vm.name_any())).within(ns));
+    launcher.is_some() || vm.status.as_ref().and_then(|s| s.phase) != Some(VirtualMachinePhase::Stopped)
+}
+
+/// The VirtualMachine that writes persistent image `source` now: its claim holder, while that
+/// VM runs (a Halted holder keeps the claim and writes nothing). From the caches.
+fn writer(ctx: &Context, ns: &str, source: &Image) -> Option<String> {
+    let holder = source.status.as_ref()?.claimed_by.as_ref()?;
+    let vm = ctx.stores.vms.state().into_iter().find(|v| v.uid().as_deref() == Some(holder.uid.as_str()));
+    match vm {
+        Some(vm) if !vm_runs(ctx, ns, &vm) => None,
+        _ => Some(holder.name.clone()),
+    }
+}
+
+/// For `source.virtualMachineDisk`: the VM (whether it runs) and its disk, from the caches.
+fn source_vm(ctx: &Context, ns: &str, image: &Image) -> Option<SourceVm> {
+    let from = image.spec.source.virtual_machine_disk.as_ref()?;
+    let vm = ctx.stores.vms.get(&ObjectRef::new(&from.virtual_machine).within(ns))?;
+    let running = vm_runs(ctx, ns, &vm);
+    let status = vm.status.clone().unwrap_or_default();
+    let disk = status.disks.iter().find(|d| d.name == from.disk).and_then(|d| {
+        let pvc_name = d.pvc_name.clone()?;
+        let pvc = ctx.stores.pvcs.get(&ObjectRef::new(&pvc_name).within(ns));
+        let spec = pvc.as_ref().and_then(|p| p.spec.clone()).unwrap_or_default();
+        let requested = spec.resources.as_ref().and_then(|r| r.requests.as_ref()?.get("storage").cloned());
+        let capacity = pvc.as_ref().and_then(|p| p.status.as_ref()?.capacity.as_ref()?.get("storage").cloned());
+        let source_image = d.image.as_ref().and_then(|i| ctx.stores.image(ns, i));
+        Some(SourceDisk {
+            pvc: pvc_name,
+            capacity: capacity.or(requested).or_else(|| d.size.clone()),
+            storage_class: spec.storage_class_name,
+            volume_mode: match spec.volume_mode.as_deref() {
+                Some("Block") => VolumeMode::Block,
+                _ => VolumeMode::Filesystem,
+            },
+            blank: source_image.as_ref().is_none_or(|i| i.spec.source.blank.is_some()),
+            digest: None,
+        })
+    });
+    Some(SourceVm { running, disk })
+}
+
+/// The clone strategy of an image cloned from another Image or a VM disk, from the
+/// StorageClasses (read from the API server, only while its PVC is to be made).
+async fn clone_choice(
+    ctx: &Context,
+    image: &Image,
+    source_image: Option<&Image>,
+    source_vm: Option<&SourceVm>,
+) -> Result<Option<Chosen>, Error> {
+    let source_class = match (source_image, source_vm) {
+        (Some(i), _) => i.status.as_ref().and_then(|s| s.storage_class_name.clone()),
+        (None, Some(vm)) => vm.disk.as_ref().and_then(|d| d.storage_class.clone()),
+        (None, None) => return Ok(None),
+    };
+    let target = image.spec.storage_class_name.clone().or_else(|| source_class.clone());
+    let info = super::storage_class(ctx, target.as_deref()).await?;
+    let source = source_class.or_else(|| info.name.clone());
+    Ok(Some(clone::choose(&info, source.as_deref(), ctx.settings.clone_strategy)))
+}
+
+/// The last progress an importer logged (its log's last lines, read through `pods/log`; the
+/// importer has no API credentials). `None` when it cannot be read.
+async fn progress(ctx: &Context, ns: &str, pod: &str) -> Option<Progress> {
+    let api: Api<Pod> = Api::namespaced(ctx.client.clone(), ns);
+    let params =
+        LogParams { container: Some(build::IMPORTER_CONTAINER.into()), tail_lines: Some(20), ..Default::default() };
+    match api.logs(pod, &params).await {
+        Ok(log) => import::parse_progress(&log),
+        Err(error) => {
+            tracing::debug!(%error, %pod, "cannot read the importer's log for its progress");
+            None
+        }
+    }
 }
 
 // An image PVC or claim Lease made by an older vmkeep has the Image as owner, through which a
@@ -178,10 +339,22 @@ async fn detach_claim(ctx: &Context, lease: &Lease) -> Result<(), Error> {
     }
 }
 
-/// A VM change concerns the images it records (its use of them starts or ends).
-pub fn images_of_vm(vm: VirtualMachine) -> Vec<ObjectRef<Image>> {
+/// A VM change concerns the images it records (its use of them starts or ends) and the images
+/// saved from its disks (it stopped: they may be copied).
+pub fn images_of_vm(stores: &Stores, vm: VirtualMachine) -> Vec<ObjectRef<Image>> {
     let Some(ns) = vm.namespace() else { return Vec::new() };
     let mut images: Vec<String> = vm.status.iter().flat_map(|s| &s.disks).filter_map(|d| d.image.clone()).collect();
+    let name = vm.name_any();
+    images.extend(
+        stores
+            .images
+            .state()
+            .iter()
+            .filter(|i| i.namespace().as_deref() == Some(ns.as_str()))
+            .filter(|i| i.spec.source.virtual_machine_disk.as_ref().is_some_and(|s| s.virtual_machine == name))
+            .map(|i| i.name_any()),
+    );
+    images.sort();
     images.dedup();
     images.into_iter().map(|i| ObjectRef::new(&i).within(&ns)).collect()
 }
@@ -191,10 +364,14 @@ pub fn image_of_lease(lease: Lease) -> Option<ObjectRef<Image>> {
     Some(ObjectRef::new(claim::image_of(&lease)?).within(&lease.namespace()?))
 }
 
-/// A launcher Pod change concerns the images its VM holds claims on (by the VM uid recorded on
+/// A helper Pod change concerns its Image; a launcher Pod change concerns the images its VM holds claims on (by the VM uid recorded on
 /// the Pod, or its owner): when the VM was removed by force, the Pod's end frees them.
 pub fn images_of_pod(stores: &Stores, pod: &Pod) -> Vec<ObjectRef<Image>> {
     let Some(ns) = pod.namespace() else { return Vec::new() };
+    // An Image's own helper Pod (importer, size probe, copier) concerns that Image.
+    if let Some(owner) = pod.owner_references().iter().find(|o| o.kind == "Image" && o.controller == Some(true)) {
+        return vec![ObjectRef::new(&owner.name).within(&ns)];
+    }
     let uids: Vec<&str> = pod
         .labels()
         .get(names::VM_UID_LABEL)

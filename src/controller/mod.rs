@@ -282,11 +282,11 @@ pub async fn run(client: Client, metrics: Arc<Metrics>, settings: Settings, shut
             .for_each(|_| async {})
     };
     let image_ctl = {
-        let (by_image, by_pod) = (stores.clone(), stores.clone());
+        let (by_image, by_pod, by_vm) = (stores.clone(), stores.clone(), stores.clone());
         Controller::for_stream(images.subscribe(), stores.images.clone())
             .with_config(config.clone())
             .owns_stream(pvcs.subscribe_view(informer::pvc_view))
-            .watches_stream(vms.subscribe(), image::images_of_vm)
+            .watches_stream(vms.subscribe(), move |vm| image::images_of_vm(&by_vm, vm))
             .watches_stream(leases.subscribe(), image::image_of_lease)
             // The claims of a VM removed by force are released once its last launcher Pod is gone.
             .watches_stream(pods.subscribe_view(informer::pod_view), move |p| image::images_of_pod(&by_pod, &p))
@@ -318,4 +318,24 @@ pub async fn run(client: Client, metrics: Arc<Metrics>, settings: Settings, shut
         )
     };
     tokio::join!(informers, vm_ctl, image_ctl, template_ctl);
+}
+
+/// What the clone strategy needs of StorageClass `name` (the cluster's default class when
+/// `None`); an unknown class is all `None` (`csi-clone` is then tried).
+pub async fn storage_class(ctx: &Context, name: Option<&str>) -> Result<crate::plan::clone::ClassInfo, Error> {
+    let api: Api<k8s_openapi::api::storage::v1::StorageClass> = Api::all(ctx.client.clone());
+    let class = match name {
+        Some(name) => api.get_opt(name).await?,
+        None => api.list(&Default::default()).await?.items.into_iter().find(|c| {
+            c.annotations().get("storageclass.kubernetes.io/is-default-class").map(String::as_str) == Some("true")
+        }),
+    };
+    Ok(match class {
+        Some(c) => crate::plan::clone::ClassInfo {
+            name: Some(c.name_any()),
+            annotation: c.annotations().get(crate::plan::clone::STRATEGY_ANNOTATION).cloned(),
+            provisioner: Some(c.provisioner),
+        },
+        None => crate::plan::clone::ClassInfo { name: name.map(str::to_owned), ..Default::default() },
+    })
 }

@@ -14,7 +14,6 @@ use k8s_openapi::{
     api::{
         coordination::v1::Lease,
         core::v1::{PersistentVolumeClaim, Pod},
-        storage::v1::StorageClass,
     },
     apimachinery::pkg::apis::meta::v1::Time,
 };
@@ -37,10 +36,9 @@ use crate::{
         build,
         claim::{self as rules, ClaimState},
         clone::{self, Chosen, ClassInfo},
+        mover::MoverState,
         names,
-        virtual_machine::{
-            self as plan, Child, CloneView, CopierState, LauncherView, Observed, OtherVm, PodChange, VmPlan,
-        },
+        virtual_machine::{self as plan, Child, CloneView, LauncherView, Observed, OtherVm, PodChange, VmPlan},
     },
 };
 
@@ -107,7 +105,7 @@ struct Cached {
     pvcs: BTreeMap<String, Child>,
     /// What the VM's clone PVCs' annotations say, and its copier Pods, by PVC.
     clones: BTreeMap<String, CloneView>,
-    copiers: BTreeMap<String, CopierState>,
+    copiers: BTreeMap<String, MoverState>,
     pod: Child,
     launcher: LauncherView,
     /// The claims this VM may hold or need: recorded disks, its template's persistent images,
@@ -168,7 +166,7 @@ impl Cached {
                     clones.insert(pvc.clone(), CloneView::of(&claim.metadata));
                 }
                 if let Some(pod) = ctx.stores.pods.get(&ObjectRef::new(&names::copier_pod(&pvc)).within(ns)) {
-                    copiers.insert(pvc.clone(), CopierState::of(&pod, apply::owned_by(&pod.metadata, &uid)));
+                    copiers.insert(pvc.clone(), MoverState::of_copier(&pod, apply::owned_by(&pod.metadata, &uid)));
                 }
                 (pvc, state)
             })
@@ -265,6 +263,7 @@ async fn observe<'a>(
         clone_choices,
         clones: cached.clones.clone(),
         copiers: cached.copiers.clone(),
+        saving: if cached.pod == Child::Missing { saving(ctx, ns, vm, cached) } else { Vec::new() },
         taken: facts.taken.clone(),
         launcher_image: &ctx.settings.launcher_image,
         access_mode: &ctx.settings.access_mode,
@@ -293,7 +292,7 @@ async fn clone_choices(ctx: &Context, vm: &VirtualMachine, cached: &Cached) -> R
         }
         let class = image.status.as_ref().and_then(|s| s.storage_class_name.clone());
         if !classes.contains_key(&class) {
-            classes.insert(class.clone(), storage_class(ctx, class.as_deref()).await?);
+            classes.insert(class.clone(), super::storage_class(ctx, class.as_deref()).await?);
         }
         let info = &classes[&class];
         choices.insert(disk.clone(), clone::choose(info, info.name.as_deref(), ctx.settings.clone_strategy));
@@ -301,24 +300,25 @@ async fn clone_choices(ctx: &Context, vm: &VirtualMachine, cached: &Cached) -> R
     Ok(choices)
 }
 
-/// What the clone strategy needs of StorageClass `name` (the cluster's default class when
-/// `None`); an unknown class is all `None` (`csi-clone` is then tried).
-async fn storage_class(ctx: &Context, name: Option<&str>) -> Result<ClassInfo, Error> {
-    let api: Api<StorageClass> = Api::all(ctx.client.clone());
-    let class = match name {
-        Some(name) => api.get_opt(name).await?,
-        None => api.list(&Default::default()).await?.items.into_iter().find(|c| {
-            c.annotations().get("storageclass.kubernetes.io/is-default-class").map(String::as_str) == Some("true")
-        }),
-    };
-    Ok(match class {
-        Some(c) => ClassInfo {
-            name: Some(c.name_any()),
-            annotation: c.annotations().get(clone::STRATEGY_ANNOTATION).cloned(),
-            provisioner: Some(c.provisioner),
-        },
-        None => ClassInfo { name: name.map(str::to_owned), ..Default::default() },
-    })
+/// The helper Pods of Images that copy one of the VM's disks now (saved as an image, or a
+/// persistent image cloned): the launcher waits for them. From the Pod cache, only while the VM
+/// has no launcher.
+fn saving(ctx: &Context, ns: &str, vm: &VirtualMachine, cached: &Cached) -> Vec<String> {
+    let mut disks: BTreeSet<String> =
+        vm.status.iter().flat_map(|s| s.disks.iter()).filter_map(|d| d.pvc_name.clone()).collect();
+    disks.extend(cached.images.values().filter_map(|i| i.status.as_ref()?.pvc_name.clone()));
+    ctx.stores
+        .pods
+        .state()
+        .iter()
+        .filter(|p| p.namespace().as_deref() == Some(ns) && p.metadata.deletion_timestamp.is_none())
+        .filter(|p| p.annotations().get(names::COPY_SOURCE_ANNOTATION).is_some_and(|s| disks.contains(s)))
+        .filter(|p| !matches!(p.status.as_ref().and_then(|s| s.phase.as_deref()), Some("Succeeded" | "Failed")))
+        .map(|p| {
+            let source = p.annotations().get(names::COPY_SOURCE_ANNOTATION).cloned().unwrap_or_default();
+            format!("PersistentVolumeClaim {source} is being copied by Pod {}", p.name_any())
+        })
+        .collect()
 }
 
 /// The accelerator a running launcher chose, from the start of its log (it has no API

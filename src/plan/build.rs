@@ -7,10 +7,10 @@ use k8s_openapi::{
     api::{
         coordination::v1::{Lease, LeaseSpec},
         core::v1::{
-            Capabilities, Container, EmptyDirVolumeSource, ExecAction, PersistentVolumeClaim,
+            Capabilities, ConfigMapVolumeSource, Container, EmptyDirVolumeSource, ExecAction, PersistentVolumeClaim,
             PersistentVolumeClaimSpec, PersistentVolumeClaimVolumeSource, Pod, PodSecurityContext, PodSpec, Probe,
-            ResourceRequirements, SeccompProfile, SecurityContext, TypedLocalObjectReference, Volume, VolumeDevice,
-            VolumeMount, VolumeResourceRequirements,
+            ResourceRequirements, SeccompProfile, SecretVolumeSource, SecurityContext, TypedLocalObjectReference,
+            Volume, VolumeDevice, VolumeMount, VolumeResourceRequirements,
         },
     },
     apimachinery::pkg::{
@@ -98,7 +98,8 @@ fn pvc(
 /// the propagation policy of whoever deletes the Image) never touches it; the Image's finalizer
 /// deletes it once no VM uses the image. The Image's uid label says whose it is.
 pub fn image_pvc(image: &Image, request: &PvcRequest, access_mode: &str) -> PersistentVolumeClaim {
-    let annotations = BTreeMap::from([(names::IMAGE_ANNOTATION.to_owned(), image.name_any())]);
+    let mut annotations = request.annotations.clone();
+    annotations.insert(names::IMAGE_ANNOTATION.to_owned(), image.name_any());
     let uid = image.uid().unwrap_or_default();
     pvc(
         request.name.clone(),
@@ -170,72 +171,50 @@ pub fn vm_disk_pvc(
 /// The name of a copier Pod's container.
 pub const COPIER_CONTAINER: &str = "copier";
 
-/// The copier Pod that fills `copy` clone `pvc` from image PVC `source` (`vmkeep copy`): the
+/// What a copier Pod copies: the PVC it fills from the PVC it reads.
+#[derive(Clone, Debug)]
+pub struct CopyJob<'a> {
+    /// The PVC filled (the clone).
+    pub target: &'a str,
+    /// The PVC read, mounted read-only.
+    pub source: &'a str,
+    /// Both PVCs' volume mode.
+    pub mode: VolumeMode,
+    /// The source is a blank image: a folder without `disk.img` copies nothing.
+    pub blank_source: bool,
+    /// The clone's size in bytes (its PVC request).
+    pub capacity: u64,
+}
+
+/// The copier Pod that fills `copy` clone `job.target` from `job.source` (`vmkeep copy`): the
 /// source mounted read-only, the target read-write, no API credentials, restricted Pod
-/// Security, restarted on failure by the kubelet; owned by the VM (it goes with the VM) and
-/// labelled [`names::COPY_FOR_LABEL`] (its changes wake the VM). It mounts no persistent image,
-/// so it never fences a claim.
-/// With `blank_source` (an image made with `source.blank`), a source without `disk.img` is an
-/// image never written: nothing to copy. `capacity`: the clone's size in bytes.
-pub fn copier_pod(
-    vm: &VirtualMachine,
-    pvc: &str,
-    source: &str,
-    mode: VolumeMode,
-    blank_source: bool,
-    capacity: u64,
-    image: &str,
-) -> Pod {
+/// Security, restarted on failure by the kubelet; owned by `owner` (a VM for its disks, an Image
+/// for an image clone: it goes with them) and labelled `label` (its changes wake the owner). It
+/// mounts no persistent image read-write, so it never fences a claim.
+pub fn copier_pod<K: Resource<DynamicType = ()>>(owner: &K, label: (&str, &str), job: &CopyJob, image: &str) -> Pod {
     let mut volumes = Vec::new();
     let mut mounts = Vec::new();
     let mut devices = Vec::new();
     let mut args = vec!["copy".to_owned()];
-    for (role, claim, read_only) in [("source", source, true), ("target", pvc, false)] {
-        let path = match mode {
-            VolumeMode::Block => format!("/dev/vmkeep/{role}"),
-            VolumeMode::Filesystem => format!("/var/lib/vmkeep/{role}"),
-        };
-        volumes.push(Volume {
-            name: role.into(),
-            persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
-                claim_name: claim.to_owned(),
-                read_only: read_only.then_some(true),
-            }),
-            ..Default::default()
-        });
-        match mode {
-            VolumeMode::Block => devices.push(VolumeDevice { name: role.into(), device_path: path.clone() }),
-            VolumeMode::Filesystem => mounts.push(VolumeMount {
-                name: role.into(),
-                mount_path: path.clone(),
-                read_only: read_only.then_some(true),
-                ..Default::default()
-            }),
-        }
+    for (role, claim, read_only) in [("source", job.source, true), ("target", job.target, false)] {
+        let path = mount_pvc(role, claim, read_only, job.mode, &mut volumes, &mut mounts, &mut devices);
         args.push(format!("--{role}={path}"));
     }
-    args.push(format!("--capacity={capacity}"));
-    if blank_source {
+    args.push(format!("--capacity={}", job.capacity));
+    if job.blank_source {
         args.push("--allow-missing-source".into());
     }
-    let vm_name = vm.name_any();
-    vm_pod(
-        vm,
-        names::copier_pod(pvc),
-        labels(&[(names::COPY_FOR_LABEL, &names::label_value(&vm_name))]),
+    helper_pod(
+        owner,
+        names::copier_pod(job.target),
+        labels(&[(label.0, &names::label_value(label.1))]),
         PodSpec {
             restart_policy: Some("OnFailure".into()),
             containers: vec![Container {
                 name: COPIER_CONTAINER.into(),
                 image: Some(image.to_owned()),
                 args: Some(args),
-                // No CPU request: a copy is I/O-bound, and must not wait for the CPUs that
-                // running guests hold (on a full node it would never be scheduled).
-                resources: Some(ResourceRequirements {
-                    requests: Some(BTreeMap::from([("memory".to_owned(), Quantity("64Mi".into()))])),
-                    limits: Some(BTreeMap::from([("memory".to_owned(), Quantity("256Mi".into()))])),
-                    ..Default::default()
-                }),
+                resources: Some(mover_resources("256Mi")),
                 termination_message_policy: Some("File".into()),
                 volume_mounts: (!mounts.is_empty()).then_some(mounts),
                 volume_devices: (!devices.is_empty()).then_some(devices),
@@ -247,10 +226,164 @@ pub fn copier_pod(
     )
 }
 
-/// A Pod of a VM (its launcher or a copier): `spec` with vmkeep's labels, owned by the VM,
-/// without API credentials or service links, under restricted Pod Security (non-root, no
-/// privilege escalation, no capabilities, read-only root filesystem, RuntimeDefault seccomp).
-fn vm_pod(vm: &VirtualMachine, name: String, labels: BTreeMap<String, String>, mut spec: PodSpec) -> Pod {
+/// The resources of a helper Pod: memory only. No CPU request: moving data is I/O-bound, and
+/// must not wait for the CPUs that running guests hold (on a full node it would never be
+/// scheduled).
+fn mover_resources(limit: &str) -> ResourceRequirements {
+    ResourceRequirements {
+        requests: Some(BTreeMap::from([("memory".to_owned(), Quantity("64Mi".into()))])),
+        limits: Some(BTreeMap::from([("memory".to_owned(), Quantity(limit.into()))])),
+        ..Default::default()
+    }
+}
+
+/// Adds PVC `claim` as volume `role` of a helper Pod, mounted at `/var/lib/vmkeep/<role>` (a
+/// folder) or attached at `/dev/vmkeep/<role>` (a block device); returns that path.
+fn mount_pvc(
+    role: &str,
+    claim: &str,
+    read_only: bool,
+    mode: VolumeMode,
+    volumes: &mut Vec<Volume>,
+    mounts: &mut Vec<VolumeMount>,
+    devices: &mut Vec<VolumeDevice>,
+) -> String {
+    let path = match mode {
+        VolumeMode::Block => format!("/dev/vmkeep/{role}"),
+        VolumeMode::Filesystem => format!("/var/lib/vmkeep/{role}"),
+    };
+    volumes.push(Volume {
+        name: role.into(),
+        persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
+            claim_name: claim.to_owned(),
+            read_only: read_only.then_some(true),
+        }),
+        ..Default::default()
+    });
+    match mode {
+        VolumeMode::Block => devices.push(VolumeDevice { name: role.into(), device_path: path.clone() }),
+        VolumeMode::Filesystem => mounts.push(VolumeMount {
+            name: role.into(),
+            mount_path: path.clone(),
+            read_only: read_only.then_some(true),
+            ..Default::default()
+        }),
+    }
+    path
+}
+
+/// The name of an importer Pod's container.
+pub const IMPORTER_CONTAINER: &str = "importer";
+
+/// What an importer Pod does.
+#[derive(Clone, Debug)]
+pub struct ImportJob<'a> {
+    /// The image PVC it fills; `None` for a size probe (it only finds the size the PVC needs).
+    pub target: Option<&'a str>,
+    pub mode: VolumeMode,
+    /// `spec.size` in bytes (0 when absent): the import refuses content larger than this.
+    pub capacity: u64,
+}
+
+/// The importer Pod of Image `image` (`vmkeep import`, restart policy Never: a failure is
+/// read from its termination message and the Pod kept until the spec changes): the URL, format
+/// and checksum of `source.http`; the target PVC read-write; an emptyDir scratch folder (qcow2
+/// is converted from there); the Secret of `secretRef` (headers) and the ConfigMap of
+/// `caConfigMap` (CA bundles) as read-only volumes. No API credentials, restricted Pod Security,
+/// owned by the Image, labelled [`names::TRANSFER_FOR_LABEL`].
+pub fn importer_pod(image: &Image, pvc: &str, job: &ImportJob, launcher_image: &str) -> Option<Pod> {
+    let http = image.spec.source.http.as_ref()?;
+    let mut volumes =
+        vec![Volume { name: "scratch".into(), empty_dir: Some(EmptyDirVolumeSource::default()), ..Default::default() }];
+    let mut mounts = vec![VolumeMount {
+        name: "scratch".into(),
+        mount_path: "/var/lib/vmkeep/scratch".into(),
+        ..Default::default()
+    }];
+    let mut devices = Vec::new();
+    let mut args = vec![
+        "import".to_owned(),
+        format!("--url={}", http.url),
+        format!("--format={}", http.format.as_str()),
+        "--scratch=/var/lib/vmkeep/scratch".to_owned(),
+        format!("--capacity={}", job.capacity),
+    ];
+    match job.target {
+        Some(target) => {
+            let path = mount_pvc("target", target, false, job.mode, &mut volumes, &mut mounts, &mut devices);
+            args.push(format!("--target={path}"));
+        }
+        None => args.push("--probe".into()),
+    }
+    if let Some(sha) = &http.sha256 {
+        args.push(format!("--sha256={sha}"));
+    }
+    for (role, flag, secret, config_map) in [
+        ("headers", "--headers-dir", http.secret_ref.as_ref(), None),
+        ("ca", "--ca-dir", None, http.ca_config_map.as_ref()),
+    ] {
+        if secret.is_none() && config_map.is_none() {
+            continue;
+        }
+        volumes.push(Volume {
+            name: role.into(),
+            secret: secret.map(|s| SecretVolumeSource { secret_name: Some(s.name.clone()), ..Default::default() }),
+            config_map: config_map.map(|c| ConfigMapVolumeSource { name: c.name.clone(), ..Default::default() }),
+            ..Default::default()
+        });
+        let path = format!("/etc/vmkeep/{role}");
+        mounts.push(VolumeMount {
+            name: role.into(),
+            mount_path: path.clone(),
+            read_only: Some(true),
+            ..Default::default()
+        });
+        args.push(format!("{flag}={path}"));
+    }
+    let name = match job.target {
+        Some(target) => names::importer_pod(target),
+        None => names::size_probe_pod(pvc),
+    };
+    let mut pod = helper_pod(
+        image,
+        name,
+        labels(&[(names::TRANSFER_FOR_LABEL, &names::label_value(&image.name_any()))]),
+        PodSpec {
+            restart_policy: Some("Never".into()),
+            containers: vec![Container {
+                name: IMPORTER_CONTAINER.into(),
+                image: Some(launcher_image.to_owned()),
+                args: Some(args),
+                // qemu-img and the xz decoder need more than a copy.
+                resources: Some(mover_resources("512Mi")),
+                termination_message_policy: Some("File".into()),
+                volume_mounts: Some(mounts),
+                volume_devices: (!devices.is_empty()).then_some(devices),
+                ..Default::default()
+            }],
+            volumes: Some(volumes),
+            // No DNS add-on is assumed: the node's resolver.
+            dns_policy: Some("Default".into()),
+            ..Default::default()
+        },
+    );
+    pod.metadata.annotations = Some(BTreeMap::from([(
+        names::GENERATION_ANNOTATION.to_owned(),
+        image.metadata.generation.unwrap_or_default().to_string(),
+    )]));
+    Some(pod)
+}
+
+/// A helper Pod of `owner` (a VM's launcher or copier, an Image's importer or copier): `spec`
+/// with vmkeep's labels, controlled by `owner`, without API credentials or service links, under
+/// restricted Pod Security (non-root, no privilege escalation, no capabilities, read-only root
+/// filesystem, RuntimeDefault seccomp).
+fn helper_pod<K: Resource<DynamicType = ()>>(
+    owner: &K,
+    name: String,
+    labels: BTreeMap<String, String>,
+    mut spec: PodSpec,
+) -> Pod {
     spec.automount_service_account_token = Some(false);
     spec.enable_service_links = Some(false);
     spec.security_context = Some(restricted_pod());
@@ -260,11 +393,9 @@ fn vm_pod(vm: &VirtualMachine, name: String, labels: BTreeMap<String, String>, m
     Pod {
         metadata: ObjectMeta {
             name: Some(name),
-            namespace: vm.namespace(),
+            namespace: owner.meta().namespace.clone(),
             labels: Some(labels),
-            owner_references: Some(vec![
-                vm.controller_owner_ref(&()).expect("a VirtualMachine from the API has a name and uid"),
-            ]),
+            owner_references: owner.controller_owner_ref(&()).map(|o| vec![o]),
             ..Default::default()
         },
         spec: Some(spec),
@@ -408,7 +539,7 @@ pub fn launcher_pod(vm: &VirtualMachine, inputs: &LauncherInputs) -> Pod {
         (names::VM_LABEL, &names::label_value(&vm_name)),
         (names::VM_UID_LABEL, &names::label_value(&vm.uid().unwrap_or_default())),
     ]);
-    vm_pod(
+    helper_pod(
         vm,
         names::launcher_pod(&vm_name),
         labels,

@@ -1,17 +1,33 @@
 //! What an Image should be: its PVC, the persistence mode in force, its phase and conditions,
 //! and whether its deletion may go ahead. Plain data in, plain data out.
 
-use k8s_openapi::apimachinery::pkg::{api::resource::Quantity, apis::meta::v1::Time};
+use std::{collections::BTreeMap, time::Duration};
+
+use k8s_openapi::{
+    api::core::v1::Pod,
+    apimachinery::pkg::{api::resource::Quantity, apis::meta::v1::Time},
+};
 use kube::ResourceExt;
 
 use super::{
+    build,
+    clone::{Chosen, CloneStrategy},
     conditions::{Cond, merge},
+    mover::MoverState,
     names, quantity, reason,
+    virtual_machine::CloneView,
 };
-use crate::api::{
-    Image, ImageSpec, ImageStatus,
-    image::{ClaimHolder, ImagePhase, VolumeMode},
+use crate::{
+    api::{
+        Image, ImageSpec, ImageStatus,
+        image::{ClaimHolder, ImagePhase, TransferPod, VolumeMode},
+    },
+    mover::import::{self, ImportResult, Progress},
 };
+
+/// How often the progress of a running import is read (from its importer's log) and shown:
+/// at most one status write per importing image per period.
+pub const PROGRESS_PERIOD: Duration = Duration::from_secs(5);
 
 pub const READY: &str = "Ready";
 pub const IN_USE: &str = "InUse";
@@ -31,7 +47,80 @@ pub enum ImagePvc {
         capacity: Option<Quantity>,
         storage_class: Option<String>,
         volume_mode: Option<String>,
+        /// What its annotations say of how it is filled (strategy, copy source, import URL,
+        /// digest).
+        fill: Box<CloneView>,
     },
+}
+
+/// What a helper Pod of the Image does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// `vmkeep import` into the image PVC.
+    Import,
+    /// `vmkeep import --probe`: the size an import without `spec.size` needs.
+    Probe,
+    /// `vmkeep copy` into the image PVC (a `copy` clone of an Image or a VM disk).
+    Copy,
+}
+
+impl Role {
+    /// Every role, with the name of its Pod for image PVC `pvc`.
+    pub fn pods(pvc: &str) -> [(Role, String); 3] {
+        [
+            (Role::Import, names::importer_pod(pvc)),
+            (Role::Probe, names::size_probe_pod(pvc)),
+            (Role::Copy, names::copier_pod(pvc)),
+        ]
+    }
+
+    /// The role of the helper Pod `pod` of image PVC `pvc`, if it is one.
+    pub fn of(pvc: &str, pod: &str) -> Option<Role> {
+        Role::pods(pvc).into_iter().find(|(_, name)| name == pod).map(|(role, _)| role)
+    }
+
+    fn as_str(self) -> &'static str {
+        match self {
+            Role::Import => "Import",
+            Role::Probe => "Probe",
+            Role::Copy => "Copy",
+        }
+    }
+}
+
+/// A helper Pod of the Image, as observed.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ObservedMover {
+    pub name: String,
+    pub role: Role,
+    pub state: MoverState,
+    /// The Pod's phase.
+    pub phase: Option<String>,
+    /// The Image generation it was made for ([`names::GENERATION_ANNOTATION`]).
+    pub generation: Option<i64>,
+}
+
+/// The disk of a VirtualMachine that `source.virtualMachineDisk` names, as observed.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SourceDisk {
+    /// Its PVC (the VM's clone or blank disk, or a persistent image's PVC).
+    pub pvc: String,
+    pub capacity: Option<Quantity>,
+    pub storage_class: Option<String>,
+    pub volume_mode: VolumeMode,
+    /// Its content may be missing (a blank disk never written).
+    pub blank: bool,
+    /// The sha256 recorded for it, if any.
+    pub digest: Option<String>,
+}
+
+/// The VirtualMachine that `source.virtualMachineDisk` names, as observed.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SourceVm {
+    /// It runs, starts or stops: a launcher Pod exists, or it is not `Stopped`.
+    pub running: bool,
+    /// The disk, once the VM records it.
+    pub disk: Option<SourceDisk>,
 }
 
 /// What the Image controller observed about one Image.
@@ -45,6 +134,20 @@ pub struct ImageObservation<'a> {
     pub consumers: Vec<String>,
     /// The holder of the claim Lease, if any.
     pub claim: Option<ClaimHolder>,
+    /// For `source.image`: the VirtualMachine that writes the source now (it holds the
+    /// persistent source's claim and its launcher runs). A holder that is Halted does not write.
+    pub source_writer: Option<String>,
+    /// For `source.virtualMachineDisk`: the VM, if it exists.
+    pub source_vm: Option<SourceVm>,
+    /// The clone strategy for the image's PVC, when it is a clone still to be made (chosen by
+    /// [`super::clone::choose`] from the StorageClass).
+    pub clone_choice: Option<Chosen>,
+    /// The Image's helper Pods (importer, size probe, copier) at their names.
+    pub movers: Vec<ObservedMover>,
+    /// The last progress its importer logged.
+    pub progress: Option<Progress>,
+    /// The image helper Pods run (the launcher image).
+    pub launcher_image: &'a str,
 }
 
 /// A PVC to create for an image.
@@ -54,8 +157,10 @@ pub struct PvcRequest {
     pub size: Quantity,
     pub storage_class: Option<String>,
     pub volume_mode: VolumeMode,
-    /// Clone from this PVC (same namespace).
+    /// Clone from this PVC (same namespace), through its `dataSource` (`csi-clone`).
     pub clone_from: Option<String>,
+    /// vmkeep's annotations: clone strategy, fallback, copy source, import URL, inherited digest.
+    pub annotations: BTreeMap<String, String>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -74,7 +179,25 @@ pub struct ImagePlan {
     /// propagation policy deleted the Image.
     pub delete_pvc: Option<String>,
     pub finalizer: Finalizer,
+    /// Helper Pods to create (importer, size probe, copier).
+    pub create_pods: Vec<Pod>,
+    /// Helper Pods to delete (done, or made for an older spec).
+    pub delete_pods: Vec<String>,
+    /// The digest to record on the image PVC ([`names::DIGEST_ANNOTATION`]) and, for an import,
+    /// its retries: its data is complete.
+    pub record: Option<Record>,
+    /// Plan again after this long (the progress of an import).
+    pub requeue: Option<Duration>,
     pub status: ImageStatus,
+}
+
+/// The result of an import or copy, recorded on the image PVC.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Record {
+    pub pvc: String,
+    pub digest: String,
+    /// For an import: how many times it retried.
+    pub retries: Option<u32>,
 }
 
 /// Where the image's PVC comes from, or why it cannot be had yet.
@@ -90,6 +213,10 @@ enum Source {
         phase: ImagePhase,
         reason: &'static str,
         message: String,
+    },
+    /// An import without `spec.size`: its size probe is to be made.
+    Probe {
+        pvc: String,
     },
 }
 
@@ -128,22 +255,58 @@ fn source(obs: &ImageObservation) -> Source {
     if let Some((reason, message)) = spec_error(spec) {
         return Source::Blocked { phase: ImagePhase::Error, reason, message };
     }
+    let request = |size: Quantity, annotations: BTreeMap<String, String>| PvcRequest {
+        name: own_pvc.clone(),
+        size,
+        storage_class: spec.storage_class_name.clone(),
+        volume_mode: spec.volume_mode,
+        clone_from: None,
+        annotations,
+    };
     if let (Some(_), Some(size)) = (&src.blank, spec.size.clone()) {
-        let create = PvcRequest {
-            name: own_pvc.clone(),
-            size,
-            storage_class: spec.storage_class_name.clone(),
-            volume_mode: spec.volume_mode,
-            clone_from: None,
-        };
-        return Source::Pvc { name: own_pvc, create: Some(create), clone: false };
+        return Source::Pvc { name: own_pvc.clone(), create: Some(request(size, BTreeMap::new())), clone: false };
     }
     if let Some(pvc) = &src.pvc {
         return Source::Pvc { name: pvc.name.clone(), create: None, clone: false };
     }
-    if src.image.is_some() && matches!(obs.pvc, ImagePvc::Present { ours: true, .. }) {
-        // The clone exists: it no longer depends on its source.
-        return Source::Pvc { name: own_pvc, create: None, clone: true };
+    let made = matches!(obs.pvc, ImagePvc::Present { ours: true, .. });
+    if made {
+        // The PVC exists: it no longer depends on its source (its data may still be moving).
+        return Source::Pvc { name: own_pvc, create: None, clone: src.http.is_none() };
+    }
+    if let Some(http) = &src.http {
+        let annotations = BTreeMap::from([(names::IMPORT_SOURCE_ANNOTATION.to_owned(), http.url.clone())]);
+        if let Some(size) = spec.size.clone() {
+            return Source::Pvc { name: own_pvc.clone(), create: Some(request(size, annotations)), clone: false };
+        }
+        // No spec.size: a probe finds the size the image needs, then the PVC is made.
+        let probe = obs.movers.iter().find(|m| m.role == Role::Probe);
+        return match probe.map(|p| &p.state) {
+            Some(MoverState::Done(message)) => match import::parse_result(message) {
+                Some(ImportResult::Size(bytes)) => {
+                    let size = Quantity(format!("{}Mi", bytes.div_ceil(MIB).max(1)));
+                    Source::Pvc { name: own_pvc.clone(), create: Some(request(size, annotations)), clone: false }
+                }
+                _ => Source::Blocked {
+                    phase: ImagePhase::Error,
+                    reason: reason::IMPORT_FAILED,
+                    message: format!("the size probe ended with {message:?}"),
+                },
+            },
+            Some(MoverState::Failed(why)) => import_failure(why, "finding the image's size"),
+            Some(MoverState::Foreign) => foreign(&names::size_probe_pod(&own_pvc)),
+            Some(MoverState::Running { note }) => Source::Blocked {
+                phase: ImagePhase::Importing,
+                reason: reason::SIZING,
+                message: format!(
+                    "finding the size of {} (spec.size is not set; Pod {}){}",
+                    http.url,
+                    names::size_probe_pod(&own_pvc),
+                    note.as_deref().map(|n| format!(": {n}")).unwrap_or_default()
+                ),
+            },
+            None => Source::Probe { pvc: own_pvc },
+        };
     }
     if let Some(from) = &src.image {
         let Some(source) = obs.source_image else {
@@ -154,15 +317,8 @@ fn source(obs: &ImageObservation) -> Source {
             };
         };
         let status = source.status.clone().unwrap_or_default();
-        if let Some(holder) = &status.claimed_by {
-            return Source::Blocked {
-                phase: ImagePhase::Pending,
-                reason: reason::SOURCE_IN_USE,
-                message: format!(
-                    "source image {} is persistent and held by VirtualMachine {}; it is cloned once released",
-                    from.name, holder.name
-                ),
-            };
+        if let Some(blocked) = source_busy(obs) {
+            return blocked;
         }
         if source.spec.volume_mode != spec.volume_mode {
             return Source::Blocked {
@@ -182,31 +338,277 @@ fn source(obs: &ImageObservation) -> Source {
                 message: format!("source image {} is not ready", from.name),
             };
         };
-        let size = match (&spec.size, &status.capacity) {
-            (Some(a), Some(b)) => quantity::max(a, b),
-            (Some(a), None) | (None, Some(a)) => a.clone(),
-            (None, None) => {
-                return Source::Blocked {
-                    phase: ImagePhase::Pending,
-                    reason: reason::SOURCE_NOT_READY,
-                    message: format!("source image {} has no capacity yet", from.name),
-                };
-            }
+        let Some(size) = at_least(spec.size.as_ref(), status.capacity.as_ref()) else {
+            return Source::Blocked {
+                phase: ImagePhase::Pending,
+                reason: reason::SOURCE_NOT_READY,
+                message: format!("source image {} has no capacity yet", from.name),
+            };
         };
-        let create = PvcRequest {
-            name: own_pvc.clone(),
-            size,
-            storage_class: spec.storage_class_name.clone().or_else(|| source.spec.storage_class_name.clone()),
-            volume_mode: spec.volume_mode,
-            clone_from: Some(source_pvc),
+        let class = spec.storage_class_name.clone().or_else(|| source.spec.storage_class_name.clone());
+        let create = clone_request(own_pvc.clone(), size, class, spec.volume_mode, &source_pvc, obs, status.digest);
+        return Source::Pvc { name: own_pvc, create: Some(create), clone: true };
+    }
+    if let Some(from) = &src.virtual_machine_disk {
+        let vm = &from.virtual_machine;
+        let Some(source_vm) = &obs.source_vm else {
+            return Source::Blocked {
+                phase: ImagePhase::Pending,
+                reason: reason::SOURCE_NOT_FOUND,
+                message: format!("VirtualMachine {vm} does not exist"),
+            };
         };
+        let Some(disk) = &source_vm.disk else {
+            return Source::Blocked {
+                phase: ImagePhase::Pending,
+                reason: reason::SOURCE_NOT_FOUND,
+                message: format!("VirtualMachine {vm} has no disk {} (yet)", from.disk),
+            };
+        };
+        if source_vm.running {
+            return Source::Blocked {
+                phase: ImagePhase::Pending,
+                reason: reason::SOURCE_IN_USE,
+                message: format!(
+                    "VirtualMachine {vm} runs: disk {} is saved once it is Halted (runStrategy: Halted); \
+                     a running disk is never copied",
+                    from.disk
+                ),
+            };
+        }
+        if disk.volume_mode != spec.volume_mode {
+            return Source::Blocked {
+                phase: ImagePhase::Error,
+                reason: reason::INVALID_VOLUME_MODE,
+                message: format!(
+                    "a saved disk keeps its volumeMode: set spec.volumeMode: {:?} like disk {} of VirtualMachine {vm}",
+                    disk.volume_mode, from.disk
+                ),
+            };
+        }
+        let Some(size) = at_least(spec.size.as_ref(), disk.capacity.as_ref()) else {
+            return Source::Blocked {
+                phase: ImagePhase::Pending,
+                reason: reason::SOURCE_NOT_READY,
+                message: format!("disk {} of VirtualMachine {vm} has no capacity yet", from.disk),
+            };
+        };
+        let class = spec.storage_class_name.clone().or_else(|| disk.storage_class.clone());
+        let create = clone_request(own_pvc.clone(), size, class, spec.volume_mode, &disk.pvc, obs, None);
         return Source::Pvc { name: own_pvc, create: Some(create), clone: true };
     }
     Source::Blocked {
-        phase: ImagePhase::Pending,
-        reason: reason::SOURCE_NOT_SUPPORTED,
-        message: "http and virtualMachineDisk sources are not supported yet".into(),
+        phase: ImagePhase::Error,
+        reason: reason::INVALID_SOURCE,
+        message: "spec.source names no source vmkeep knows".into(),
     }
+}
+
+const MIB: u64 = 1 << 20;
+
+/// The larger of a wanted and a source size; `None` when neither is known.
+fn at_least(want: Option<&Quantity>, have: Option<&Quantity>) -> Option<Quantity> {
+    match (want, have) {
+        (Some(a), Some(b)) => Some(quantity::max(a, b)),
+        (Some(a), None) | (None, Some(a)) => Some(a.clone()),
+        (None, None) => None,
+    }
+}
+
+/// The PVC of a clone of `source_pvc`, by the strategy chosen (`csi-clone` when none was):
+/// `dataSource` for `csi-clone` (inheriting the source's digest), an empty PVC naming its
+/// source for `copy`.
+fn clone_request(
+    name: String,
+    size: Quantity,
+    storage_class: Option<String>,
+    volume_mode: VolumeMode,
+    source_pvc: &str,
+    obs: &ImageObservation,
+    source_digest: Option<String>,
+) -> PvcRequest {
+    let chosen = obs.clone_choice.clone().unwrap_or(Chosen { strategy: CloneStrategy::CsiClone, fallback: None });
+    let mut annotations =
+        BTreeMap::from([(names::CLONE_STRATEGY_ANNOTATION.to_owned(), chosen.strategy.as_str().to_owned())]);
+    if let Some(why) = chosen.fallback {
+        annotations.insert(names::CLONE_FALLBACK_ANNOTATION.to_owned(), why);
+    }
+    let clone_from = match chosen.strategy {
+        CloneStrategy::Copy => {
+            annotations.insert(names::COPY_SOURCE_ANNOTATION.to_owned(), source_pvc.to_owned());
+            None
+        }
+        _ => {
+            if let Some(digest) = source_digest.filter(|d| crate::mover::copy::is_sha256(d)) {
+                annotations.insert(names::DIGEST_ANNOTATION.to_owned(), digest);
+            }
+            Some(source_pvc.to_owned())
+        }
+    };
+    PvcRequest { name, size, storage_class, volume_mode, clone_from, annotations }
+}
+
+/// A failed importer or probe: terminal with the importer's reason when it gave one
+/// (`ChecksumMismatch`, `ImportFailed`, `UnsupportedFormat`, `TooSmall`).
+fn import_failure(why: &str, doing: &str) -> Source {
+    let known = [reason::CHECKSUM_MISMATCH, reason::IMPORT_FAILED, reason::UNSUPPORTED_FORMAT, reason::TOO_SMALL];
+    let reason = why.split_once(": ").and_then(|(r, _)| known.into_iter().find(|k| *k == r));
+    Source::Blocked {
+        phase: ImagePhase::Error,
+        reason: reason.unwrap_or(reason::IMPORT_FAILED),
+        message: match reason {
+            Some(r) => why.strip_prefix(r).and_then(|m| m.strip_prefix(": ")).unwrap_or(why).to_owned(),
+            None => format!("{doing} failed: {why}"),
+        },
+    }
+}
+
+fn foreign(pod: &str) -> Source {
+    Source::Blocked {
+        phase: ImagePhase::Error,
+        reason: reason::NAME_CONFLICT,
+        message: format!("Pod {pod} exists and is not this image's; vmkeep leaves it alone"),
+    }
+}
+
+/// The data step of an image PVC that exists: its importer or copier, until the digest is
+/// recorded. `None` when its data is complete (or it needs none).
+fn fill(obs: &ImageObservation, pvc: &str, view: &CloneView, plan: &mut ImagePlan) -> Option<Source> {
+    let image = obs.image;
+    if !view.data_pending() || image.metadata.deletion_timestamp.is_some() {
+        return None;
+    }
+    let role = if view.import_source.is_some() { Role::Import } else { Role::Copy };
+    let mover = obs.movers.iter().find(|m| m.role == role);
+    let generation = image.metadata.generation;
+    let (phase, doing) = match role {
+        Role::Import => (ImagePhase::Importing, reason::IMPORTING),
+        _ => (ImagePhase::Cloning, reason::CLONING),
+    };
+    let working = |message: String| Some(Source::Blocked { phase, reason: doing, message });
+    let state = match mover {
+        // A failed helper made for an older spec is replaced.
+        Some(m) if matches!(m.state, MoverState::Failed(_)) && m.generation != generation => {
+            plan.delete_pods.push(m.name.clone());
+            return working(format!("retrying with the changed spec (Pod {} goes first)", m.name));
+        }
+        Some(m) => &m.state,
+        None => {
+            return match role {
+                Role::Import => {
+                    let capacity = image.spec.size.as_ref().map_or(0, quantity::bytes_u64);
+                    let job = build::ImportJob { target: Some(pvc), mode: image.spec.volume_mode, capacity };
+                    plan.create_pods.extend(build::importer_pod(image, pvc, &job, obs.launcher_image));
+                    working(format!(
+                        "importing {} (Pod {})",
+                        view.import_source.as_deref().unwrap_or_default(),
+                        names::importer_pod(pvc)
+                    ))
+                }
+                _ => {
+                    let source = view.copy_source.clone().unwrap_or_default();
+                    // Never copy a disk a VM writes: a persistent source held, a VM that runs.
+                    if let Some(blocked) = source_busy(obs) {
+                        return Some(blocked);
+                    }
+                    let blank = obs.source_image.is_some_and(|i| i.spec.source.blank.is_some())
+                        || obs.source_vm.as_ref().and_then(|v| v.disk.as_ref()).is_some_and(|d| d.blank);
+                    let capacity = image.spec.size.as_ref().map_or(0, quantity::bytes_u64);
+                    let job = build::CopyJob {
+                        target: pvc,
+                        source: &source,
+                        mode: image.spec.volume_mode,
+                        blank_source: blank,
+                        capacity,
+                    };
+                    let mut pod = build::copier_pod(
+                        image,
+                        (names::TRANSFER_FOR_LABEL, &image.name_any()),
+                        &job,
+                        obs.launcher_image,
+                    );
+                    pod.metadata.annotations =
+                        Some(BTreeMap::from([(names::COPY_SOURCE_ANNOTATION.to_owned(), source.clone())]));
+                    plan.create_pods.push(pod);
+                    working(format!("copying PersistentVolumeClaim {source} (Pod {})", names::copier_pod(pvc)))
+                }
+            };
+        }
+    };
+    let name = mover.map(|m| m.name.clone()).unwrap_or_default();
+    match state {
+        MoverState::Done(result) => {
+            let (digest, retries) = match role {
+                Role::Import => match import::parse_result(result) {
+                    Some(ImportResult::Imported { digest, retries, .. }) => (digest, Some(retries)),
+                    _ => return Some(import_failure(result, "the import")),
+                },
+                _ => (result.clone(), None),
+            };
+            plan.record = Some(Record { pvc: pvc.to_owned(), digest, retries });
+            plan.delete_pods.push(name);
+            None
+        }
+        MoverState::Running { note } => {
+            let note = note.as_deref().map(|n| format!("; its last attempt failed: {n}")).unwrap_or_default();
+            match role {
+                Role::Import => {
+                    plan.requeue = Some(PROGRESS_PERIOD);
+                    working(format!(
+                        "importing {} (Pod {name}){note}",
+                        view.import_source.as_deref().unwrap_or_default()
+                    ))
+                }
+                _ => working(format!(
+                    "copying PersistentVolumeClaim {} (Pod {name}){note}",
+                    view.copy_source.as_deref().unwrap_or_default()
+                )),
+            }
+        }
+        MoverState::Failed(why) => match role {
+            Role::Import if why.split_once(": ").is_some_and(|(r, _)| r.chars().all(char::is_alphanumeric)) => {
+                Some(import_failure(why, "the import"))
+            }
+            // A Pod that ended without saying why (evicted, out of memory): again.
+            Role::Import => {
+                plan.delete_pods.push(name.clone());
+                working(format!("the importer Pod {name} failed ({why}); starting again"))
+            }
+            _ => Some(Source::Blocked {
+                phase: ImagePhase::Error,
+                reason: reason::COPY_FAILED,
+                message: format!("the copy failed: {why} (delete Pod {name} to retry)"),
+            }),
+        },
+        MoverState::Foreign => Some(foreign(&name)),
+    }
+}
+
+/// Why the source of a copy cannot be read now: a persistent source image held by a VM, a VM
+/// whose disk is saved that runs.
+fn source_busy(obs: &ImageObservation) -> Option<Source> {
+    let image = obs.image;
+    if let (Some(from), Some(writer)) = (&image.spec.source.image, &obs.source_writer) {
+        return Some(Source::Blocked {
+            phase: ImagePhase::Pending,
+            reason: reason::SOURCE_IN_USE,
+            message: format!(
+                "source image {} is persistent and VirtualMachine {writer} runs with it; it is cloned once that VM is \
+                 Halted or gone (a disk a guest writes is never copied)",
+                from.name
+            ),
+        });
+    }
+    let from = image.spec.source.virtual_machine_disk.as_ref()?;
+    let running = obs.source_vm.as_ref().is_none_or(|v| v.running);
+    running.then(|| Source::Blocked {
+        phase: ImagePhase::Pending,
+        reason: reason::SOURCE_IN_USE,
+        message: format!(
+            "VirtualMachine {} runs (or is gone): disk {} is copied once it is Halted",
+            from.virtual_machine, from.disk
+        ),
+    })
 }
 
 /// Decides an Image's PVC, finalizer and status.
@@ -229,12 +631,33 @@ pub fn plan(obs: &ImageObservation, now: &Time) -> ImagePlan {
     };
     let change_pending = in_force != image.spec.persistent;
 
+    let mut acts = ImagePlan {
+        create_pvc: None,
+        delete_pvc: None,
+        finalizer,
+        create_pods: Vec::new(),
+        delete_pods: Vec::new(),
+        record: None,
+        requeue: None,
+        status: ImageStatus::default(),
+    };
     let mut create_pvc = None;
     let mut pvc_name = None;
     let mut capacity = None;
     let mut storage_class = None;
+    let mut view = CloneView::default();
     let (phase, ready) = match source(obs) {
         Source::Blocked { phase, reason, message } => (phase, Cond::new(READY, false, reason, message)),
+        Source::Probe { pvc } => {
+            let job = build::ImportJob { target: None, mode: image.spec.volume_mode, capacity: 0 };
+            if !deleting {
+                acts.create_pods.extend(build::importer_pod(image, &pvc, &job, obs.launcher_image));
+            }
+            let url = image.spec.source.http.as_ref().map(|h| h.url.as_str()).unwrap_or_default();
+            let message =
+                format!("finding the size of {url} (spec.size is not set; Pod {})", names::size_probe_pod(&pvc));
+            (ImagePhase::Importing, Cond::new(READY, false, reason::SIZING, message))
+        }
         Source::Pvc { name, create, clone } => match (&obs.pvc, create) {
             (ImagePvc::Present { ours: false, .. }, Some(_)) => (
                 ImagePhase::Error,
@@ -272,17 +695,27 @@ pub fn plan(obs: &ImageObservation, now: &Time) -> ImagePlan {
                     (ImagePhase::Pending, Cond::new(READY, false, reason::PROVISIONING, "creating the image's PVC"))
                 }
             }
-            (ImagePvc::Present { phase, capacity: observed, storage_class: class, volume_mode, .. }, request) => {
+            (
+                ImagePvc::Present { phase, capacity: observed, storage_class: class, volume_mode, fill: f, .. },
+                request,
+            ) => {
                 capacity = observed.clone().or_else(|| request.as_ref().map(|r| r.size.clone()));
                 storage_class = class.clone();
                 pvc_name = Some(name.clone());
+                view = (**f).clone();
+                let filling = match &obs.pvc {
+                    ImagePvc::Present { ours: true, .. } => fill(obs, &name, f, &mut acts),
+                    _ => None,
+                };
                 let bound = phase.as_deref() == Some("Bound");
                 let mode = format!("{:?}", image.spec.volume_mode);
                 let too_small = match (&image.spec.size, &capacity) {
                     (Some(size), Some(have)) => quantity::bytes(have) < quantity::bytes(size),
                     _ => false,
                 };
-                if phase.as_deref() == Some("Lost") {
+                if let Some(Source::Blocked { phase, reason, message }) = filling {
+                    (phase, Cond::new(READY, false, reason, message))
+                } else if phase.as_deref() == Some("Lost") {
                     let message = format!("PersistentVolumeClaim {name} lost its volume");
                     (ImagePhase::Error, Cond::new(READY, false, reason::PVC_LOST, message))
                 } else if volume_mode.as_ref().is_some_and(|m| *m != mode) {
@@ -337,6 +770,28 @@ pub fn plan(obs: &ImageObservation, now: &Time) -> ImagePlan {
     } else {
         Cond::new(PERSISTENCE_CHANGE_PENDING, false, reason::APPLIED, "spec.persistent is in force")
     };
+    // A size probe is done once the PVC it sized exists.
+    if matches!(obs.pvc, ImagePvc::Present { ours: true, .. }) {
+        acts.delete_pods.extend(obs.movers.iter().filter(|m| m.role == Role::Probe).map(|m| m.name.clone()));
+    }
+    let digest = acts.record.as_ref().map(|r| r.digest.clone()).or(view.digest.clone());
+    let transfer_pod = obs
+        .movers
+        .iter()
+        .filter(|m| !acts.delete_pods.contains(&m.name))
+        .map(|m| TransferPod { name: m.name.clone(), role: m.role.as_str().into(), phase: m.phase.clone() })
+        .chain(acts.create_pods.iter().filter_map(|p| {
+            let name = p.name_any();
+            let role = Role::of(&names::image_pvc(&image.name_any()), &name)?;
+            Some(TransferPod { name, role: role.as_str().into(), phase: None })
+        }))
+        .next();
+    let importing = phase == ImagePhase::Importing;
+    let (progress, import_retries) = match (&obs.progress, importing) {
+        (Some(p), true) => (Some(p.to_string()), Some(p.retries)),
+        (_, true) => (previous.progress.clone(), previous.import_retries),
+        _ => (digest.as_ref().filter(|_| view.import_source.is_some()).map(|_| "100%".to_owned()), view.import_retries),
+    };
     let generation = image.metadata.generation;
     let status = ImageStatus {
         phase: Some(phase),
@@ -347,7 +802,12 @@ pub fn plan(obs: &ImageObservation, now: &Time) -> ImagePlan {
         running_vms: Some(i32::try_from(obs.consumers.len()).unwrap_or(i32::MAX)),
         consumers: obs.consumers.clone(),
         claimed_by: obs.claim.clone(),
-        progress: None,
+        progress,
+        import_retries,
+        digest: digest.filter(|d| crate::mover::copy::is_sha256(d)),
+        clone_strategy: view.strategy.clone(),
+        clone_fallback: view.fallback.clone(),
+        transfer_pod,
         observed_generation: generation,
         conditions: merge(&previous.conditions, vec![ready, in_use_cond, pending_cond], generation, now),
     };
@@ -355,5 +815,5 @@ pub fn plan(obs: &ImageObservation, now: &Time) -> ImagePlan {
         (ImagePvc::Present { ours: true, .. }, Finalizer::Remove) => status.pvc_name.clone(),
         _ => None,
     };
-    ImagePlan { create_pvc, delete_pvc, finalizer, status }
+    ImagePlan { create_pvc, delete_pvc, status, ..acts }
 }

@@ -6,6 +6,7 @@ pub mod claim;
 pub mod clone;
 pub mod conditions;
 pub mod image;
+pub mod mover;
 pub mod names;
 pub mod quantity;
 pub mod reason;

@@ -39,6 +39,28 @@ pub const COPY_SOURCE_ANNOTATION: &str = "vmkeep.io/copy-source";
 /// (`sha256:<hex>`), written once its copier succeeded: the clone is complete.
 pub const DIGEST_ANNOTATION: &str = "vmkeep.io/digest";
 
+/// The label naming the Image a helper Pod (importer, size probe, copier) moves data for.
+pub const TRANSFER_FOR_LABEL: &str = "vmkeep.io/transfer-for";
+/// The annotation of an Image's helper Pod recording the Image `metadata.generation` it was
+/// made for: a failed one is replaced once the spec changes.
+pub const GENERATION_ANNOTATION: &str = "vmkeep.io/generation";
+/// The annotation of an Image PVC filled by an import, naming the URL: the PVC waits for its
+/// data until [`DIGEST_ANNOTATION`] is set.
+pub const IMPORT_SOURCE_ANNOTATION: &str = "vmkeep.io/import-source";
+
+/// The annotation of an imported image PVC recording how many times its import retried.
+pub const IMPORT_RETRIES_ANNOTATION: &str = "vmkeep.io/import-retries";
+
+/// The importer Pod that fills image PVC `pvc` from a URL: `<pvc>-import`.
+pub fn importer_pod(pvc: &str) -> String {
+    fit(&format!("{pvc}-import"), 253)
+}
+
+/// The Pod that finds the size of an import without `spec.size`: `<pvc>-size`.
+pub fn size_probe_pod(pvc: &str) -> String {
+    fit(&format!("{pvc}-size"), 253)
+}
+
 /// The copier Pod that fills a `copy` clone PVC: `<pvc>-copy`.
 pub fn copier_pod(pvc: &str) -> String {
     fit(&format!("{pvc}-copy"), 253)

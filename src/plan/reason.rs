@@ -64,8 +64,22 @@ pub const SOURCE_NOT_FOUND: &str = "SourceNotFound";
 pub const SOURCE_IN_USE: &str = "SourceInUse";
 /// The source Image of a clone is not ready.
 pub const SOURCE_NOT_READY: &str = "SourceNotReady";
-/// `http` and `virtualMachineDisk` sources are not supported yet.
-pub const SOURCE_NOT_SUPPORTED: &str = "SourceNotSupported";
+/// Importing `source.http` (its importer Pod runs).
+pub const IMPORTING: &str = "Importing";
+/// Finding the size of an import without `spec.size` (its size probe Pod runs).
+pub const SIZING: &str = "Sizing";
+/// Terminal: the downloaded file's sha256 is not `source.http.sha256`.
+pub const CHECKSUM_MISMATCH: &str = "ChecksumMismatch";
+/// Terminal: the server answered a client error (4xx), or the import failed for good.
+pub const IMPORT_FAILED: &str = "ImportFailed";
+/// Terminal: the file is not in the format `source.http.format` says (or none vmkeep reads).
+pub const UNSUPPORTED_FORMAT: &str = "UnsupportedFormat";
+/// Terminal: the image is larger than `spec.size`.
+pub const TOO_SMALL: &str = "TooSmall";
+/// Terminal: a copier Pod failed.
+pub const COPY_FAILED: &str = "CopyFailed";
+/// A VM's launcher waits: an Image is being copied from one of its disks.
+pub const DISK_BEING_COPIED: &str = "DiskBeingCopied";
 /// A volume mode that differs from the source's or the PVC's.
 pub const INVALID_VOLUME_MODE: &str = "InvalidVolumeMode";
 /// An adopted PVC does not exist.

@@ -8,6 +8,8 @@
 
 use std::collections::BTreeMap;
 
+use kube::ResourceExt;
+
 use k8s_openapi::apimachinery::pkg::{
     api::resource::Quantity,
     apis::meta::v1::{MicroTime, Time},
@@ -20,11 +22,15 @@ use super::{
     claim::{self as claim_plan, ClaimPlan, ClaimState},
     clone::{Chosen, CloneStrategy},
     conditions::{Cond, find},
-    image::{self as image_plan, Finalizer, ImageObservation, ImagePlan, ImagePvc, PvcRequest},
+    image::{
+        self as image_plan, Finalizer, ImageObservation, ImagePlan, ImagePvc, ObservedMover, PvcRequest, Record, Role,
+        SourceDisk, SourceVm,
+    },
+    mover::MoverState,
     names, template as template_plan,
     virtual_machine::{
-        self as vm_plan, Blocker, CheckedDisk, Child, CloneView, CopierState, LauncherView, PodAction, Resolved,
-        UsableImage, Verdict,
+        self as vm_plan, Blocker, CheckedDisk, Child, CloneView, LauncherView, PodAction, Resolved, UsableImage,
+        Verdict,
     },
 };
 use crate::api::{
@@ -35,6 +41,7 @@ use crate::api::{
         OnImageConflict, RunStrategy, VirtualMachineDiskStatus, VirtualMachinePhase as P, VirtualMachineStatus,
     },
 };
+use crate::mover::import::Progress;
 
 // ---------------------------------------------------------------------------------------------
 // Helpers: objects from YAML, fixed clocks, and "compute twice" checks.
@@ -177,7 +184,19 @@ fn finalized(mut image: Image) -> Image {
 }
 
 fn observe(image: &Image, pvc: ImagePvc) -> ImageObservation<'_> {
-    ImageObservation { image, pvc, source_image: None, consumers: Vec::new(), claim: None }
+    ImageObservation {
+        image,
+        pvc,
+        source_image: None,
+        consumers: Vec::new(),
+        claim: None,
+        source_writer: None,
+        source_vm: None,
+        clone_choice: None,
+        movers: Vec::new(),
+        progress: None,
+        launcher_image: "vmkeep-launcher:test",
+    }
 }
 
 fn present(ours: bool, phase: &str, capacity: Option<&str>) -> ImagePvc {
@@ -188,6 +207,7 @@ fn present(ours: bool, phase: &str, capacity: Option<&str>) -> ImagePvc {
         capacity: capacity.map(q),
         storage_class: None,
         volume_mode: None,
+        fill: Box::default(),
     }
 }
 
@@ -890,6 +910,7 @@ fn a_new_blank_image_asks_for_its_finalizer_and_its_pvc() {
             storage_class: Some("fast".into()),
             volume_mode: VolumeMode::Block,
             clone_from: None,
+            annotations: Default::default(),
         })
     );
     let s = &plan.status;
@@ -1014,13 +1035,16 @@ fn a_clone_waits_for_its_source_image() {
         (
             Some(&held),
             "SourceInUse",
-            "source image golden is persistent and held by VirtualMachine vm-a; it is cloned once released",
+            "source image golden is persistent and VirtualMachine vm-a runs with it; it is cloned once that VM is \
+             Halted or gone (a disk a guest writes is never copied)",
         ),
         (Some(&importing), "SourceNotReady", "source image golden is not ready"),
         (Some(&no_capacity), "SourceNotReady", "source image golden has no capacity yet"),
     ];
     for (source, reason, message) in cases {
-        let plan = settle_image(&ImageObservation { source_image: source, ..observe(&copy, ImagePvc::Missing) });
+        let writer = (reason == "SourceInUse").then(|| "vm-a".to_owned());
+        let obs = ImageObservation { source_image: source, source_writer: writer, ..observe(&copy, ImagePvc::Missing) };
+        let plan = settle_image(&obs);
         assert_eq!(image_ready(&plan), (Some(ImagePhase::Pending), Cond::new("Ready", false, reason, message)));
         assert_eq!(plan.create_pvc, None, "{reason}");
     }
@@ -1044,6 +1068,7 @@ fn a_clone_copies_its_source_pvc_at_the_larger_size_in_the_source_class() {
             storage_class: Some("fast".into()),
             volume_mode: VolumeMode::Filesystem,
             clone_from: Some("golden-image".into()),
+            annotations: BTreeMap::from([("vmkeep.io/clone-strategy".into(), "csi-clone".into())]),
         }
     );
     let grown = request("spec: {size: 20Gi, storageClassName: slow, source: {image: {name: golden}}}");
@@ -1067,18 +1092,160 @@ fn a_clone_copies_its_source_pvc_at_the_larger_size_in_the_source_class() {
     }
 }
 
-#[test]
-fn http_and_vm_disk_sources_wait_until_they_are_supported() {
-    for source in [
-        "{http: {url: 'https://x/u.qcow2', format: qcow2}}",
-        "{virtualMachineDisk: {virtualMachine: vm-a, disk: root}}",
-    ] {
-        let img = finalized(image("later", &format!("spec: {{source: {source}}}")));
-        let plan = settle_image(&observe(&img, ImagePvc::Missing));
-        let message = "http and virtualMachineDisk sources are not supported yet";
-        let wanted = (Some(ImagePhase::Pending), Cond::new("Ready", false, "SourceNotSupported", message));
-        assert_eq!(image_ready(&plan), wanted, "{source}");
+/// A helper Pod of image PVC `pvc` in `state`, made for generation `generation`.
+fn mover(pvc: &str, role: Role, state: MoverState, generation: i64) -> ObservedMover {
+    let name = Role::pods(pvc).into_iter().find(|(r, _)| *r == role).map(|(_, n)| n).unwrap();
+    ObservedMover { name, role, state, phase: Some("Running".into()), generation: Some(generation) }
+}
+
+/// An image PVC of ours, bound, whose annotations say `fill`.
+fn filling(fill: CloneView) -> ImagePvc {
+    match present(true, "Bound", Some("24Mi")) {
+        ImagePvc::Present { ours, vmkeep_disk, phase, capacity, storage_class, volume_mode, .. } => {
+            ImagePvc::Present { ours, vmkeep_disk, phase, capacity, storage_class, volume_mode, fill: Box::new(fill) }
+        }
+        missing => missing,
     }
+}
+
+#[test]
+fn an_http_image_is_sized_by_a_probe_then_imported_then_recorded() {
+    let mut img = finalized(image("os", "spec: {source: {http: {url: 'http://h/os.qcow2', format: qcow2}}}"));
+    img.metadata.generation = Some(1);
+    // No spec.size: a probe Pod first.
+    let plan = settle_image(&observe(&img, ImagePvc::Missing));
+    let (phase, ready) = image_ready(&plan);
+    assert_eq!((phase, ready.reason.as_str()), (Some(ImagePhase::Importing), "Sizing"));
+    let probe = &plan.create_pods[0];
+    assert_eq!(probe.name_any(), "os-image-size");
+    let args = probe.spec.as_ref().unwrap().containers[0].args.clone().unwrap();
+    assert!(args.contains(&"--probe".to_owned()) && args.contains(&"--format=qcow2".to_owned()), "{args:?}");
+    assert_eq!(probe.spec.as_ref().unwrap().automount_service_account_token, Some(false), "no API credentials");
+    assert_eq!(plan.status.transfer_pod.as_ref().map(|t| t.role.as_str()), Some("Probe"));
+    // Its size makes the PVC (rounded up to MiB), marked as waiting for an import.
+    let sized = mover("os-image", Role::Probe, MoverState::Done("Size: 25165825".into()), 1);
+    let plan =
+        image_plan::plan(&ImageObservation { movers: vec![sized.clone()], ..observe(&img, ImagePvc::Missing) }, &at(1));
+    let request = plan.create_pvc.expect("the PVC");
+    assert_eq!(request.size, q("25Mi"));
+    assert_eq!(request.annotations.get("vmkeep.io/import-source").map(String::as_str), Some("http://h/os.qcow2"));
+    // The PVC exists: the probe goes, the importer comes.
+    let pending = CloneView { import_source: Some("http://h/os.qcow2".into()), ..Default::default() };
+    let plan = settle_image(&ImageObservation { movers: vec![sized], ..observe(&img, filling(pending.clone())) });
+    assert_eq!(plan.delete_pods, vec!["os-image-size".to_owned()]);
+    assert_eq!(plan.create_pods.iter().map(|p| p.name_any()).collect::<Vec<_>>(), vec!["os-image-import".to_owned()]);
+    let args = plan.create_pods[0].spec.as_ref().unwrap().containers[0].args.clone().unwrap();
+    assert!(args.contains(&"--target=/var/lib/vmkeep/target".to_owned()), "{args:?}");
+    // Running: Importing with its progress, read again every few seconds.
+    let running = mover("os-image", Role::Import, MoverState::Running { note: None }, 1);
+    let progress = Progress { downloaded: 42, total: Some(100), retries: 1, last_error: Some("HTTP 500".into()) };
+    let obs =
+        ImageObservation { movers: vec![running], progress: Some(progress), ..observe(&img, filling(pending.clone())) };
+    let plan = settle_image(&obs);
+    assert_eq!(plan.status.phase, Some(ImagePhase::Importing));
+    assert_eq!((plan.status.progress.as_deref(), plan.status.import_retries), (Some("42%"), Some(1)));
+    assert_eq!(plan.requeue, Some(image_plan::PROGRESS_PERIOD));
+    assert!(plan.create_pods.is_empty());
+    // Done: the digest and retries are recorded on the PVC, the importer goes.
+    let digest = format!("sha256:{}", "ab".repeat(32));
+    let message = format!("Imported: {digest} 25165824 bytes (downloaded 9 bytes, 2 retries, 1.0 s)");
+    let done = mover("os-image", Role::Import, MoverState::Done(message), 1);
+    let plan =
+        image_plan::plan(&ImageObservation { movers: vec![done], ..observe(&img, filling(pending.clone())) }, &at(1));
+    assert_eq!(plan.record, Some(Record { pvc: "os-image".into(), digest: digest.clone(), retries: Some(2) }));
+    assert_eq!(plan.delete_pods, vec!["os-image-import".to_owned()]);
+    assert_eq!(plan.status.phase, Some(ImagePhase::Ready));
+    // Recorded: Ready with its digest; nothing more to do.
+    let recorded = CloneView { digest: Some(digest.clone()), import_retries: Some(2), ..pending.clone() };
+    let plan = settle_image(&observe(&img, filling(recorded)));
+    let s = &plan.status;
+    assert_eq!(
+        (s.phase, s.digest.as_deref(), s.progress.as_deref(), s.import_retries),
+        (Some(ImagePhase::Ready), Some(digest.as_str()), Some("100%"), Some(2))
+    );
+    assert!(plan.create_pods.is_empty() && plan.delete_pods.is_empty() && s.transfer_pod.is_none());
+}
+
+#[test]
+fn a_failed_import_is_terminal_until_the_spec_changes() {
+    let mut img = finalized(image("os", "spec: {size: 1Gi, source: {http: {url: 'http://h/os.img', sha256: '00'}}}"));
+    img.metadata.generation = Some(2);
+    let pending = CloneView { import_source: Some("http://h/os.img".into()), ..Default::default() };
+    let failed = |generation| {
+        let why = "ChecksumMismatch: expected 00, downloaded ab".to_owned();
+        mover("os-image", Role::Import, MoverState::Failed(why), generation)
+    };
+    let plan = settle_image(&ImageObservation { movers: vec![failed(2)], ..observe(&img, filling(pending.clone())) });
+    let (phase, ready) = image_ready(&plan);
+    assert_eq!(
+        (phase, ready.reason.as_str(), ready.message.as_str()),
+        (Some(ImagePhase::Error), "ChecksumMismatch", "expected 00, downloaded ab")
+    );
+    assert!(plan.delete_pods.is_empty() && plan.create_pods.is_empty(), "kept for its logs, not retried");
+    // The spec changed since: the failed Pod goes and the import runs again.
+    let plan = image_plan::plan(
+        &ImageObservation { movers: vec![failed(1)], ..observe(&img, filling(pending.clone())) },
+        &at(1),
+    );
+    assert_eq!(
+        (plan.status.phase, plan.delete_pods.clone()),
+        (Some(ImagePhase::Importing), vec!["os-image-import".to_owned()])
+    );
+    // A Pod that died without a word (evicted, out of memory) is replaced.
+    let died = mover("os-image", Role::Import, MoverState::Failed("the Pod failed".into()), 2);
+    let plan = image_plan::plan(&ImageObservation { movers: vec![died], ..observe(&img, filling(pending)) }, &at(1));
+    assert_eq!(
+        (plan.status.phase, plan.delete_pods.clone()),
+        (Some(ImagePhase::Importing), vec!["os-image-import".to_owned()])
+    );
+}
+
+#[test]
+fn a_vm_disk_is_saved_once_the_vm_is_stopped_by_a_copier() {
+    let img = finalized(image("saved", "spec: {source: {virtualMachineDisk: {virtualMachine: vm-a, disk: root}}}"));
+    let disk = SourceDisk {
+        pvc: "vm-a-root".into(),
+        capacity: Some(q("24Mi")),
+        storage_class: Some("standard".into()),
+        volume_mode: VolumeMode::Filesystem,
+        blank: false,
+        digest: None,
+    };
+    let reason = |obs: &ImageObservation| image_ready(&settle_image(obs)).1.reason;
+    assert_eq!(reason(&observe(&img, ImagePvc::Missing)), "SourceNotFound");
+    let running = SourceVm { running: true, disk: Some(disk.clone()) };
+    assert_eq!(
+        reason(&ImageObservation { source_vm: Some(running), ..observe(&img, ImagePvc::Missing) }),
+        "SourceInUse"
+    );
+    let stopped = SourceVm { running: false, disk: Some(disk) };
+    let copy = Chosen { strategy: CloneStrategy::Copy, fallback: Some("provisioner x cannot clone".into()) };
+    let obs = ImageObservation {
+        source_vm: Some(stopped.clone()),
+        clone_choice: Some(copy),
+        ..observe(&img, ImagePvc::Missing)
+    };
+    let request = settle_image(&obs).create_pvc.expect("the PVC");
+    assert_eq!(
+        (request.size, request.clone_from, request.storage_class.as_deref()),
+        (q("24Mi"), None, Some("standard"))
+    );
+    assert_eq!(request.annotations.get("vmkeep.io/copy-source").map(String::as_str), Some("vm-a-root"));
+    // The PVC exists: a copier fills it, marked with its source (the VM's launcher waits).
+    let pending =
+        CloneView { strategy: Some("copy".into()), copy_source: Some("vm-a-root".into()), ..Default::default() };
+    let plan =
+        settle_image(&ImageObservation { source_vm: Some(stopped.clone()), ..observe(&img, filling(pending.clone())) });
+    assert_eq!(plan.status.phase, Some(ImagePhase::Cloning));
+    let copier = &plan.create_pods[0];
+    assert_eq!(copier.name_any(), "saved-image-copy");
+    assert_eq!(copier.annotations().get("vmkeep.io/copy-source").map(String::as_str), Some("vm-a-root"));
+    assert_eq!(copier.labels().get("vmkeep.io/transfer-for").map(String::as_str), Some("saved"));
+    // Started again before the copy began: it waits.
+    let restarted = SourceVm { running: true, ..stopped };
+    let plan = settle_image(&ImageObservation { source_vm: Some(restarted), ..observe(&img, filling(pending)) });
+    assert_eq!((plan.status.phase, image_ready(&plan).1.reason.as_str()), (Some(ImagePhase::Pending), "SourceInUse"));
+    assert!(plan.create_pods.is_empty());
 }
 
 /// A blank 10Gi image `disk` with our finalizer; `persistent` in spec.
@@ -1521,7 +1688,7 @@ fn a_copy_clone_is_filled_by_a_copier_before_the_launcher_starts() {
     let mut obs = observed(&v, &t, &images, &[]);
     obs.pvcs = map(&[("vm-a-root", ours("Bound"))]);
     obs.clones = map(&[("vm-a-root", CloneView::of(&pvc.metadata))]);
-    obs.copiers = map(&[("vm-a-root", CopierState::Copied("sha256:ab".into()))]);
+    obs.copiers = map(&[("vm-a-root", MoverState::Done("sha256:ab".into()))]);
     let plan = vm_plan::decide(&obs);
     assert_eq!(plan.record_digests, vec![("vm-a-root".to_owned(), "sha256:ab".to_owned())]);
     assert_eq!(plan.delete_copiers, vec!["vm-a-root-copy".to_owned()]);
@@ -1529,7 +1696,7 @@ fn a_copy_clone_is_filled_by_a_copier_before_the_launcher_starts() {
     assert_eq!(plan.status.unwrap().disks[0].digest.as_deref(), Some("sha256:ab"));
 
     // A copier whose attempts fail says why, and the launcher still waits.
-    obs.copiers = map(&[("vm-a-root", CopierState::Running { note: Some("cannot open the source".into()) })]);
+    obs.copiers = map(&[("vm-a-root", MoverState::Running { note: Some("cannot open the source".into()) })]);
     let plan = vm_plan::decide(&obs);
     assert!(plan.pod.is_none() && plan.create_copiers.is_empty());
     let message = find(&plan.status.unwrap().conditions, "Ready").unwrap().message.clone();
@@ -1554,6 +1721,7 @@ fn an_image_pvc_is_labelled_with_its_image_and_owned_by_nothing() {
         storage_class: Some("fast".into()),
         volume_mode: VolumeMode::Filesystem,
         clone_from: Some("base-image".into()),
+        annotations: Default::default(),
     };
     let pvc = build::image_pvc(&img, &request, "ReadWriteOnce");
     let spec = json!({"storageClassName": "fast", "volumeMode": "Filesystem", "dataSource": clone_of("base-image")});
@@ -1677,6 +1845,7 @@ fn observed<'a>(
         clone_choices: Default::default(),
         clones: Default::default(),
         copiers: Default::default(),
+        saving: Vec::new(),
         taken: Default::default(),
         launcher_image: "vmkeep:test",
         access_mode: "ReadWriteOnce",
@@ -1956,20 +2125,20 @@ fn a_copier_pod_tells_its_copy_its_failures_and_its_waits() {
         "{phase: Succeeded, containerStatuses: [{name: copier, ready: false, restartCount: 0, image: i, imageID: i,
           state: {terminated: {exitCode: 0, message: 'Copied: sha256:ab 5 bytes in 0.1 s'}}}]}",
     );
-    assert_eq!(CopierState::of(&copied, true), CopierState::Copied("sha256:ab".into()));
-    assert_eq!(CopierState::of(&copied, false), CopierState::Foreign);
+    assert_eq!(MoverState::of_copier(&copied, true), MoverState::Done("sha256:ab".into()));
+    assert_eq!(MoverState::of_copier(&copied, false), MoverState::Foreign);
     let failing =
         pod("{phase: Running, containerStatuses: [{name: copier, ready: false, restartCount: 2, image: i, imageID: i,
           state: {waiting: {reason: CrashLoopBackOff}},
           lastState: {terminated: {exitCode: 1, message: 'CopyFailed: cannot open the source'}}}]}");
     assert_eq!(
-        CopierState::of(&failing, true),
-        CopierState::Running { note: Some("cannot open the source; CrashLoopBackOff".into()) }
+        MoverState::of_copier(&failing, true),
+        MoverState::Running { note: Some("cannot open the source; CrashLoopBackOff".into()) }
     );
     let crashed =
         pod("{phase: Running, containerStatuses: [{name: copier, ready: false, restartCount: 1, image: i, imageID: i,
           state: {running: {}}, lastState: {terminated: {exitCode: 2, reason: Error}}}]}");
-    assert_eq!(CopierState::of(&crashed, true), CopierState::Running { note: Some("exit code 2 (Error)".into()) });
+    assert_eq!(MoverState::of_copier(&crashed, true), MoverState::Running { note: Some("exit code 2 (Error)".into()) });
 }
 
 #[test]
@@ -1987,8 +2156,8 @@ fn an_unschedulable_launcher_or_copier_says_why() {
         "the launcher Pod cannot be scheduled: Unschedulable: 0/1 nodes are available: 1 Insufficient cpu."
     );
     assert_eq!(
-        CopierState::of(&pod, true),
-        CopierState::Running {
+        MoverState::of_copier(&pod, true),
+        MoverState::Running {
             note: Some(
                 "the Pod cannot be scheduled (Unschedulable: 0/1 nodes are available: 1 Insufficient cpu.)".into()
             )

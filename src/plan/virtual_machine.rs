@@ -24,6 +24,7 @@ use super::{
     claim::{self, ClaimPlan, ClaimState},
     clone::{Chosen, CloneStrategy},
     conditions::{Cond, find, merge},
+    mover::MoverState,
     names, quantity, reason,
 };
 use crate::api::{
@@ -437,8 +438,15 @@ pub struct CloneView {
     pub strategy: Option<String>,
     /// Why `copy` replaced the strategy asked for.
     pub fallback: Option<String>,
-    /// The sha256 copied into a `copy` clone, once its copier succeeded.
+    /// The sha256 copied into a `copy` clone (or imported into an image PVC), once its
+    /// copier (importer) succeeded.
     pub digest: Option<String>,
+    /// The PVC a `copy` clone is copied from.
+    pub copy_source: Option<String>,
+    /// The URL an image PVC is imported from.
+    pub import_source: Option<String>,
+    /// How many times the import of an image PVC retried.
+    pub import_retries: Option<u32>,
 }
 
 impl CloneView {
@@ -449,7 +457,15 @@ impl CloneView {
             strategy: get(names::CLONE_STRATEGY_ANNOTATION),
             fallback: get(names::CLONE_FALLBACK_ANNOTATION),
             digest: get(names::DIGEST_ANNOTATION),
+            copy_source: get(names::COPY_SOURCE_ANNOTATION),
+            import_source: get(names::IMPORT_SOURCE_ANNOTATION),
+            import_retries: get(names::IMPORT_RETRIES_ANNOTATION).and_then(|r| r.parse().ok()),
         }
+    }
+
+    /// Whether the PVC still waits for its data: a `copy` clone or an import without its digest.
+    pub fn data_pending(&self) -> bool {
+        self.copy_pending() || (self.import_source.is_some() && self.digest.is_none())
     }
 
     /// Whether the clone is a `copy` still waiting for its data.
@@ -460,7 +476,7 @@ impl CloneView {
 
 /// Why a container waits to run (e.g. `CrashLoopBackOff`, `ImagePullBackOff`); `None` while it
 /// is only being created.
-fn waiting_reason(container: &k8s_openapi::api::core::v1::ContainerStatus) -> Option<String> {
+pub(crate) fn waiting_reason(container: &k8s_openapi::api::core::v1::ContainerStatus) -> Option<String> {
     let reason = container.state.as_ref()?.waiting.as_ref()?.reason.clone()?;
     (reason != "ContainerCreating" && reason != "PodInitializing").then_some(reason)
 }
@@ -476,62 +492,6 @@ pub fn unschedulable(pod: &Pod) -> Option<String> {
             None => reason.to_owned(),
         }
     })
-}
-
-/// A copier Pod as the VM plan sees it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum CopierState {
-    /// Copying; `note` is why its last attempt failed, if one did.
-    Running { note: Option<String> },
-    /// Copied: the digest.
-    Copied(String),
-    /// Failed for good (the Pod's phase is `Failed`): why.
-    Failed(String),
-    /// A Pod with the copier's name that is not this VM's.
-    Foreign,
-}
-
-impl CopierState {
-    /// The state of a copier Pod of the VM (`ours`: controlled by it).
-    pub fn of(pod: &Pod, ours: bool) -> Self {
-        if !ours {
-            return CopierState::Foreign;
-        }
-        let status = pod.status.as_ref();
-        let container =
-            status.and_then(|s| s.container_statuses.as_ref()?.iter().find(|c| c.name == build::COPIER_CONTAINER));
-        let message = |t: Option<&k8s_openapi::api::core::v1::ContainerStateTerminated>| {
-            t.and_then(|t| t.message.as_deref()).and_then(crate::mover::copy::parse_result)
-        };
-        let now = message(container.and_then(|c| c.state.as_ref()?.terminated.as_ref()));
-        let last_state = container.and_then(|c| c.last_state.as_ref()?.terminated.as_ref());
-        // Why the last attempt failed: the copier's own words, else the exit code; then why the
-        // container waits (back-off, an image that cannot be pulled).
-        let failed = message(last_state).and_then(Result::err).or_else(|| {
-            last_state.map(|t| {
-                format!(
-                    "exit code {}{}",
-                    t.exit_code,
-                    t.reason.as_deref().map(|r| format!(" ({r})")).unwrap_or_default()
-                )
-            })
-        });
-        let waiting = container
-            .and_then(waiting_reason)
-            .or_else(|| unschedulable(pod).map(|u| format!("the Pod cannot be scheduled ({u})")));
-        let note = match (failed, waiting) {
-            (Some(f), Some(w)) => Some(format!("{f}; {w}")),
-            (f, w) => f.or(w),
-        };
-        match (status.and_then(|s| s.phase.as_deref()), now) {
-            (Some("Succeeded"), Some(Ok(digest))) => CopierState::Copied(digest),
-            (Some("Failed"), result) => CopierState::Failed(match result {
-                Some(Err(why)) => why,
-                _ => "the copier Pod failed".into(),
-            }),
-            _ => CopierState::Running { note },
-        }
-    }
 }
 
 /// What a VM's status shows of its launcher Pod's container.
@@ -758,7 +718,10 @@ pub struct Observed<'a> {
     /// What its clone PVCs' annotations say, by PVC name.
     pub clones: BTreeMap<String, CloneView>,
     /// Its copier Pods, by the PVC each fills.
-    pub copiers: BTreeMap<String, CopierState>,
+    pub copiers: BTreeMap<String, MoverState>,
+    /// Copies Images make of the VM's disks now (a disk saved as an image, a persistent image
+    /// cloned), as messages: the launcher waits for them (a disk is never copied under a guest).
+    pub saving: Vec<String>,
     /// Child names found taken by objects that are not the VM's when it tried to create them.
     pub taken: BTreeSet<(&'static str, String)>,
     /// The container image of launcher Pods.
@@ -915,7 +878,7 @@ fn provision(obs: &Observed, mut plan: VmPlan, mut resolved: Resolved) -> VmPlan
                 let disk =
                     resolved.disks.iter().filter_map(|d| d.pvc_name.as_ref()).find(|p| names::copier_pod(p) == *taken);
                 if let Some(pvc) = disk {
-                    copiers.insert(pvc.clone(), CopierState::Foreign);
+                    copiers.insert(pvc.clone(), MoverState::Foreign);
                 }
             }
             _ => {
@@ -954,7 +917,7 @@ fn provision(obs: &Observed, mut plan: VmPlan, mut resolved: Resolved) -> VmPlan
             let image = disk.image.clone().unwrap_or_default();
             let copier = names::copier_pod(&pvc);
             match copiers.get(&pvc) {
-                Some(CopierState::Copied(digest)) => {
+                Some(MoverState::Done(digest)) => {
                     plan.record_digests.push((pvc.clone(), digest.clone()));
                     plan.delete_copiers.push(copier);
                     view.digest = Some(digest.clone());
@@ -965,21 +928,22 @@ fn provision(obs: &Observed, mut plan: VmPlan, mut resolved: Resolved) -> VmPlan
                         let mode = found.map_or(VolumeMode::Filesystem, |i| i.spec.volume_mode);
                         let blank = found.is_some_and(|i| i.spec.source.blank.is_some());
                         let capacity = disk.size.as_ref().map_or(0, quantity::bytes_u64);
-                        let pod = build::copier_pod(vm, &pvc, source, mode, blank, capacity, obs.launcher_image);
+                        let job = build::CopyJob { target: &pvc, source, mode, blank_source: blank, capacity };
+                        let pod = build::copier_pod(vm, (names::COPY_FOR_LABEL, &name), &job, obs.launcher_image);
                         plan.create_copiers.push(pod);
                         copying.push(format!("copying disk {} from image {image} (copier Pod {copier})", disk.name));
                     }
                     None => copying.push(format!("disk {} waits for image {image} to be ready to copy", disk.name)),
                 },
-                Some(CopierState::Running { note }) => copying.push(format!(
+                Some(MoverState::Running { note }) => copying.push(format!(
                     "copying disk {} from image {image} (copier Pod {copier}){}",
                     disk.name,
                     note.as_deref().map(|n| format!("; its last attempt failed: {n}")).unwrap_or_default()
                 )),
-                Some(CopierState::Failed(why)) => {
+                Some(MoverState::Failed(why)) => {
                     copying.push(format!("the copy of disk {} failed: {why} (delete Pod {copier} to retry)", disk.name))
                 }
-                Some(CopierState::Foreign) => copying.push(format!(
+                Some(MoverState::Foreign) => copying.push(format!(
                     "Pod {copier} exists and does not belong to VirtualMachine {name}; vmkeep leaves it alone"
                 )),
             }
@@ -990,7 +954,11 @@ fn provision(obs: &Observed, mut plan: VmPlan, mut resolved: Resolved) -> VmPlan
         disk.digest = view.digest.filter(|d| crate::mover::copy::is_sha256(d));
     }
     let copying = (!copying.is_empty()).then(|| copying.join("; "));
-    if children.conflict.is_none() && copying.is_none() {
+    let saving = (children.pod == PodAction::Create && !obs.saving.is_empty()).then(|| obs.saving.join("; "));
+    if saving.is_some() {
+        plan.requeue = Some(POD_GOING_RECHECK);
+    }
+    if children.conflict.is_none() && copying.is_none() && saving.is_none() {
         match children.pod {
             PodAction::Create => {
                 let disks = launcher_disks(&resolved.disks, |n| obs.images.get(n).copied());
@@ -1019,6 +987,14 @@ fn provision(obs: &Observed, mut plan: VmPlan, mut resolved: Resolved) -> VmPlan
         };
     }
     let verdict = match children.conflict {
+        None if let Some(message) = saving => Verdict::Blocked {
+            blocker: Blocker {
+                phase: VirtualMachinePhase::Provisioning,
+                reason: reason::DISK_BEING_COPIED,
+                message: format!("the launcher waits: {message}"),
+            },
+            claimed: true,
+        },
         None if let Some(message) = copying => Verdict::Blocked {
             blocker: Blocker { phase: VirtualMachinePhase::Provisioning, reason: reason::COPYING, message },
             claimed: true,

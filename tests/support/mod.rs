@@ -13,6 +13,7 @@ use std::{
 };
 
 pub mod env;
+pub mod node;
 
 use kube::{
     Client, Config,
