@@ -20,7 +20,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-use kube::ResourceExt;
 use support::{env::*, node::*, *};
 use vmkeep::{
     api::{
@@ -203,6 +202,7 @@ async fn images_import_over_http_as_raw_qcow2_and_gzip_and_copies_hold_the_same_
         ("disk.raw.gz".to_owned(), Reply::Body { data: Arc::new(gz), rate: None }),
     ]));
     let started = Instant::now();
+    let writes_before = env.operator.counter("api_writes", "");
     apply(
         ns,
         &(http_image("raw", &server.url("slow.raw"), "size: 32Mi, ", &format!(", sha256: '{}'", sha256(&raw)))
@@ -236,6 +236,16 @@ async fn images_import_over_http_as_raw_qcow2_and_gzip_and_copies_hold_the_same_
     // Without spec.size, the PVC is sized from the image (qcow2's virtual size: 24 MiB).
     let qcow = status(&env.api::<Image>().get("qcow").await.expect("qcow"));
     assert_eq!(qcow.capacity.as_ref().map(|q| q.0.as_str()), Some("24Mi"), "{qcow:?}");
+    // Writes per imported image (finalizer, PVC, helper Pods, digest record, status with its
+    // progress): a few, never a storm.
+    let writes = wait_for("the writes to settle", Duration::from_secs(30), async || {
+        let now = env.operator.counter("api_writes", "");
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        (env.operator.counter("api_writes", "") == now).then_some(now - writes_before)
+    })
+    .await;
+    let per_image = writes as f64 / 3.0;
+    assert!(per_image <= 16.0, "{writes} API writes for 3 imported images");
     for name in ["raw", "qcow", "gz"] {
         let pvc = names::image_pvc(name);
         assert!(env.pod(&names::importer_pod(&pvc)).await.is_none(), "the importer of {name} is gone");
@@ -277,7 +287,7 @@ async fn images_import_over_http_as_raw_qcow2_and_gzip_and_copies_hold_the_same_
     let _ = kubectl(&["delete", "storageclass", &format!("{}-other", ns.name)], None);
     eprintln!(
         "import of 24 MiB raw at 4 MiB/s: Ready after {raw_secs:.1} s, progress shown {progress:?}; \
-         copy clone of 32 MiB: Ready after {copy_secs:.1} s"
+         {per_image:.1} API writes per imported image; copy clone of 32 MiB: Ready after {copy_secs:.1} s"
     );
 }
 
