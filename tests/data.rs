@@ -192,7 +192,13 @@ async fn images_import_over_http_as_raw_qcow2_and_gzip_and_copies_hold_the_same_
     let Some((_node, env)) = on_node("data-import").await else { return };
     let ns = &env.ns;
     let raw = fixture(24, 7);
-    let digest = format!("sha256:{}", sha256(&raw));
+    // The digest is the disk's: its content and the zeros up to its size (spec.size 32Mi).
+    let padded = |mib: usize| {
+        let mut disk = raw.clone();
+        disk.resize(mib << 20, 0);
+        format!("sha256:{}", sha256(&disk))
+    };
+    let (digest, digest_24) = (padded(32), padded(24));
     let qcow2 = convert(&raw, &["qemu-img convert -f raw -O qcow2 {in} {out}"]);
     let gz = convert(&raw, &["gzip -c {in} > {out}"]);
     let server = Server::start(BTreeMap::from([
@@ -228,9 +234,9 @@ async fn images_import_over_http_as_raw_qcow2_and_gzip_and_copies_hold_the_same_
     assert_eq!(imported.capacity.as_ref().map(|q| q.0.as_str()), Some("32Mi"));
     assert!(!progress.is_empty(), "no progress was shown while importing: {imported:?}");
     assert_eq!(imported.progress.as_deref(), Some("100%"));
-    for name in ["qcow", "gz"] {
+    for (name, want) in [("qcow", &digest_24), ("gz", &digest)] {
         let s = wait_phase(&env, name, ImagePhase::Ready).await;
-        assert_eq!(s.digest.as_deref(), Some(digest.as_str()), "{name}: {s:?}");
+        assert_eq!(s.digest.as_deref(), Some(want.as_str()), "{name}: {s:?}");
         assert!(s.transfer_pod.is_none(), "{name}: {s:?}");
     }
     // Without spec.size, the PVC is sized from the image (qcow2's virtual size: 24 MiB).
@@ -321,7 +327,9 @@ async fn a_bad_checksum_a_404_and_a_flaky_server_end_as_they_should() {
     assert!(message.contains("404"), "{message}");
     let flaky = wait_phase(&env, "flaky", ImagePhase::Ready).await;
     assert_eq!(flaky.import_retries, Some(2), "{flaky:?}");
-    assert_eq!(flaky.digest, Some(format!("sha256:{}", sha256(&raw))));
+    let mut disk = raw.clone();
+    disk.resize(8 << 20, 0);
+    assert_eq!(flaky.digest, Some(format!("sha256:{}", sha256(&disk))), "the disk: its content and zeros up to 8Mi");
     let not_qcow = wait_phase(&env, "not-qcow", ImagePhase::Error).await;
     assert_eq!(ready_reason(&not_qcow).0, "UnsupportedFormat", "{not_qcow:?}");
     // A terminal failure stays until the spec changes: no retry storm.

@@ -345,6 +345,17 @@ pub fn images_of_vm(stores: &Stores, vm: VirtualMachine) -> Vec<ObjectRef<Image>
     let Some(ns) = vm.namespace() else { return Vec::new() };
     let mut images: Vec<String> = vm.status.iter().flat_map(|s| &s.disks).filter_map(|d| d.image.clone()).collect();
     let name = vm.name_any();
+    // Images cloned from the images it uses (a persistent source is copied once its VM stops).
+    let used = images.clone();
+    images.extend(
+        stores
+            .images
+            .state()
+            .iter()
+            .filter(|i| i.namespace().as_deref() == Some(ns.as_str()))
+            .filter(|i| i.spec.source.image.as_ref().is_some_and(|s| used.contains(&s.name)))
+            .map(|i| i.name_any()),
+    );
     images.extend(
         stores
             .images

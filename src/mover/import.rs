@@ -12,7 +12,9 @@
 //! 3. the format step: a raw image is written sparsely (all-zero 1 MiB chunks are skipped) to
 //!    `<target>/disk.img.partial`, then renamed to `disk.img`; a qcow2 image is saved to
 //!    `<scratch>/download.qcow2` and converted to raw by `qemu-img convert`. A block-device
-//!    target is written in place. The reported digest is the SHA-256 of the RAW content.
+//!    target is written in place. The reported digest is the SHA-256 of the disk as written
+//!    (its raw content and the zeros up to its size: what a copy of it reports); of the raw content
+//!    on a block device.
 //!
 //! A file target is `max(raw bytes, capacity rounded down to 1 MiB)` long (the extra bytes are
 //! zeros, as holes). A mismatching format (a qcow2 file declared raw, a raw file declared
@@ -416,7 +418,7 @@ fn import_raw(
     } else {
         Some(args.capacity).filter(|c| *c > 0)
     };
-    let (bytes, raw_hasher, over) = {
+    let (bytes, mut raw_hasher, over) = {
         let opened = open_stream(download)?;
         let mut stream = opened.stream;
         let head = read_head(&mut stream)?;
@@ -459,7 +461,16 @@ fn import_raw(
         return Err(too_small(bytes, limit));
     }
     if !block {
-        out.set_len(bytes.max(whole_mib)).map_err(|e| Failure::failed(format!("sizing {}: {e}", written.display())))?;
+        let len = bytes.max(whole_mib);
+        out.set_len(len).map_err(|e| Failure::failed(format!("sizing {}: {e}", written.display())))?;
+        // The digest is the disk's, as a copy of it computes it: the zeros up to its size too.
+        let zeros = vec![0u8; CHUNK];
+        let mut left = len - bytes;
+        while left > 0 {
+            let n = left.min(CHUNK as u64);
+            raw_hasher.update(&zeros[..n as usize]);
+            left -= n;
+        }
     }
     out.sync_all().map_err(|e| Failure::failed(format!("flushing {}: {e}", written.display())))?;
     if !block {
@@ -556,7 +567,8 @@ fn import_qcow2(
         out.set_len(want).map_err(|e| Failure::failed(format!("sizing {}: {e}", written.display())))?;
     }
     out.sync_all().map_err(|e| Failure::failed(format!("flushing {}: {e}", written.display())))?;
-    let (digest, _) = hash_file(&written, Some(size))?;
+    // The whole disk, zeros up to its size included (what a copy of it computes).
+    let (digest, _) = hash_file(&written, None)?;
     rename_into_place(&written, target_file)?;
     guard.0 = None;
     Ok((digest, size))
@@ -1341,7 +1353,12 @@ mod tests {
         assert_eq!(code, 0, "{message}");
         match parse_result(&message) {
             Some(ImportResult::Imported { digest: d, bytes, .. }) => {
-                assert_eq!((d, bytes), (digest(content), content.len() as u64), "{message}")
+                // The disk's digest: its content, then zeros up to the capacity (whole MiB).
+                let mut disk = content.to_vec();
+                disk.resize(content.len().max((args.capacity / MIB * MIB) as usize), 0);
+                assert_eq!((d, bytes), (digest(&disk), content.len() as u64), "{message}");
+                let written = std::fs::read(args.target.join(DISK_IMG)).unwrap_or_default();
+                assert_eq!(digest(&written), digest(&disk), "the digest is the disk's as written");
             }
             other => panic!("not imported: {message} ({other:?})"),
         }

@@ -790,7 +790,10 @@ pub fn plan(obs: &ImageObservation, now: &Time) -> ImagePlan {
     let (progress, import_retries) = match (&obs.progress, importing) {
         (Some(p), true) => (Some(p.to_string()), Some(p.retries)),
         (_, true) => (previous.progress.clone(), previous.import_retries),
-        _ => (digest.as_ref().filter(|_| view.import_source.is_some()).map(|_| "100%".to_owned()), view.import_retries),
+        _ => (
+            digest.as_ref().filter(|_| view.import_source.is_some()).map(|_| "100%".to_owned()),
+            acts.record.as_ref().and_then(|r| r.retries).or(view.import_retries),
+        ),
     };
     let generation = image.metadata.generation;
     let status = ImageStatus {
