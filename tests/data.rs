@@ -167,9 +167,23 @@ fn status(image: &Image) -> ImageStatus {
 }
 
 async fn wait_phase(env: &Env, name: &str, phase: ImagePhase) -> ImageStatus {
-    let image =
-        env.wait_image(name, &format!("{phase:?}"), |i| i.status.as_ref().and_then(|s| s.phase) == Some(phase)).await;
-    status(&image)
+    let deadline = Instant::now() + IMPORT;
+    let mut last = None;
+    while Instant::now() < deadline {
+        last = env.api::<Image>().get(name).await.ok().map(|i| status(&i));
+        if let Some(s) = &last
+            && s.phase == Some(phase)
+        {
+            return s.clone();
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let pods = kubectl(&["get", "pods", "-n", &env.ns.name, "-o", "wide"], None);
+    panic!(
+        "Image {name} is not {phase:?} after {IMPORT:?}: {last:#?}\n{}\noperator log:\n{}",
+        String::from_utf8_lossy(&pods.stdout),
+        env.operator.log_text().lines().rev().take(40).collect::<Vec<_>>().join("\n")
+    );
 }
 
 fn ready_reason(status: &ImageStatus) -> (String, String) {

@@ -330,7 +330,11 @@ fn source(obs: &ImageObservation) -> Source {
                 ),
             };
         }
-        let ready = matches!(status.phase, Some(ImagePhase::Ready | ImagePhase::Used | ImagePhase::Disabled));
+        // A persistent source held by a Halted VM (no writer) is copied too.
+        let ready = matches!(
+            status.phase,
+            Some(ImagePhase::Ready | ImagePhase::Used | ImagePhase::UsedPersistent | ImagePhase::Disabled)
+        );
         let (true, Some(source_pvc)) = (ready, status.pvc_name) else {
             return Source::Blocked {
                 phase: ImagePhase::Pending,
