@@ -1881,6 +1881,20 @@ fn decide_takes_a_free_image_then_creates_disks_and_the_pod() {
 }
 
 #[test]
+fn a_vm_whose_disk_is_being_copied_waits_to_start() {
+    let (images, t, v) = (decide_images(), small(), vm("vm-a"));
+    let mut obs = observed(&v, &t, &images, &[("db", ClaimState::Free)]);
+    obs.saving = vec!["PersistentVolumeClaim db-image is being copied by Pod db-copy-image-copy".into()];
+    let plan = vm_plan::decide(&obs);
+    assert_eq!(plan.take, ["db"], "it claims, then waits");
+    assert_eq!(plan.pod, None, "no launcher while a disk of it is copied");
+    assert_eq!(phase_and_reason(&plan), (Some(P::Provisioning), "DiskBeingCopied".into()));
+    let status = plan.status.as_ref().unwrap();
+    assert!(find(&status.conditions, "Ready").unwrap().message.contains("db-copy-image-copy"));
+    assert!(plan.requeue.is_some(), "it looks again");
+}
+
+#[test]
 fn decide_lets_an_earlier_vm_applied_together_go_first() {
     // vm-b is reconciled first; vm-a, created in the same second, has not decided yet.
     let (images, t) = (decide_images(), small());
