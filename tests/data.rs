@@ -440,3 +440,50 @@ async fn the_seed_changes_are_lost_on_a_clone_and_survive_on_a_persistent_image_
     let log_d = wait_log(&env, "d", "vmkeep-guest: ready", BOOT).await;
     assert!(log_d.contains("disk vda markers: b"), "the saved disk lost b's marker:\n{log_d}");
 }
+
+/// A `WaitForFirstConsumer` class binds a PVC only when a Pod mounts it: an image that must be
+/// cloned there is bound by vmkeep's binder Pod (the source, and the csi-clone until it is done).
+#[tokio::test]
+async fn an_image_in_a_class_that_binds_late_is_bound_when_it_must_be_cloned() {
+    let Some((_node, env)) = on_node("data-late").await else { return };
+    let ns = &env.ns;
+    let class = format!("{}-late", ns.name);
+    kubectl_ok(
+        &["apply", "-f", "-"],
+        Some(&format!(
+            "apiVersion: storage.k8s.io/v1\nkind: StorageClass\nmetadata: {{name: {class}, annotations: \
+             {{vmkeep.io/clone-strategy: csi-clone}}}}\nprovisioner: kubernetes.io/host-path\n\
+             volumeBindingMode: WaitForFirstConsumer\n"
+        )),
+    );
+    apply(
+        ns,
+        &format!(
+            "apiVersion: vmkeep.io/v1alpha1\nkind: Image\nmetadata: {{name: base}}\n\
+             spec: {{size: 16Mi, storageClassName: {class}, source: {{blank: {{}}}}}}\n"
+        ),
+    );
+    // Alone, it stays unbound (its first VM will bind it) and is Ready.
+    wait_phase(&env, "base", ImagePhase::Ready).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let phase = |pvc: &str| {
+        let pvc = pvc.to_owned();
+        let env = &env;
+        async move { env.pvc(&pvc).await.and_then(|p| p.status?.phase) }
+    };
+    assert_eq!(phase("base-image").await.as_deref(), Some("Pending"), "nothing mounted it yet");
+    apply(
+        ns,
+        "apiVersion: vmkeep.io/v1alpha1\nkind: Image\nmetadata: {name: copy}\nspec: {source: {image: {name: base}}}\n",
+    );
+    let copy = wait_phase(&env, "copy", ImagePhase::Ready).await;
+    assert_eq!(copy.clone_strategy.as_deref(), Some("csi-clone"), "{copy:?}");
+    for pvc in ["base-image", "copy-image"] {
+        assert_eq!(phase(pvc).await.as_deref(), Some("Bound"), "{pvc}");
+        wait_for(&format!("the binder of {pvc} to go"), Duration::from_secs(30), async || {
+            env.pod(&names::binder_pod(pvc)).await.is_none().then_some(())
+        })
+        .await;
+    }
+    let _ = kubectl(&["delete", "storageclass", &class], None);
+}

@@ -21,7 +21,11 @@ use super::{Context, Error, Stores, apply};
 use tracing::{info, warn};
 
 use crate::{
-    api::{ConditionStatus, Image, VirtualMachine, image::VolumeMode, virtual_machine::VirtualMachinePhase},
+    api::{
+        ConditionStatus, Image, VirtualMachine,
+        image::{ImagePhase, VolumeMode},
+        virtual_machine::VirtualMachinePhase,
+    },
     claim::{self, Release},
     mover::import::{self, ImportResult, Progress},
     plan::{
@@ -133,6 +137,17 @@ pub async fn reconcile(image: Arc<Image>, ctx: Arc<Context>) -> Result<Action, E
         Some(m) if matches!(m.state, MoverState::Running { .. }) => progress(&ctx, &ns, &m.name).await,
         _ => None,
     };
+    let binds_late = match &pvc {
+        ImagePvc::Present { ours: true, phase, storage_class, .. } if phase.as_deref() == Some("Pending") => {
+            super::storage_class(&ctx, storage_class.as_deref()).await?.binds_late
+        }
+        _ => false,
+    };
+    let wanted_by_clones = ctx.stores.images.state().iter().any(|i| {
+        i.namespace().as_deref() == Some(ns.as_str())
+            && i.spec.source.image.as_ref().is_some_and(|s| s.name == name)
+            && matches!(i.status.as_ref().and_then(|s| s.phase), None | Some(ImagePhase::Pending | ImagePhase::Cloning))
+    });
     let mut observation = ImageObservation {
         image: &image,
         pvc,
@@ -144,6 +159,8 @@ pub async fn reconcile(image: Arc<Image>, ctx: Arc<Context>) -> Result<Action, E
         clone_choice,
         movers,
         progress,
+        binds_late,
+        wanted_by_clones,
         launcher_image: &ctx.settings.launcher_image,
     };
     let now = Time(jiff::Timestamp::now());
@@ -205,6 +222,7 @@ fn movers(ctx: &Context, ns: &str, pvc: &str, image_uid: &str) -> Vec<ObservedMo
             let state = match role {
                 Role::Copy => MoverState::of_copier(&pod, ours),
                 Role::Import | Role::Probe => MoverState::of(&pod, ours, build::IMPORTER_CONTAINER, import_outcome),
+                Role::Bind => MoverState::of(&pod, ours, build::BINDER_CONTAINER, |_| Some(Ok(String::new()))),
             };
             Some(ObservedMover {
                 name: pod_name,

@@ -335,6 +335,7 @@ pub async fn storage_class(ctx: &Context, name: Option<&str>) -> Result<crate::p
             name: Some(c.name_any()),
             annotation: c.annotations().get(crate::plan::clone::STRATEGY_ANNOTATION).cloned(),
             provisioner: Some(c.provisioner),
+            binds_late: c.volume_binding_mode.as_deref() == Some("WaitForFirstConsumer"),
         },
         None => crate::plan::clone::ClassInfo { name: name.map(str::to_owned), ..Default::default() },
     })

@@ -374,6 +374,36 @@ pub fn importer_pod(image: &Image, pvc: &str, job: &ImportJob, launcher_image: &
     Some(pod)
 }
 
+/// The name of a binder Pod's container.
+pub const BINDER_CONTAINER: &str = "binder";
+
+/// The binder Pod of image PVC `pvc`: it mounts the PVC read-only and exits at once
+/// (`vmkeep --version`), so that a `WaitForFirstConsumer` StorageClass binds it (the scheduler
+/// picks its node). Restart policy Never; no API credentials; owned by the Image.
+pub fn binder_pod(image: &Image, pvc: &str, mode: VolumeMode, launcher_image: &str) -> Pod {
+    let (mut volumes, mut mounts, mut devices) = (Vec::new(), Vec::new(), Vec::new());
+    mount_pvc("disk", pvc, true, mode, &mut volumes, &mut mounts, &mut devices);
+    helper_pod(
+        image,
+        names::binder_pod(pvc),
+        labels(&[(names::TRANSFER_FOR_LABEL, &names::label_value(&image.name_any()))]),
+        PodSpec {
+            restart_policy: Some("Never".into()),
+            containers: vec![Container {
+                name: BINDER_CONTAINER.into(),
+                image: Some(launcher_image.to_owned()),
+                args: Some(vec!["--version".into()]),
+                resources: Some(mover_resources("64Mi")),
+                volume_mounts: (!mounts.is_empty()).then_some(mounts),
+                volume_devices: (!devices.is_empty()).then_some(devices),
+                ..Default::default()
+            }],
+            volumes: Some(volumes),
+            ..Default::default()
+        },
+    )
+}
+
 /// A helper Pod of `owner` (a VM's launcher or copier, an Image's importer or copier): `spec`
 /// with vmkeep's labels, controlled by `owner`, without API credentials or service links, under
 /// restricted Pod Security (non-root, no privilege escalation, no capabilities, read-only root

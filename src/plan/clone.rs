@@ -58,6 +58,8 @@ pub struct ClassInfo {
     pub provisioner: Option<String>,
     /// Its [`STRATEGY_ANNOTATION`], as written.
     pub annotation: Option<String>,
+    /// Its `volumeBindingMode` is `WaitForFirstConsumer`.
+    pub binds_late: bool,
 }
 
 /// A strategy chosen for one clone, and why it is not the one asked for.
@@ -119,6 +121,7 @@ mod tests {
             name: Some(name.into()),
             provisioner: Some(provisioner.into()),
             annotation: annotation.map(Into::into),
+            binds_late: false,
         }
     }
 

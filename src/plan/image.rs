@@ -62,15 +62,18 @@ pub enum Role {
     Probe,
     /// `vmkeep copy` into the image PVC (a `copy` clone of an Image or a VM disk).
     Copy,
+    /// Mounts the image PVC once, so that a `WaitForFirstConsumer` class binds it.
+    Bind,
 }
 
 impl Role {
     /// Every role, with the name of its Pod for image PVC `pvc`.
-    pub fn pods(pvc: &str) -> [(Role, String); 3] {
+    pub fn pods(pvc: &str) -> [(Role, String); 4] {
         [
             (Role::Import, names::importer_pod(pvc)),
             (Role::Probe, names::size_probe_pod(pvc)),
             (Role::Copy, names::copier_pod(pvc)),
+            (Role::Bind, names::binder_pod(pvc)),
         ]
     }
 
@@ -84,6 +87,7 @@ impl Role {
             Role::Import => "Import",
             Role::Probe => "Probe",
             Role::Copy => "Copy",
+            Role::Bind => "Bind",
         }
     }
 }
@@ -144,6 +148,11 @@ pub struct ImageObservation<'a> {
     pub clone_choice: Option<Chosen>,
     /// The Image's helper Pods (importer, size probe, copier) at their names.
     pub movers: Vec<ObservedMover>,
+    /// The image's PVC is unbound in a `WaitForFirstConsumer` StorageClass: it binds when a Pod
+    /// first mounts it.
+    pub binds_late: bool,
+    /// Images wait to be cloned from this one.
+    pub wanted_by_clones: bool,
     /// The last progress its importer logged.
     pub progress: Option<Progress>,
     /// The image helper Pods run (the launcher image).
@@ -712,6 +721,17 @@ pub fn plan(obs: &ImageObservation, now: &Time) -> ImagePlan {
                     _ => None,
                 };
                 let bound = phase.as_deref() == Some("Bound");
+                // WaitForFirstConsumer: an image PVC that must be cloned (a csi-clone to finish,
+                // VMs or Images to clone it) is bound by a short-lived Pod; a copy binds it anyway.
+                let ours = matches!(&obs.pvc, ImagePvc::Present { ours: true, .. });
+                let needed = clone || obs.wanted_by_clones || (!in_force && !obs.consumers.is_empty());
+                let binder = obs.movers.iter().find(|m| m.role == Role::Bind);
+                if ours && !bound && obs.binds_late && needed && filling.is_none() && !deleting && binder.is_none() {
+                    acts.create_pods.push(build::binder_pod(image, &name, image.spec.volume_mode, obs.launcher_image));
+                }
+                if let (true, Some(binder)) = (bound, binder) {
+                    acts.delete_pods.push(binder.name.clone());
+                }
                 let mode = format!("{:?}", image.spec.volume_mode);
                 let too_small = match (&image.spec.size, &capacity) {
                     (Some(size), Some(have)) => quantity::bytes(have) < quantity::bytes(size),

@@ -61,6 +61,12 @@ pub fn size_probe_pod(pvc: &str) -> String {
     fit(&format!("{pvc}-size"), 253)
 }
 
+/// The Pod that mounts image PVC `pvc` once so that a `WaitForFirstConsumer` class binds it:
+/// `<pvc>-bind`.
+pub fn binder_pod(pvc: &str) -> String {
+    fit(&format!("{pvc}-bind"), 253)
+}
+
 /// The copier Pod that fills a `copy` clone PVC: `<pvc>-copy`.
 pub fn copier_pod(pvc: &str) -> String {
     fit(&format!("{pvc}-copy"), 253)

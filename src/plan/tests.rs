@@ -195,6 +195,8 @@ fn observe(image: &Image, pvc: ImagePvc) -> ImageObservation<'_> {
         clone_choice: None,
         movers: Vec::new(),
         progress: None,
+        binds_late: false,
+        wanted_by_clones: false,
         launcher_image: "vmkeep-launcher:test",
     }
 }
@@ -1198,6 +1200,42 @@ fn a_failed_import_is_terminal_until_the_spec_changes() {
         (plan.status.phase, plan.delete_pods.clone()),
         (Some(ImagePhase::Importing), vec!["os-image-import".to_owned()])
     );
+}
+
+#[test]
+fn an_image_pvc_that_binds_late_is_bound_by_a_pod_when_it_must_be_cloned() {
+    let img = finalized(image("os", "spec: {size: 1Gi, source: {blank: {}}}"));
+    let pending = present(true, "Pending", Some("1Gi"));
+    let binder_of = |plan: &ImagePlan| plan.create_pods.iter().map(|p| p.name_any()).collect::<Vec<_>>();
+    // Nothing clones it yet: the scheduler binds it with its first VM.
+    let alone = ImageObservation { binds_late: true, ..observe(&img, pending.clone()) };
+    assert!(settle_image(&alone).create_pods.is_empty());
+    // A VM clones it, or an Image waits to: a binder Pod mounts it (read-only) once.
+    for obs in [
+        ImageObservation { consumers: vec!["vm-a".into()], ..alone.clone() },
+        ImageObservation { wanted_by_clones: true, ..alone.clone() },
+    ] {
+        let plan = settle_image(&obs);
+        assert_eq!(binder_of(&plan), ["os-image-bind"]);
+        let pod = to_json(&plan.create_pods[0]);
+        assert_eq!(
+            pod["spec"]["volumes"][0]["persistentVolumeClaim"],
+            json!({"claimName": "os-image", "readOnly": true})
+        );
+        assert_eq!(pod["spec"]["automountServiceAccountToken"], false);
+        assert_eq!(plan.status.transfer_pod.as_ref().map(|t| t.role.as_str()), Some("Bind"));
+    }
+    // In a class that binds at once, never.
+    let immediate = ImageObservation { consumers: vec!["vm-a".into()], ..observe(&img, pending) };
+    assert!(settle_image(&immediate).create_pods.is_empty());
+    // Bound: the binder goes.
+    let done = mover("os-image", Role::Bind, MoverState::Done(String::new()), 0);
+    let bound = ImageObservation {
+        movers: vec![done],
+        binds_late: false,
+        ..observe(&img, present(true, "Bound", Some("1Gi")))
+    };
+    assert_eq!(settle_image(&bound).delete_pods, ["os-image-bind"]);
 }
 
 #[test]
