@@ -794,9 +794,19 @@ pub fn plan(obs: &ImageObservation, now: &Time) -> ImagePlan {
     } else {
         Cond::new(PERSISTENCE_CHANGE_PENDING, false, reason::APPLIED, "spec.persistent is in force")
     };
-    // A size probe is done once the PVC it sized exists.
+    // A size probe is done once the PVC it sized exists; an importer or copier once its digest
+    // is recorded (its deletion may have failed after the record).
     if matches!(obs.pvc, ImagePvc::Present { ours: true, .. }) {
-        acts.delete_pods.extend(obs.movers.iter().filter(|m| m.role == Role::Probe).map(|m| m.name.clone()));
+        let done = |m: &&ObservedMover| {
+            m.role == Role::Probe
+                || (matches!(m.role, Role::Import | Role::Copy) && !view.data_pending() && acts.record.is_none())
+        };
+        let stale: Vec<String> = obs.movers.iter().filter(done).map(|m| m.name.clone()).collect();
+        for name in stale {
+            if !acts.delete_pods.contains(&name) {
+                acts.delete_pods.push(name);
+            }
+        }
     }
     let digest = acts.record.as_ref().map(|r| r.digest.clone()).or(view.digest.clone());
     let transfer_pod = obs

@@ -1166,6 +1166,11 @@ fn an_http_image_is_sized_by_a_probe_then_imported_then_recorded() {
         (Some(ImagePhase::Ready), Some(digest.as_str()), Some("100%"), Some(2))
     );
     assert!(plan.create_pods.is_empty() && plan.delete_pods.is_empty() && s.transfer_pod.is_none());
+    // An importer left behind after its record (its deletion failed) goes.
+    let left = mover("os-image", Role::Import, MoverState::Done("Imported: ...".into()), 1);
+    let recorded = CloneView { digest: Some(digest.clone()), ..pending };
+    let plan = settle_image(&ImageObservation { movers: vec![left], ..observe(&img, filling(recorded)) });
+    assert_eq!((plan.delete_pods.clone(), plan.record.clone()), (vec!["os-image-import".to_owned()], None));
 }
 
 #[test]
