@@ -148,7 +148,10 @@ async fn run(mut args: Args) -> anyhow::Result<ExitCode> {
         None => std::env::current_exe()?.parent().context("no folder of the bench binary")?.join("vmkeep"),
     };
     anyhow::ensure!(operator_bin.exists(), "no vmkeep binary at {} (cargo build --release)", operator_bin.display());
-    let quiet = Duration::from_secs_f64(args.quiet.unwrap_or(if args.smoke { 2.0 } else { 5.0 }));
+    // 5 s also in the smoke run: on a node whose Pods run, the scheduler retries the launcher
+    // Pods it cannot place with a back-off of up to 10 s, and each retry may change a VM's
+    // status; 2 s of quiet once ended the batch early and counted those writes as the resync's.
+    let quiet = Duration::from_secs_f64(args.quiet.unwrap_or(5.0));
     let client = workload::client(&kubeconfig, audit::BENCH_AGENT).await?;
     let floor_client = workload::client(&kubeconfig, audit::FLOOR_AGENT).await?;
     workload::ensure_crds(&client).await.context("vmkeep's CRDs")?;
