@@ -479,7 +479,10 @@ async fn an_image_in_a_class_that_binds_late_is_bound_when_it_must_be_cloned() {
     let copy = wait_phase(&env, "copy", ImagePhase::Ready).await;
     assert_eq!(copy.clone_strategy.as_deref(), Some("csi-clone"), "{copy:?}");
     for pvc in ["base-image", "copy-image"] {
-        assert_eq!(phase(pvc).await.as_deref(), Some("Bound"), "{pvc}");
+        wait_for(&format!("{pvc} to be bound"), Duration::from_secs(60), async || {
+            (phase(pvc).await.as_deref() == Some("Bound")).then_some(())
+        })
+        .await;
         wait_for(&format!("the binder of {pvc} to go"), Duration::from_secs(30), async || {
             env.pod(&names::binder_pod(pvc)).await.is_none().then_some(())
         })

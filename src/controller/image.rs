@@ -418,14 +418,18 @@ pub fn images_of_pod(stores: &Stores, pod: &Pod) -> Vec<ObjectRef<Image>> {
         .collect()
 }
 
-/// An Image change concerns the images cloned from it (a released source can now be cloned).
-pub fn clones_of(stores: &Stores, source: &Image) -> Vec<ObjectRef<Image>> {
-    let name = source.name_any();
+/// An Image change concerns the images cloned from it (a released source can now be cloned)
+/// and its own source (a clone waiting for it may need it bound).
+pub fn clones_of(stores: &Stores, image: &Image) -> Vec<ObjectRef<Image>> {
+    let name = image.name_any();
+    let source =
+        image.spec.source.image.as_ref().zip(image.namespace()).map(|(s, ns)| ObjectRef::new(&s.name).within(&ns));
     stores
         .images
         .state()
         .into_iter()
-        .filter(|i| i.namespace() == source.namespace() && i.spec.source.image.as_ref().is_some_and(|s| s.name == name))
+        .filter(|i| i.namespace() == image.namespace() && i.spec.source.image.as_ref().is_some_and(|s| s.name == name))
         .map(|i| ObjectRef::from_obj(i.as_ref()))
+        .chain(source)
         .collect()
 }
