@@ -13,7 +13,7 @@ use k8s_openapi::{
 };
 use kube::{
     Api, ResourceExt,
-    api::{LogParams, Patch, PatchParams, PostParams},
+    api::{DynamicObject, LogParams, Patch, PatchParams, PostParams},
     runtime::{controller::Action, reflector::ObjectRef},
 };
 
@@ -30,9 +30,12 @@ use crate::{
     mover::import::{self, ImportResult, Progress},
     plan::{
         build,
-        clone::{self, Chosen},
+        clone::{self, Chosen, CloneStrategy},
         conditions::find,
-        image::{self as plan, Finalizer, ImageObservation, ImagePvc, ObservedMover, Role, SourceDisk, SourceVm},
+        image::{
+            self as plan, Finalizer, ImageObservation, ImagePvc, ObservedMover, Role, SnapshotView, SourceDisk,
+            SourceVm,
+        },
         mover::MoverState,
         names,
         virtual_machine::{CloneView, IMAGES_CLAIMED},
@@ -129,9 +132,9 @@ pub async fn reconcile(image: Arc<Image>, ctx: Arc<Context>) -> Result<Action, E
     let movers = movers(&ctx, &ns, &own_pvc, &uid);
     let source_vm = source_vm(&ctx, &ns, &image);
     let source_writer = source_image.as_deref().and_then(|s| writer(&ctx, &ns, s));
-    let clone_choice = match &pvc {
+    let (clone_choice, snapshot_class) = match &pvc {
         ImagePvc::Missing => clone_choice(&ctx, &image, source_image.as_deref(), source_vm.as_ref()).await?,
-        ImagePvc::Present { .. } => None,
+        ImagePvc::Present { .. } => (None, None),
     };
     let progress = match movers.iter().find(|m| m.role == Role::Import) {
         Some(m) if matches!(m.state, MoverState::Running { .. }) => progress(&ctx, &ns, &m.name).await,
@@ -148,6 +151,25 @@ pub async fn reconcile(image: Arc<Image>, ctx: Arc<Context>) -> Result<Action, E
             && i.spec.source.image.as_ref().is_some_and(|s| s.name == name)
             && matches!(i.status.as_ref().and_then(|s| s.phase), None | Some(ImagePhase::Pending | ImagePhase::Cloning))
     });
+    // A snapshot clone: its VolumeSnapshot (read from the API server, only while one may exist).
+    let strategy = match &pvc {
+        ImagePvc::Present { ours: true, fill, .. } => fill.strategy.clone(),
+        _ => clone_choice.as_ref().map(|c| c.strategy.as_str().to_owned()),
+    };
+    let snapshot_api: Api<DynamicObject> =
+        Api::namespaced_with(ctx.client.clone(), &ns, &build::volume_snapshot_resource());
+    let snapshot = match strategy.as_deref() {
+        Some("snapshot") => match snapshot_api.get_opt(&names::snapshot(&own_pvc)).await {
+            Ok(found) => found.map(|s| SnapshotView {
+                ours: apply::owned_by(&s.metadata, &uid),
+                ready: s.data.pointer("/status/readyToUse").and_then(|r| r.as_bool()) == Some(true),
+                error: s.data.pointer("/status/error/message").and_then(|m| m.as_str()).map(str::to_owned),
+            }),
+            Err(kube::Error::Api(e)) if e.code == 404 => None,
+            Err(e) => return Err(e.into()),
+        },
+        _ => None,
+    };
     let mut observation = ImageObservation {
         image: &image,
         pvc,
@@ -159,6 +181,8 @@ pub async fn reconcile(image: Arc<Image>, ctx: Arc<Context>) -> Result<Action, E
         clone_choice,
         movers,
         progress,
+        snapshot_class,
+        snapshot,
         binds_late,
         wanted_by_clones,
         launcher_image: &ctx.settings.launcher_image,
@@ -186,6 +210,22 @@ pub async fn reconcile(image: Arc<Image>, ctx: Arc<Context>) -> Result<Action, E
         let (params, patch) = (PatchParams::default(), Patch::Merge(&patch));
         ctx.writes.send("PersistentVolumeClaim", "patch", pvc_api.patch(&record.pvc, &params, &patch)).await?;
         info!(image = %name, pvc = %record.pvc, digest = %record.digest, "the image's data is complete");
+    }
+    if let Some(snapshot) = &decided.create_snapshot {
+        let params = PostParams { field_manager: Some(names::FIELD_MANAGER.into()), ..Default::default() };
+        match ctx.writes.send("VolumeSnapshot", "create", snapshot_api.create(&params, snapshot)).await {
+            Ok(_) => info!(image = %name, snapshot = %snapshot.name_any(), "took a VolumeSnapshot"),
+            Err(e) if e.code() == Some(409) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    if let Some(snapshot) = &decided.delete_snapshot {
+        let params = kube::api::DeleteParams::background();
+        match ctx.writes.send("VolumeSnapshot", "delete", snapshot_api.delete(snapshot, &params)).await {
+            Ok(_) => {}
+            Err(e) if e.code() == Some(404) => {}
+            Err(e) => return Err(e.into()),
+        }
     }
     let pod_api: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
     for pod in &decided.delete_pods {
@@ -289,23 +329,26 @@ fn source_vm(ctx: &Context, ns: &str, image: &Image) -> Option<SourceVm> {
     Some(SourceVm { running, disk })
 }
 
-/// The clone strategy of an image cloned from another Image or a VM disk, from the
-/// StorageClasses (read from the API server, only while its PVC is to be made).
+/// The clone strategy of an image cloned from another Image or a VM disk, and the
+/// VolumeSnapshotClass when it is `snapshot`, from the StorageClasses (read from the API server,
+/// only while its PVC is to be made).
 async fn clone_choice(
     ctx: &Context,
     image: &Image,
     source_image: Option<&Image>,
     source_vm: Option<&SourceVm>,
-) -> Result<Option<Chosen>, Error> {
+) -> Result<(Option<Chosen>, Option<String>), Error> {
     let source_class = match (source_image, source_vm) {
         (Some(i), _) => i.status.as_ref().and_then(|s| s.storage_class_name.clone()),
         (None, Some(vm)) => vm.disk.as_ref().and_then(|d| d.storage_class.clone()),
-        (None, None) => return Ok(None),
+        (None, None) => return Ok((None, None)),
     };
     let target = image.spec.storage_class_name.clone().or_else(|| source_class.clone());
     let info = super::storage_class(ctx, target.as_deref()).await?;
     let source = source_class.or_else(|| info.name.clone());
-    Ok(Some(clone::choose(&info, source.as_deref(), ctx.settings.clone_strategy)))
+    let chosen = clone::choose(&info, source.as_deref(), ctx.settings.clone_strategy);
+    let snapshot_class = info.snapshot_class.filter(|_| chosen.strategy == CloneStrategy::Snapshot);
+    Ok((Some(chosen), snapshot_class))
 }
 
 /// The last progress an importer logged (its log's last lines, read through `pods/log`; the

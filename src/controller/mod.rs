@@ -14,9 +14,11 @@ use informer::Informer;
 use k8s_openapi::api::{
     coordination::v1::Lease,
     core::v1::{PersistentVolumeClaim, Pod},
+    storage::v1::StorageClass,
 };
 use kube::{
     Api, Client, Resource, ResourceExt,
+    api::DynamicObject,
     core::DeserializeGuard,
     runtime::{
         Controller,
@@ -33,8 +35,11 @@ use crate::{
     api::{Image, Template, VirtualMachine},
     claim::{self, Claims},
     metrics::{FailureLabels, Metrics, ReconcileLabels},
-    plan::clone::CloneStrategy,
-    plan::{names, virtual_machine as plan},
+    plan::{
+        build,
+        clone::{self, ClassInfo, CloneStrategy},
+        names, virtual_machine as plan,
+    },
     write::{self, Writes},
 };
 
@@ -321,22 +326,58 @@ pub async fn run(client: Client, metrics: Arc<Metrics>, settings: Settings, shut
 }
 
 /// What the clone strategy needs of StorageClass `name` (the cluster's default class when
-/// `None`); an unknown class is all `None` (`csi-clone` is then tried).
-pub async fn storage_class(ctx: &Context, name: Option<&str>) -> Result<crate::plan::clone::ClassInfo, Error> {
-    let api: Api<k8s_openapi::api::storage::v1::StorageClass> = Api::all(ctx.client.clone());
+/// `None`); an unknown class is all `None` (`csi-clone` is then tried). The VolumeSnapshotClass
+/// for its driver is looked up only when `snapshot` is asked for (by the class or the operator).
+pub async fn storage_class(ctx: &Context, name: Option<&str>) -> Result<ClassInfo, Error> {
+    let api: Api<StorageClass> = Api::all(ctx.client.clone());
     let class = match name {
         Some(name) => api.get_opt(name).await?,
         None => api.list(&Default::default()).await?.items.into_iter().find(|c| {
             c.annotations().get("storageclass.kubernetes.io/is-default-class").map(String::as_str) == Some("true")
         }),
     };
-    Ok(match class {
-        Some(c) => crate::plan::clone::ClassInfo {
-            name: Some(c.name_any()),
-            annotation: c.annotations().get(crate::plan::clone::STRATEGY_ANNOTATION).cloned(),
-            provisioner: Some(c.provisioner),
-            binds_late: c.volume_binding_mode.as_deref() == Some("WaitForFirstConsumer"),
+    let Some(c) = class else {
+        return Ok(ClassInfo { name: name.map(str::to_owned), ..Default::default() });
+    };
+    let annotation = c.annotations().get(clone::STRATEGY_ANNOTATION).cloned();
+    let asked = annotation.as_deref().and_then(CloneStrategy::parse).or(ctx.settings.clone_strategy);
+    let (snapshot_class, snapshot_unavailable) = match asked {
+        Some(CloneStrategy::Snapshot) => match snapshot_class(ctx, &c.provisioner).await? {
+            Ok(class) => (Some(class), None),
+            Err(why) => (None, Some(why)),
         },
-        None => crate::plan::clone::ClassInfo { name: name.map(str::to_owned), ..Default::default() },
+        _ => (None, None),
+    };
+    Ok(ClassInfo {
+        name: Some(c.name_any()),
+        annotation,
+        binds_late: c.volume_binding_mode.as_deref() == Some("WaitForFirstConsumer"),
+        provisioner: Some(c.provisioner),
+        snapshot_class,
+        snapshot_unavailable,
+    })
+}
+
+/// The VolumeSnapshotClass for CSI `driver` (the one annotated default, else the first by
+/// name), or why there is none: the cluster serves no `snapshot.storage.k8s.io/v1`, or no
+/// class names that driver.
+async fn snapshot_class(ctx: &Context, driver: &str) -> Result<Result<String, String>, Error> {
+    let api: Api<DynamicObject> = Api::all_with(ctx.client.clone(), &build::volume_snapshot_class_resource());
+    let classes = match api.list(&Default::default()).await {
+        Ok(list) => list.items,
+        Err(kube::Error::Api(e)) if e.code == 404 => {
+            return Ok(Err("the cluster serves no snapshot.storage.k8s.io/v1 API (no CSI snapshot controller)".into()));
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let mut matching: Vec<&DynamicObject> =
+        classes.iter().filter(|c| c.data.get("driver").and_then(|d| d.as_str()) == Some(driver)).collect();
+    matching.sort_by_key(|c| {
+        let default = c.annotations().get("snapshot.storage.kubernetes.io/is-default-class").map(String::as_str);
+        (default != Some("true"), c.name_any())
+    });
+    Ok(match matching.first() {
+        Some(c) => Ok(c.name_any()),
+        None => Err(format!("no VolumeSnapshotClass names driver {driver}")),
     })
 }

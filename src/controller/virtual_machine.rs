@@ -35,7 +35,7 @@ use crate::{
     plan::{
         build,
         claim::{self as rules, ClaimState},
-        clone::{self, Chosen, ClassInfo},
+        clone::{self, Chosen, ClassInfo, CloneStrategy},
         mover::MoverState,
         names,
         virtual_machine::{self as plan, Child, CloneView, LauncherView, Observed, OtherVm, PodChange, VmPlan},
@@ -295,7 +295,13 @@ async fn clone_choices(ctx: &Context, vm: &VirtualMachine, cached: &Cached) -> R
             classes.insert(class.clone(), super::storage_class(ctx, class.as_deref()).await?);
         }
         let info = &classes[&class];
-        choices.insert(disk.clone(), clone::choose(info, info.name.as_deref(), ctx.settings.clone_strategy));
+        let mut chosen = clone::choose(info, info.name.as_deref(), ctx.settings.clone_strategy);
+        if chosen.strategy == CloneStrategy::Snapshot {
+            // Snapshots serve image clones; a VM's clone is copied (docs/clones.md).
+            let why = "a VM's clone is not made from a snapshot in this version: copied instead".to_owned();
+            chosen = Chosen { strategy: CloneStrategy::Copy, fallback: Some(why) };
+        }
+        choices.insert(disk.clone(), chosen);
     }
     Ok(choices)
 }

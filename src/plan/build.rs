@@ -64,7 +64,7 @@ fn pvc(
     storage_class: Option<String>,
     mode: VolumeMode,
     access_mode: &str,
-    clone_from: Option<String>,
+    clone_from: Option<TypedLocalObjectReference>,
 ) -> PersistentVolumeClaim {
     PersistentVolumeClaim {
         metadata: ObjectMeta {
@@ -83,15 +83,16 @@ fn pvc(
             }),
             storage_class_name: storage_class,
             volume_mode: Some(volume_mode(mode)),
-            data_source: clone_from.map(|name| TypedLocalObjectReference {
-                api_group: None,
-                kind: "PersistentVolumeClaim".into(),
-                name,
-            }),
+            data_source: clone_from,
             ..Default::default()
         }),
         status: None,
     }
+}
+
+/// A PVC's `dataSource`.
+fn data_source(api_group: Option<&str>, kind: &str, name: &str) -> TypedLocalObjectReference {
+    TypedLocalObjectReference { api_group: api_group.map(str::to_owned), kind: kind.into(), name: name.into() }
 }
 
 /// The PVC of an Image (blank or clone). It has no owner reference: garbage collection (and so
@@ -111,7 +112,11 @@ pub fn image_pvc(image: &Image, request: &PvcRequest, access_mode: &str) -> Pers
         request.storage_class.clone(),
         request.volume_mode,
         access_mode,
-        request.clone_from.clone(),
+        match (&request.clone_from, &request.from_snapshot) {
+            (_, Some(snapshot)) => Some(data_source(Some(SNAPSHOT_GROUP), "VolumeSnapshot", snapshot)),
+            (Some(pvc), None) => Some(data_source(None, "PersistentVolumeClaim", pvc)),
+            (None, None) => None,
+        },
     )
 }
 
@@ -164,7 +169,7 @@ pub fn vm_disk_pvc(
         image.and_then(|i| i.status.as_ref()?.storage_class_name.clone()),
         image.map_or(VolumeMode::Filesystem, |i| i.spec.volume_mode),
         access_mode,
-        clone_from.map(str::to_owned),
+        clone_from.map(|pvc| data_source(None, "PersistentVolumeClaim", pvc)),
     )
 }
 
@@ -372,6 +377,34 @@ pub fn importer_pod(image: &Image, pvc: &str, job: &ImportJob, launcher_image: &
         image.metadata.generation.unwrap_or_default().to_string(),
     )]));
     Some(pod)
+}
+
+/// `snapshot.storage.k8s.io/v1` `VolumeSnapshot`, for the dynamic API.
+pub fn volume_snapshot_resource() -> kube::api::ApiResource {
+    let gvk = kube::api::GroupVersionKind::gvk(SNAPSHOT_GROUP, "v1", "VolumeSnapshot");
+    kube::api::ApiResource::from_gvk_with_plural(&gvk, "volumesnapshots")
+}
+
+/// `snapshot.storage.k8s.io/v1` `VolumeSnapshotClass`, for the dynamic API.
+pub fn volume_snapshot_class_resource() -> kube::api::ApiResource {
+    let gvk = kube::api::GroupVersionKind::gvk(SNAPSHOT_GROUP, "v1", "VolumeSnapshotClass");
+    kube::api::ApiResource::from_gvk_with_plural(&gvk, "volumesnapshotclasses")
+}
+
+/// The API group of CSI snapshots.
+pub const SNAPSHOT_GROUP: &str = "snapshot.storage.k8s.io";
+
+/// The VolumeSnapshot `name` of PVC `source` in VolumeSnapshotClass `class`, owned by Image
+/// `image` (the `snapshot` clone strategy; deleted once the clone made from it is bound).
+pub fn volume_snapshot(image: &Image, name: &str, source: &str, class: &str) -> kube::api::DynamicObject {
+    let mut snapshot = kube::api::DynamicObject::new(name, &volume_snapshot_resource());
+    snapshot.metadata.namespace = image.namespace();
+    snapshot.metadata.labels = Some(labels(&[(names::TRANSFER_FOR_LABEL, &names::label_value(&image.name_any()))]));
+    snapshot.metadata.owner_references = image.controller_owner_ref(&()).map(|o| vec![o]);
+    snapshot.data = serde_json::json!({
+        "spec": {"volumeSnapshotClassName": class, "source": {"persistentVolumeClaimName": source}}
+    });
+    snapshot
 }
 
 /// The name of a binder Pod's container.

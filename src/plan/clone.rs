@@ -4,7 +4,9 @@
 //! - `csi-clone`: a PVC with `dataSource` = the source PVC; the CSI driver copies (fast, no Pod).
 //! - `copy`: an empty PVC filled by a copier Pod (`vmkeep copy`), host-assisted; works with any
 //!   storage, and across StorageClasses.
-//! - `snapshot`: through a `VolumeSnapshot`; not in this version (falls back to `copy`, saying so).
+//! - `snapshot`: a `VolumeSnapshot` of the source, then a PVC from it (where the cluster serves
+//!   `snapshot.storage.k8s.io/v1` and has a VolumeSnapshotClass for the class's driver; else
+//!   `copy`, saying why). Image clones only in this version: a VM's clone asking for it is copied.
 //!
 //! The choice: the StorageClass annotation [`STRATEGY_ANNOTATION`], else the operator's
 //! `--clone-strategy` when it names one, else `auto`: `csi-clone`, or `copy` when the
@@ -60,6 +62,11 @@ pub struct ClassInfo {
     pub annotation: Option<String>,
     /// Its `volumeBindingMode` is `WaitForFirstConsumer`.
     pub binds_late: bool,
+    /// The VolumeSnapshotClass for its driver, when `snapshot` is asked for and one exists.
+    pub snapshot_class: Option<String>,
+    /// Why `snapshot` cannot be had, when it is asked for and cannot (no snapshot API, no
+    /// VolumeSnapshotClass for the driver).
+    pub snapshot_unavailable: Option<String>,
 }
 
 /// A strategy chosen for one clone, and why it is not the one asked for.
@@ -93,7 +100,15 @@ pub fn choose(target: &ClassInfo, source: Option<&str>, default: Option<CloneStr
     let auto = target.annotation.is_none() && default.is_none();
     let fallback = match asked {
         CloneStrategy::Copy => None,
-        CloneStrategy::Snapshot => Some("the snapshot strategy is not available in this vmkeep version".to_owned()),
+        CloneStrategy::Snapshot => match &target.snapshot_class {
+            Some(_) => None,
+            None => Some(
+                target
+                    .snapshot_unavailable
+                    .clone()
+                    .unwrap_or_else(|| format!("StorageClass {class} has no VolumeSnapshotClass for its driver")),
+            ),
+        },
         CloneStrategy::CsiClone => {
             if let Some(p) = target.provisioner.as_deref().filter(|p| auto && NON_CLONING_PROVISIONERS.contains(p)) {
                 Some(format!("provisioner {p} of StorageClass {class} cannot clone volumes"))
@@ -121,7 +136,7 @@ mod tests {
             name: Some(name.into()),
             provisioner: Some(provisioner.into()),
             annotation: annotation.map(Into::into),
-            binds_late: false,
+            ..Default::default()
         }
     }
 
@@ -149,6 +164,22 @@ mod tests {
         assert!(across.fallback.unwrap().contains("StorageClass slow, the clone in fast"));
         let snapshot = choose(&class("fast", "csi.example.com", Some("snapshot")), Some("fast"), None);
         assert_eq!(snapshot.strategy, CloneStrategy::Copy);
+        let unserved = ClassInfo {
+            snapshot_unavailable: Some("the cluster serves no snapshot.storage.k8s.io/v1".into()),
+            ..class("fast", "csi.example.com", Some("snapshot"))
+        };
+        assert_eq!(
+            choose(&unserved, None, None).fallback.as_deref(),
+            Some("the cluster serves no snapshot.storage.k8s.io/v1")
+        );
+        let snapshots = ClassInfo {
+            snapshot_class: Some("csi-snaps".into()),
+            ..class("fast", "csi.example.com", Some("snapshot"))
+        };
+        assert_eq!(
+            choose(&snapshots, Some("fast"), None),
+            Chosen { strategy: CloneStrategy::Snapshot, fallback: None }
+        );
         let bad = choose(&class("fast", "csi.example.com", Some("rsync")), Some("fast"), None);
         assert!(bad.fallback.unwrap().contains("\"rsync\""));
     }

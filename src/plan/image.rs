@@ -104,6 +104,17 @@ pub struct ObservedMover {
     pub generation: Option<i64>,
 }
 
+/// A VolumeSnapshot of an Image's `snapshot` clone, as observed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SnapshotView {
+    /// Controlled by this Image.
+    pub ours: bool,
+    /// `status.readyToUse`.
+    pub ready: bool,
+    /// `status.error.message`, if any.
+    pub error: Option<String>,
+}
+
 /// The disk of a VirtualMachine that `source.virtualMachineDisk` names, as observed.
 #[derive(Clone, Debug, PartialEq)]
 pub struct SourceDisk {
@@ -148,6 +159,10 @@ pub struct ImageObservation<'a> {
     pub clone_choice: Option<Chosen>,
     /// The Image's helper Pods (importer, size probe, copier) at their names.
     pub movers: Vec<ObservedMover>,
+    /// The VolumeSnapshotClass of a `snapshot` clone still to be made.
+    pub snapshot_class: Option<String>,
+    /// The VolumeSnapshot of a `snapshot` clone ([`names::snapshot`]), as observed.
+    pub snapshot: Option<SnapshotView>,
     /// The image's PVC is unbound in a `WaitForFirstConsumer` StorageClass: it binds when a Pod
     /// first mounts it.
     pub binds_late: bool,
@@ -168,6 +183,8 @@ pub struct PvcRequest {
     pub volume_mode: VolumeMode,
     /// Clone from this PVC (same namespace), through its `dataSource` (`csi-clone`).
     pub clone_from: Option<String>,
+    /// Restore this VolumeSnapshot (same namespace), through its `dataSource` (`snapshot`).
+    pub from_snapshot: Option<String>,
     /// vmkeep's annotations: clone strategy, fallback, copy source, import URL, inherited digest.
     pub annotations: BTreeMap<String, String>,
 }
@@ -188,8 +205,12 @@ pub struct ImagePlan {
     /// propagation policy deleted the Image.
     pub delete_pvc: Option<String>,
     pub finalizer: Finalizer,
-    /// Helper Pods to create (importer, size probe, copier).
+    /// Helper Pods to create (importer, size probe, copier, binder).
     pub create_pods: Vec<Pod>,
+    /// The VolumeSnapshot to take for a `snapshot` clone.
+    pub create_snapshot: Option<kube::api::DynamicObject>,
+    /// The VolumeSnapshot to delete: the clone made from it is bound.
+    pub delete_snapshot: Option<String>,
     /// Helper Pods to delete (done, or made for an older spec).
     pub delete_pods: Vec<String>,
     /// The digest to record on the image PVC ([`names::DIGEST_ANNOTATION`]) and, for an import,
@@ -226,6 +247,12 @@ enum Source {
     /// An import without `spec.size`: its size probe is to be made.
     Probe {
         pvc: String,
+    },
+    /// A `snapshot` clone: the VolumeSnapshot `name` of PVC `source` is to be taken.
+    TakeSnapshot {
+        name: String,
+        source: String,
+        class: String,
     },
 }
 
@@ -270,6 +297,7 @@ fn source(obs: &ImageObservation) -> Source {
         storage_class: spec.storage_class_name.clone(),
         volume_mode: spec.volume_mode,
         clone_from: None,
+        from_snapshot: None,
         annotations,
     };
     if let (Some(_), Some(size)) = (&src.blank, spec.size.clone()) {
@@ -326,7 +354,10 @@ fn source(obs: &ImageObservation) -> Source {
             };
         };
         let status = source.status.clone().unwrap_or_default();
-        if let Some(blocked) = source_busy(obs) {
+        // A snapshot is taken while a guest writes (crash-consistent); a copy never is.
+        if !by_snapshot(obs)
+            && let Some(blocked) = source_busy(obs)
+        {
             return blocked;
         }
         if source.spec.volume_mode != spec.volume_mode {
@@ -359,7 +390,11 @@ fn source(obs: &ImageObservation) -> Source {
             };
         };
         let class = spec.storage_class_name.clone().or_else(|| source.spec.storage_class_name.clone());
-        let create = clone_request(own_pvc.clone(), size, class, spec.volume_mode, &source_pvc, obs, status.digest);
+        let create =
+            match clone_request(own_pvc.clone(), size, class, spec.volume_mode, &source_pvc, obs, status.digest) {
+                Ok(create) => create,
+                Err(step) => return step,
+            };
         return Source::Pvc { name: own_pvc, create: Some(create), clone: true };
     }
     if let Some(from) = &src.virtual_machine_disk {
@@ -378,7 +413,7 @@ fn source(obs: &ImageObservation) -> Source {
                 message: format!("VirtualMachine {vm} has no disk {} (yet)", from.disk),
             };
         };
-        if source_vm.running {
+        if source_vm.running && !by_snapshot(obs) {
             return Source::Blocked {
                 phase: ImagePhase::Pending,
                 reason: reason::SOURCE_IN_USE,
@@ -407,7 +442,10 @@ fn source(obs: &ImageObservation) -> Source {
             };
         };
         let class = spec.storage_class_name.clone().or_else(|| disk.storage_class.clone());
-        let create = clone_request(own_pvc.clone(), size, class, spec.volume_mode, &disk.pvc, obs, None);
+        let create = match clone_request(own_pvc.clone(), size, class, spec.volume_mode, &disk.pvc, obs, None) {
+            Ok(create) => create,
+            Err(step) => return step,
+        };
         return Source::Pvc { name: own_pvc, create: Some(create), clone: true };
     }
     Source::Blocked {
@@ -428,9 +466,15 @@ fn at_least(want: Option<&Quantity>, have: Option<&Quantity>) -> Option<Quantity
     }
 }
 
+/// Whether the clone still to be made is taken through a VolumeSnapshot.
+fn by_snapshot(obs: &ImageObservation) -> bool {
+    obs.clone_choice.as_ref().is_some_and(|c| c.strategy == CloneStrategy::Snapshot) && obs.snapshot_class.is_some()
+}
+
 /// The PVC of a clone of `source_pvc`, by the strategy chosen (`csi-clone` when none was):
 /// `dataSource` for `csi-clone` (inheriting the source's digest), an empty PVC naming its
-/// source for `copy`.
+/// source for `copy`, the VolumeSnapshot once it is ready to use for `snapshot` (until then,
+/// `Err` with the step: take it, or wait for it).
 fn clone_request(
     name: String,
     size: Quantity,
@@ -439,26 +483,72 @@ fn clone_request(
     source_pvc: &str,
     obs: &ImageObservation,
     source_digest: Option<String>,
-) -> PvcRequest {
+) -> Result<PvcRequest, Source> {
     let chosen = obs.clone_choice.clone().unwrap_or(Chosen { strategy: CloneStrategy::CsiClone, fallback: None });
     let mut annotations =
         BTreeMap::from([(names::CLONE_STRATEGY_ANNOTATION.to_owned(), chosen.strategy.as_str().to_owned())]);
     if let Some(why) = chosen.fallback {
         annotations.insert(names::CLONE_FALLBACK_ANNOTATION.to_owned(), why);
     }
-    let clone_from = match chosen.strategy {
-        CloneStrategy::Copy => {
-            annotations.insert(names::COPY_SOURCE_ANNOTATION.to_owned(), source_pvc.to_owned());
-            None
-        }
-        _ => {
-            if let Some(digest) = source_digest.filter(|d| crate::mover::copy::is_sha256(d)) {
-                annotations.insert(names::DIGEST_ANNOTATION.to_owned(), digest);
-            }
-            Some(source_pvc.to_owned())
+    let inherit = |annotations: &mut BTreeMap<String, String>| {
+        if let Some(digest) = source_digest.clone().filter(|d| crate::mover::copy::is_sha256(d)) {
+            annotations.insert(names::DIGEST_ANNOTATION.to_owned(), digest);
         }
     };
-    PvcRequest { name, size, storage_class, volume_mode, clone_from, annotations }
+    let mut request =
+        PvcRequest { name, size, storage_class, volume_mode, clone_from: None, from_snapshot: None, annotations };
+    match chosen.strategy {
+        CloneStrategy::Copy => {
+            request.annotations.insert(names::COPY_SOURCE_ANNOTATION.to_owned(), source_pvc.to_owned());
+        }
+        CloneStrategy::CsiClone => {
+            inherit(&mut request.annotations);
+            request.clone_from = Some(source_pvc.to_owned());
+        }
+        CloneStrategy::Snapshot => {
+            let snapshot = names::snapshot(&request.name);
+            match (&obs.snapshot, &obs.snapshot_class) {
+                (None, Some(class)) => {
+                    return Err(Source::TakeSnapshot {
+                        name: snapshot,
+                        source: source_pvc.to_owned(),
+                        class: class.clone(),
+                    });
+                }
+                (None, None) => {
+                    return Err(Source::Blocked {
+                        phase: ImagePhase::Pending,
+                        reason: reason::CLONING,
+                        message: "waiting for the VolumeSnapshotClass of the snapshot strategy".into(),
+                    });
+                }
+                (Some(SnapshotView { ours: false, .. }), _) => {
+                    return Err(Source::Blocked {
+                        phase: ImagePhase::Error,
+                        reason: reason::NAME_CONFLICT,
+                        message: format!(
+                            "VolumeSnapshot {snapshot} exists and is not this image's; vmkeep leaves it alone"
+                        ),
+                    });
+                }
+                (Some(SnapshotView { ready: false, error, .. }), _) => {
+                    return Err(Source::Blocked {
+                        phase: ImagePhase::Cloning,
+                        reason: reason::CLONING,
+                        message: format!(
+                            "waiting for VolumeSnapshot {snapshot} of PersistentVolumeClaim {source_pvc} to be ready to use{}",
+                            error.as_deref().map(|e| format!(": {e}")).unwrap_or_default()
+                        ),
+                    });
+                }
+                (Some(SnapshotView { ready: true, .. }), _) => {
+                    request.annotations.insert(names::SNAPSHOT_ANNOTATION.to_owned(), snapshot.clone());
+                    request.from_snapshot = Some(snapshot);
+                }
+            }
+        }
+    }
+    Ok(request)
 }
 
 /// A failed importer or probe: terminal with the importer's reason when it gave one
@@ -649,6 +739,8 @@ pub fn plan(obs: &ImageObservation, now: &Time) -> ImagePlan {
         delete_pvc: None,
         finalizer,
         create_pods: Vec::new(),
+        create_snapshot: None,
+        delete_snapshot: None,
         delete_pods: Vec::new(),
         record: None,
         requeue: None,
@@ -660,7 +752,21 @@ pub fn plan(obs: &ImageObservation, now: &Time) -> ImagePlan {
     let mut storage_class = None;
     let mut view = CloneView::default();
     let (phase, ready) = match source(obs) {
-        Source::Blocked { phase, reason, message } => (phase, Cond::new(READY, false, reason, message)),
+        Source::Blocked { phase, reason, message } => {
+            if obs.snapshot.is_some() {
+                // A VolumeSnapshot is not watched: look at it again.
+                acts.requeue = Some(PROGRESS_PERIOD);
+            }
+            (phase, Cond::new(READY, false, reason, message))
+        }
+        Source::TakeSnapshot { name, source, class } => {
+            if !deleting {
+                acts.create_snapshot = Some(build::volume_snapshot(image, &name, &source, &class));
+            }
+            acts.requeue = Some(PROGRESS_PERIOD);
+            let message = format!("taking VolumeSnapshot {name} of PersistentVolumeClaim {source}");
+            (ImagePhase::Cloning, Cond::new(READY, false, reason::CLONING, message))
+        }
         Source::Probe { pvc } => {
             let job = build::ImportJob { target: None, mode: image.spec.volume_mode, capacity: 0 };
             if !deleting {
@@ -731,6 +837,14 @@ pub fn plan(obs: &ImageObservation, now: &Time) -> ImagePlan {
                 }
                 if let (true, Some(binder)) = (bound, binder) {
                     acts.delete_pods.push(binder.name.clone());
+                }
+                // A snapshot clone is done once bound: its VolumeSnapshot goes.
+                match &obs.snapshot {
+                    Some(SnapshotView { ours: true, .. }) if bound => {
+                        acts.delete_snapshot = Some(names::snapshot(&name))
+                    }
+                    Some(_) if !bound => acts.requeue = Some(PROGRESS_PERIOD),
+                    _ => {}
                 }
                 let mode = format!("{:?}", image.spec.volume_mode);
                 let too_small = match (&image.spec.size, &capacity) {

@@ -67,6 +67,14 @@ pub fn binder_pod(pvc: &str) -> String {
     fit(&format!("{pvc}-bind"), 253)
 }
 
+/// The VolumeSnapshot a `snapshot` clone PVC `pvc` is made from: `<pvc>-snapshot`.
+pub fn snapshot(pvc: &str) -> String {
+    fit(&format!("{pvc}-snapshot"), 253)
+}
+
+/// The annotation of a `snapshot` clone PVC naming the VolumeSnapshot it was made from.
+pub const SNAPSHOT_ANNOTATION: &str = "vmkeep.io/snapshot";
+
 /// The copier Pod that fills a `copy` clone PVC: `<pvc>-copy`.
 pub fn copier_pod(pvc: &str) -> String {
     fit(&format!("{pvc}-copy"), 253)

@@ -24,7 +24,7 @@ use super::{
     conditions::{Cond, find},
     image::{
         self as image_plan, Finalizer, ImageObservation, ImagePlan, ImagePvc, ObservedMover, PvcRequest, Record, Role,
-        SourceDisk, SourceVm,
+        SnapshotView, SourceDisk, SourceVm,
     },
     mover::MoverState,
     names, template as template_plan,
@@ -195,6 +195,8 @@ fn observe(image: &Image, pvc: ImagePvc) -> ImageObservation<'_> {
         clone_choice: None,
         movers: Vec::new(),
         progress: None,
+        snapshot_class: None,
+        snapshot: None,
         binds_late: false,
         wanted_by_clones: false,
         launcher_image: "vmkeep-launcher:test",
@@ -912,6 +914,7 @@ fn a_new_blank_image_asks_for_its_finalizer_and_its_pvc() {
             storage_class: Some("fast".into()),
             volume_mode: VolumeMode::Block,
             clone_from: None,
+            from_snapshot: None,
             annotations: Default::default(),
         })
     );
@@ -1070,6 +1073,7 @@ fn a_clone_copies_its_source_pvc_at_the_larger_size_in_the_source_class() {
             storage_class: Some("fast".into()),
             volume_mode: VolumeMode::Filesystem,
             clone_from: Some("golden-image".into()),
+            from_snapshot: None,
             annotations: BTreeMap::from([("vmkeep.io/clone-strategy".into(), "csi-clone".into())]),
         }
     );
@@ -1241,6 +1245,60 @@ fn an_image_pvc_that_binds_late_is_bound_by_a_pod_when_it_must_be_cloned() {
         ..observe(&img, present(true, "Bound", Some("1Gi")))
     };
     assert_eq!(settle_image(&bound).delete_pods, ["os-image-bind"]);
+}
+
+#[test]
+fn a_snapshot_clone_takes_a_volume_snapshot_restores_it_and_deletes_it() {
+    let source = golden(HELD);
+    let copy = finalized(image("copy", COPY));
+    let snapshot = Chosen { strategy: CloneStrategy::Snapshot, fallback: None };
+    let obs = ImageObservation {
+        source_image: Some(&source),
+        // A snapshot is taken while vm-a runs with the source: crash-consistent, never SourceInUse.
+        source_writer: Some("vm-a".into()),
+        clone_choice: Some(snapshot),
+        snapshot_class: Some("csi-snaps".into()),
+        ..observe(&copy, ImagePvc::Missing)
+    };
+    let plan = settle_image(&obs);
+    let taken = to_json(plan.create_snapshot.as_ref().expect("a VolumeSnapshot to take"));
+    assert_eq!(taken["metadata"]["name"], "copy-image-snapshot");
+    assert_eq!(
+        taken["spec"],
+        json!({"volumeSnapshotClassName": "csi-snaps", "source": {"persistentVolumeClaimName": "golden-image"}})
+    );
+    assert_eq!(
+        (plan.status.phase, plan.create_pvc.clone(), plan.requeue),
+        (Some(ImagePhase::Cloning), None, Some(image_plan::PROGRESS_PERIOD))
+    );
+    // Not ready yet: wait, saying why.
+    let waiting = SnapshotView { ours: true, ready: false, error: Some("driver busy".into()) };
+    let plan = settle_image(&ImageObservation { snapshot: Some(waiting), ..obs.clone() });
+    assert!(image_ready(&plan).1.message.ends_with("to be ready to use: driver busy"), "{:?}", image_ready(&plan));
+    assert_eq!((plan.create_snapshot.is_none(), plan.create_pvc.is_none()), (true, true));
+    // Ready: the PVC restores it.
+    let ready = SnapshotView { ours: true, ready: true, error: None };
+    let plan = settle_image(&ImageObservation { snapshot: Some(ready.clone()), ..obs.clone() });
+    let request = plan.create_pvc.clone().expect("the PVC");
+    assert_eq!((request.from_snapshot.as_deref(), request.clone_from.as_deref()), (Some("copy-image-snapshot"), None));
+    let pvc = to_json(&build::image_pvc(&copy, &request, "ReadWriteOnce"));
+    assert_eq!(
+        pvc["spec"]["dataSource"],
+        json!({"apiGroup": "snapshot.storage.k8s.io", "kind": "VolumeSnapshot", "name": "copy-image-snapshot"})
+    );
+    assert_eq!(pvc["metadata"]["annotations"]["vmkeep.io/clone-strategy"], "snapshot");
+    // Bound: the VolumeSnapshot goes.
+    let made = CloneView { strategy: Some("snapshot".into()), ..Default::default() };
+    let bound = ImageObservation { snapshot: Some(ready), clone_choice: None, ..observe(&copy, filling(made)) };
+    let plan = settle_image(&ImageObservation { source_image: Some(&source), ..bound });
+    assert_eq!(
+        (plan.status.phase, plan.delete_snapshot.as_deref()),
+        (Some(ImagePhase::Ready), Some("copy-image-snapshot"))
+    );
+    // Someone else's VolumeSnapshot of that name is left alone.
+    let foreign = SnapshotView { ours: false, ready: true, error: None };
+    let plan = settle_image(&ImageObservation { snapshot: Some(foreign), ..obs });
+    assert_eq!((plan.status.phase, image_ready(&plan).1.reason.as_str()), (Some(ImagePhase::Error), "NameConflict"));
 }
 
 #[test]
@@ -1764,6 +1822,7 @@ fn an_image_pvc_is_labelled_with_its_image_and_owned_by_nothing() {
         storage_class: Some("fast".into()),
         volume_mode: VolumeMode::Filesystem,
         clone_from: Some("base-image".into()),
+        from_snapshot: None,
         annotations: Default::default(),
     };
     let pvc = build::image_pvc(&img, &request, "ReadWriteOnce");
