@@ -393,7 +393,7 @@ fn source(obs: &ImageObservation) -> Source {
         let create =
             match clone_request(own_pvc.clone(), size, class, spec.volume_mode, &source_pvc, obs, status.digest) {
                 Ok(create) => create,
-                Err(step) => return step,
+                Err(step) => return *step,
             };
         return Source::Pvc { name: own_pvc, create: Some(create), clone: true };
     }
@@ -444,7 +444,7 @@ fn source(obs: &ImageObservation) -> Source {
         let class = spec.storage_class_name.clone().or_else(|| disk.storage_class.clone());
         let create = match clone_request(own_pvc.clone(), size, class, spec.volume_mode, &disk.pvc, obs, None) {
             Ok(create) => create,
-            Err(step) => return step,
+            Err(step) => return *step,
         };
         return Source::Pvc { name: own_pvc, create: Some(create), clone: true };
     }
@@ -483,7 +483,7 @@ fn clone_request(
     source_pvc: &str,
     obs: &ImageObservation,
     source_digest: Option<String>,
-) -> Result<PvcRequest, Source> {
+) -> Result<PvcRequest, Box<Source>> {
     let chosen = obs.clone_choice.clone().unwrap_or(Chosen { strategy: CloneStrategy::CsiClone, fallback: None });
     let mut annotations =
         BTreeMap::from([(names::CLONE_STRATEGY_ANNOTATION.to_owned(), chosen.strategy.as_str().to_owned())]);
@@ -509,37 +509,37 @@ fn clone_request(
             let snapshot = names::snapshot(&request.name);
             match (&obs.snapshot, &obs.snapshot_class) {
                 (None, Some(class)) => {
-                    return Err(Source::TakeSnapshot {
+                    return Err(Box::new(Source::TakeSnapshot {
                         name: snapshot,
                         source: source_pvc.to_owned(),
                         class: class.clone(),
-                    });
+                    }));
                 }
                 (None, None) => {
-                    return Err(Source::Blocked {
+                    return Err(Box::new(Source::Blocked {
                         phase: ImagePhase::Pending,
                         reason: reason::CLONING,
                         message: "waiting for the VolumeSnapshotClass of the snapshot strategy".into(),
-                    });
+                    }));
                 }
                 (Some(SnapshotView { ours: false, .. }), _) => {
-                    return Err(Source::Blocked {
+                    return Err(Box::new(Source::Blocked {
                         phase: ImagePhase::Error,
                         reason: reason::NAME_CONFLICT,
                         message: format!(
                             "VolumeSnapshot {snapshot} exists and is not this image's; vmkeep leaves it alone"
                         ),
-                    });
+                    }));
                 }
                 (Some(SnapshotView { ready: false, error, .. }), _) => {
-                    return Err(Source::Blocked {
+                    return Err(Box::new(Source::Blocked {
                         phase: ImagePhase::Cloning,
                         reason: reason::CLONING,
                         message: format!(
                             "waiting for VolumeSnapshot {snapshot} of PersistentVolumeClaim {source_pvc} to be ready to use{}",
                             error.as_deref().map(|e| format!(": {e}")).unwrap_or_default()
                         ),
-                    });
+                    }));
                 }
                 (Some(SnapshotView { ready: true, .. }), _) => {
                     request.annotations.insert(names::SNAPSHOT_ANNOTATION.to_owned(), snapshot.clone());
