@@ -290,10 +290,12 @@ fn vm_runs(ctx: &Context, ns: &str, vm: &VirtualMachine) -> bool {
     launcher.is_some() || vm.status.as_ref().and_then(|s| s.phase) != Some(VirtualMachinePhase::Stopped)
 }
 
-/// The VirtualMachine that writes persistent image `source` now: its claim holder, while that
-/// VM runs (a Halted holder keeps the claim and writes nothing). From the caches.
+/// The VirtualMachine that writes persistent image `source` now: its claim holder (from the
+/// claim Lease), while that VM runs (a Halted holder keeps the claim and writes nothing). From the caches.
 fn writer(ctx: &Context, ns: &str, source: &Image) -> Option<String> {
-    let holder = source.status.as_ref()?.claimed_by.as_ref()?;
+    // The claim itself (the Lease), not the source's status, which may lag it.
+    let lease = ctx.stores.leases.get(&ObjectRef::new(&names::claim_lease(&source.name_any())).within(ns))?;
+    let holder = claim::holder(&lease)?;
     let vm = ctx.stores.vms.state().into_iter().find(|v| v.uid().as_deref() == Some(holder.uid.as_str()));
     match vm {
         Some(vm) if !vm_runs(ctx, ns, &vm) => None,

@@ -312,7 +312,16 @@ async fn clone_choices(ctx: &Context, vm: &VirtualMachine, cached: &Cached) -> R
 fn saving(ctx: &Context, ns: &str, vm: &VirtualMachine, cached: &Cached) -> Vec<String> {
     let mut disks: BTreeSet<String> =
         vm.status.iter().flat_map(|s| s.disks.iter()).filter_map(|d| d.pvc_name.clone()).collect();
-    disks.extend(cached.images.values().filter_map(|i| i.status.as_ref()?.pvc_name.clone()));
+    // Its persistent images' PVCs (its launcher mounts them); a non-persistent image's PVC is
+    // only read by the VM's own clone or copier, which a copy of it does not disturb.
+    disks.extend(
+        cached
+            .images
+            .values()
+            .filter_map(|i| i.status.as_ref())
+            .filter(|s| s.persistent == Some(true))
+            .filter_map(|s| s.pvc_name.clone()),
+    );
     ctx.stores
         .pods
         .state()

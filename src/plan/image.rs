@@ -200,9 +200,10 @@ pub enum Finalizer {
 #[derive(Clone, Debug, PartialEq)]
 pub struct ImagePlan {
     pub create_pvc: Option<PvcRequest>,
-    /// The image's own PVC to delete: the image is deleted and nothing uses it any more. Image
-    /// PVCs have no owner reference, so this (not garbage collection) is how they go, whatever
-    /// propagation policy deleted the Image.
+    /// The image's own PVC to delete: the image is deleted and nothing uses it any more (image
+    /// PVCs have no owner reference, so this, not garbage collection, is how they go, whatever
+    /// propagation policy deleted the Image); or an import into it never completed and
+    /// `spec.size` grew past it (it is made again at the new size).
     pub delete_pvc: Option<String>,
     pub finalizer: Finalizer,
     /// Helper Pods to create (importer, size probe, copier, binder).
@@ -346,6 +347,18 @@ fn source(obs: &ImageObservation) -> Source {
         };
     }
     if let Some(from) = &src.image {
+        let name = image.name_any();
+        let cycle = obs.source_image.and_then(|s| s.spec.source.image.as_ref()).is_some_and(|s| s.name == name);
+        if from.name == name || cycle {
+            return Source::Blocked {
+                phase: ImagePhase::Error,
+                reason: reason::INVALID_SOURCE,
+                message: format!(
+                    "image {name} cannot be cloned from itself (source.image {} leads back to it)",
+                    from.name
+                ),
+            };
+        }
         let Some(source) = obs.source_image else {
             return Source::Blocked {
                 phase: ImagePhase::Pending,
@@ -630,8 +643,10 @@ fn fill(obs: &ImageObservation, pvc: &str, view: &CloneView, plan: &mut ImagePla
                         &job,
                         obs.launcher_image,
                     );
-                    pod.metadata.annotations =
-                        Some(BTreeMap::from([(names::COPY_SOURCE_ANNOTATION.to_owned(), source.clone())]));
+                    pod.metadata.annotations = Some(BTreeMap::from([
+                        (names::COPY_SOURCE_ANNOTATION.to_owned(), source.clone()),
+                        (names::GENERATION_ANNOTATION.to_owned(), generation.unwrap_or_default().to_string()),
+                    ]));
                     plan.create_pods.push(pod);
                     working(format!("copying PersistentVolumeClaim {source} (Pod {})", names::copier_pod(pvc)))
                 }
@@ -703,15 +718,26 @@ fn source_busy(obs: &ImageObservation) -> Option<Source> {
         });
     }
     let from = image.spec.source.virtual_machine_disk.as_ref()?;
-    let running = obs.source_vm.as_ref().is_none_or(|v| v.running);
-    running.then(|| Source::Blocked {
-        phase: ImagePhase::Pending,
-        reason: reason::SOURCE_IN_USE,
-        message: format!(
-            "VirtualMachine {} runs (or is gone): disk {} is copied once it is Halted",
-            from.virtual_machine, from.disk
-        ),
-    })
+    match &obs.source_vm {
+        // Its disks go with it: what was to be saved is gone.
+        None => Some(Source::Blocked {
+            phase: ImagePhase::Error,
+            reason: reason::SOURCE_NOT_FOUND,
+            message: format!(
+                "VirtualMachine {} was deleted before its disk {} was copied; delete this Image",
+                from.virtual_machine, from.disk
+            ),
+        }),
+        Some(vm) if vm.running => Some(Source::Blocked {
+            phase: ImagePhase::Pending,
+            reason: reason::SOURCE_IN_USE,
+            message: format!(
+                "VirtualMachine {} runs: disk {} is copied once it is Halted",
+                from.virtual_machine, from.disk
+            ),
+        }),
+        Some(_) => None,
+    }
 }
 
 /// Decides an Image's PVC, finalizer and status.
@@ -822,7 +848,29 @@ pub fn plan(obs: &ImageObservation, now: &Time) -> ImagePlan {
                 storage_class = class.clone();
                 pvc_name = Some(name.clone());
                 view = (**f).clone();
+                // An import that has not completed into a PVC smaller than spec.size (raised after
+                // a TooSmall): the PVC holds no image yet, so it is made again at the new size.
+                let regrow = matches!(&obs.pvc, ImagePvc::Present { ours: true, .. })
+                    && f.import_source.is_some()
+                    && f.digest.is_none()
+                    && match (&image.spec.size, &capacity) {
+                        (Some(size), Some(have)) => quantity::bytes(have) < quantity::bytes(size),
+                        _ => false,
+                    };
+                if regrow && !deleting {
+                    acts.delete_pvc = Some(name.clone());
+                    acts.delete_pods.extend(obs.movers.iter().map(|m| m.name.clone()));
+                }
                 let filling = match &obs.pvc {
+                    _ if regrow => Some(Source::Blocked {
+                        phase: ImagePhase::Importing,
+                        reason: reason::IMPORTING,
+                        message: format!(
+                            "PersistentVolumeClaim {name} is smaller than spec.size and holds no image yet: made again \
+                             at {}",
+                            image.spec.size.as_ref().map(|q| q.0.as_str()).unwrap_or_default()
+                        ),
+                    }),
                     ImagePvc::Present { ours: true, .. } => fill(obs, &name, f, &mut acts),
                     _ => None,
                 };
@@ -964,7 +1012,7 @@ pub fn plan(obs: &ImageObservation, now: &Time) -> ImagePlan {
     };
     let delete_pvc = match (&obs.pvc, finalizer) {
         (ImagePvc::Present { ours: true, .. }, Finalizer::Remove) => status.pvc_name.clone(),
-        _ => None,
+        _ => acts.delete_pvc.take(),
     };
     ImagePlan { create_pvc, delete_pvc, status, ..acts }
 }

@@ -51,6 +51,9 @@ impl MoverState {
         };
         match (status.and_then(|s| s.phase.as_deref()), now) {
             (Some("Succeeded"), Some(Ok(result))) => MoverState::Done(result),
+            // A helper that ended for good with a failure it reported (an importer's terminal
+            // failure exits 0, so that the kubelet does not retry it).
+            (Some("Succeeded"), Some(Err(why))) => MoverState::Failed(why),
             (Some("Failed"), result) => MoverState::Failed(match result {
                 Some(Err(why)) => why,
                 _ => "the Pod failed".into(),

@@ -1179,7 +1179,7 @@ fn an_http_image_is_sized_by_a_probe_then_imported_then_recorded() {
 
 #[test]
 fn a_failed_import_is_terminal_until_the_spec_changes() {
-    let mut img = finalized(image("os", "spec: {size: 1Gi, source: {http: {url: 'http://h/os.img', sha256: '00'}}}"));
+    let mut img = finalized(image("os", "spec: {size: 16Mi, source: {http: {url: 'http://h/os.img', sha256: '00'}}}"));
     img.metadata.generation = Some(2);
     let pending = CloneView { import_source: Some("http://h/os.img".into()), ..Default::default() };
     let failed = |generation| {
@@ -1302,6 +1302,36 @@ fn a_snapshot_clone_takes_a_volume_snapshot_restores_it_and_deletes_it() {
 }
 
 #[test]
+fn an_image_is_not_cloned_from_itself_and_a_grown_size_remakes_an_unfinished_import() {
+    let own = finalized(image("a", "spec: {source: {image: {name: a}}}"));
+    assert_eq!(image_ready(&settle_image(&observe(&own, ImagePvc::Missing))).1.reason, "InvalidSource");
+    let b = image("b", "spec: {source: {image: {name: a}}}\nstatus: {phase: Pending}");
+    let a = finalized(image("a", "spec: {source: {image: {name: b}}}"));
+    let plan = settle_image(&ImageObservation { source_image: Some(&b), ..observe(&a, ImagePvc::Missing) });
+    assert_eq!((plan.status.phase, image_ready(&plan).1.reason.as_str()), (Some(ImagePhase::Error), "InvalidSource"));
+    // TooSmall, then spec.size raised to 1Gi: the 24Mi PVC, which holds no image, is made again.
+    let mut grown = finalized(image("os", "spec: {size: 1Gi, source: {http: {url: 'http://h/os.img'}}}"));
+    grown.metadata.generation = Some(2);
+    let pending = CloneView { import_source: Some("http://h/os.img".into()), ..Default::default() };
+    let failed = mover("os-image", Role::Import, MoverState::Failed("TooSmall: the image holds...".into()), 1);
+    let plan =
+        image_plan::plan(&ImageObservation { movers: vec![failed], ..observe(&grown, filling(pending)) }, &at(1));
+    assert_eq!(
+        (plan.delete_pvc.as_deref(), plan.delete_pods.clone()),
+        (Some("os-image"), vec!["os-image-import".to_owned()])
+    );
+    assert_eq!(plan.status.phase, Some(ImagePhase::Importing));
+    // A finished import is never remade: too small is an error to fix by hand.
+    let done = CloneView {
+        import_source: Some("http://h/os.img".into()),
+        digest: Some("sha256:ab".into()),
+        ..Default::default()
+    };
+    let plan = settle_image(&observe(&grown, filling(done)));
+    assert_eq!((plan.delete_pvc, plan.status.phase), (None, Some(ImagePhase::Error)));
+}
+
+#[test]
 fn a_vm_disk_is_saved_once_the_vm_is_stopped_by_a_copier() {
     let img = finalized(image("saved", "spec: {source: {virtualMachineDisk: {virtualMachine: vm-a, disk: root}}}"));
     let disk = SourceDisk {
@@ -1347,6 +1377,11 @@ fn a_vm_disk_is_saved_once_the_vm_is_stopped_by_a_copier() {
     let plan = settle_image(&ImageObservation { source_vm: Some(restarted), ..observe(&img, filling(pending)) });
     assert_eq!((plan.status.phase, image_ready(&plan).1.reason.as_str()), (Some(ImagePhase::Pending), "SourceInUse"));
     assert!(plan.create_pods.is_empty());
+    // Deleted before its copy: its disk went with it.
+    let pending =
+        CloneView { strategy: Some("copy".into()), copy_source: Some("vm-a-root".into()), ..Default::default() };
+    let plan = settle_image(&observe(&img, filling(pending)));
+    assert_eq!((plan.status.phase, image_ready(&plan).1.reason.as_str()), (Some(ImagePhase::Error), "SourceNotFound"));
 }
 
 /// A blank 10Gi image `disk` with our finalizer; `persistent` in spec.
