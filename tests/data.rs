@@ -490,3 +490,148 @@ async fn an_image_in_a_class_that_binds_late_is_bound_when_it_must_be_cloned() {
     }
     let _ = kubectl(&["delete", "storageclass", &class], None);
 }
+
+/// The `snapshot` strategy, as far as this cluster allows: it serves no snapshot API (the
+/// fallback to `copy` says so); then the test installs the `snapshot.storage.k8s.io/v1` CRDs and
+/// plays the CSI snapshot controller (it marks the VolumeSnapshot ready to use). The host-path
+/// provisioner binds the restored PVC without copying any data, so this checks the objects
+/// vmkeep makes and their order, not the bytes.
+#[tokio::test]
+async fn a_snapshot_clone_takes_restores_and_deletes_a_volume_snapshot() {
+    let Some((_node, env)) = on_node("data-snapshot").await else { return };
+    let ns = &env.ns;
+    let class = format!("{}-snap", ns.name);
+    kubectl_ok(
+        &["apply", "-f", "-"],
+        Some(&format!(
+            "apiVersion: storage.k8s.io/v1\nkind: StorageClass\nmetadata: {{name: {class}, annotations: \
+             {{vmkeep.io/clone-strategy: snapshot}}}}\nprovisioner: kubernetes.io/host-path\n"
+        )),
+    );
+    let _class = OnDrop(|| drop(kubectl(&["delete", "storageclass", &class, "--wait=false"], None)));
+    let served = kubectl(&["api-resources", "--api-group=snapshot.storage.k8s.io", "-o", "name"], None);
+    let served = !String::from_utf8_lossy(&served.stdout).trim().is_empty();
+    apply(
+        ns,
+        &format!(
+            "apiVersion: vmkeep.io/v1alpha1\nkind: Image\nmetadata: {{name: base}}\n\
+             spec: {{size: 16Mi, storageClassName: {class}, source: {{blank: {{}}}}}}\n"
+        ),
+    );
+    wait_phase(&env, "base", ImagePhase::Ready).await;
+    if !served {
+        // No snapshot API: copy, saying why.
+        apply(
+            ns,
+            "apiVersion: vmkeep.io/v1alpha1\nkind: Image\nmetadata: {name: early}\nspec: {source: {image: {name: base}}}\n",
+        );
+        let early = wait_phase(&env, "early", ImagePhase::Ready).await;
+        assert_eq!(early.clone_strategy.as_deref(), Some("copy"), "{early:?}");
+        assert!(
+            early.clone_fallback.as_deref().unwrap_or_default().contains("serves no snapshot.storage.k8s.io/v1"),
+            "{early:?}"
+        );
+    }
+    // The snapshot API (CRDs only), a class for the host-path driver.
+    let crds = ["volumesnapshots", "volumesnapshotclasses"];
+    let crd = |plural: &str, kind: &str, scope: &str| {
+        format!(
+            "apiVersion: apiextensions.k8s.io/v1\nkind: CustomResourceDefinition\nmetadata: {{name: {plural}.snapshot.storage.k8s.io}}\n\
+             spec: {{group: snapshot.storage.k8s.io, scope: {scope}, names: {{plural: {plural}, kind: {kind}}},\n\
+             versions: [{{name: v1, served: true, storage: true, schema: {{openAPIV3Schema: {{type: object, \
+             x-kubernetes-preserve-unknown-fields: true}}}}}}]}}\n---\n"
+        )
+    };
+    if !served {
+        kubectl_ok(
+            &["apply", "-f", "-"],
+            Some(&(crd(crds[0], "VolumeSnapshot", "Namespaced") + &crd(crds[1], "VolumeSnapshotClass", "Cluster"))),
+        );
+        for plural in crds {
+            kubectl_ok(
+                &["wait", "--for=condition=Established", &format!("crd/{plural}.snapshot.storage.k8s.io")],
+                None,
+            );
+        }
+    }
+    let _crds = OnDrop(|| {
+        if !served {
+            for plural in crds {
+                let _ = kubectl(&["delete", "crd", &format!("{plural}.snapshot.storage.k8s.io"), "--wait=false"], None);
+            }
+        }
+    });
+    let snapshot_class = format!("{}-snaps", ns.name);
+    kubectl_ok(
+        &["apply", "-f", "-"],
+        Some(&format!(
+            "apiVersion: snapshot.storage.k8s.io/v1\nkind: VolumeSnapshotClass\nmetadata: {{name: {snapshot_class}}}\n\
+             driver: kubernetes.io/host-path\ndeletionPolicy: Delete\n"
+        )),
+    );
+    apply(
+        ns,
+        "apiVersion: vmkeep.io/v1alpha1\nkind: Image\nmetadata: {name: snap}\nspec: {source: {image: {name: base}}}\n",
+    );
+    let name = names::snapshot(&names::image_pvc("snap"));
+    let get = |path: &str| {
+        let out = kubectl(
+            &[
+                "get",
+                "volumesnapshots.snapshot.storage.k8s.io",
+                &name,
+                "-n",
+                &ns.name,
+                "-o",
+                &format!("jsonpath={path}"),
+            ],
+            None,
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    wait_for("the VolumeSnapshot", Duration::from_secs(60), async || {
+        (!get("{.metadata.name}").is_empty()).then_some(())
+    })
+    .await;
+    assert_eq!(get("{.spec.source.persistentVolumeClaimName}"), "base-image");
+    assert_eq!(get("{.spec.volumeSnapshotClassName}"), snapshot_class);
+    let cloning = status(&env.api::<Image>().get("snap").await.expect("snap"));
+    assert_eq!(cloning.phase, Some(ImagePhase::Cloning), "waits for the snapshot: {cloning:?}");
+    assert!(env.pvc("snap-image").await.is_none(), "no PVC before the snapshot is ready");
+    // The snapshot controller's part: ready to use.
+    kubectl_ok(
+        &[
+            "patch",
+            "volumesnapshots.snapshot.storage.k8s.io",
+            &name,
+            "-n",
+            &ns.name,
+            "--type=merge",
+            "-p",
+            r#"{"status":{"readyToUse":true}}"#,
+        ],
+        None,
+    );
+    let snap = wait_phase(&env, "snap", ImagePhase::Ready).await;
+    assert_eq!((snap.clone_strategy.as_deref(), snap.clone_fallback.as_deref()), (Some("snapshot"), None), "{snap:?}");
+    let pvc = env.pvc("snap-image").await.expect("the restored PVC");
+    let source = pvc.spec.and_then(|s| s.data_source).expect("a dataSource");
+    assert_eq!(
+        (source.kind.as_str(), source.name.as_str(), source.api_group.as_deref()),
+        ("VolumeSnapshot", name.as_str(), Some("snapshot.storage.k8s.io"))
+    );
+    wait_for("the VolumeSnapshot to go once the clone is bound", Duration::from_secs(60), async || {
+        get("{.metadata.name}").is_empty().then_some(())
+    })
+    .await;
+    let _ = kubectl(&["delete", "volumesnapshotclass", &snapshot_class], None);
+}
+
+/// Runs a closure when dropped (cleanup that must happen when an assertion fails).
+struct OnDrop<F: FnMut()>(F);
+
+impl<F: FnMut()> Drop for OnDrop<F> {
+    fn drop(&mut self) {
+        (self.0)()
+    }
+}
