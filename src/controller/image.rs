@@ -231,10 +231,33 @@ pub async fn reconcile(image: Arc<Image>, ctx: Arc<Context>) -> Result<Action, E
     for pod in &decided.delete_pods {
         apply::delete_child(&ctx, &pod_api, pod).await?;
     }
+    let mut requeue = decided.requeue;
     for pod in &decided.create_pods {
+        // A copy never starts under a guest: the launcher Pods that mount its source, read from
+        // the API server (the cache may lag a launcher created a moment ago; the VM side checks
+        // the copiers the same way before its launcher).
+        if let Some(source) = pod.annotations().get(names::COPY_SOURCE_ANNOTATION)
+            && let Some(launcher) = launcher_mounting(&pod_api, source).await?
+        {
+            info!(image = %name, %source, %launcher, "not copying: a launcher mounts the source");
+            requeue = Some(Duration::from_secs(2));
+            continue;
+        }
         if !apply::create_child(&ctx, &pod_api, pod, &uid).await? {
-            // Taken by a Pod that is not this Image's: the next reconcile reports it.
-            warn!(image = %name, pod = %pod.name_any(), "a helper Pod's name is taken");
+            // Taken by a Pod that is not this Image's (the cache only sees vmkeep's Pods).
+            let pod_name = pod.name_any();
+            warn!(image = %name, pod = %pod_name, "a helper Pod's name is taken");
+            if let Some(role) = Role::of(&own_pvc, &pod_name) {
+                observation.movers.retain(|m| m.name != pod_name);
+                observation.movers.push(ObservedMover {
+                    name: pod_name,
+                    role,
+                    state: MoverState::Foreign,
+                    phase: None,
+                    generation: None,
+                });
+                decided.status = plan::plan(&observation, &now).status;
+            }
         }
     }
     apply::status(&ctx, image.as_ref(), image.status.as_ref(), &decided.status).await?;
@@ -245,11 +268,28 @@ pub async fn reconcile(image: Arc<Image>, ctx: Arc<Context>) -> Result<Action, E
         apply::remove_finalizer(&ctx, image.as_ref(), names::IMAGE_FINALIZER).await?;
     }
     // An adopted PVC is not watched: look at it again now and then.
-    Ok(match (adopted, decided.requeue) {
+    Ok(match (adopted, requeue) {
         (_, Some(after)) => Action::requeue(after),
         (Some(_), None) => Action::requeue(Duration::from_secs(300)),
         (None, None) => Action::await_change(),
     })
+}
+
+/// A launcher Pod (any VM's, not finished) that mounts PVC `pvc`, read from the API server.
+async fn launcher_mounting(pod_api: &Api<Pod>, pvc: &str) -> Result<Option<String>, Error> {
+    let params = kube::api::ListParams::default().labels(names::VM_LABEL);
+    let pods = pod_api.list(&params).await?;
+    Ok(pods
+        .items
+        .iter()
+        .filter(|p| !matches!(p.status.as_ref().and_then(|s| s.phase.as_deref()), Some("Succeeded" | "Failed")))
+        .find(|p| {
+            p.spec
+                .iter()
+                .flat_map(|s| s.volumes.iter().flatten())
+                .any(|v| v.persistent_volume_claim.as_ref().is_some_and(|c| c.claim_name == pvc))
+        })
+        .map(|p| p.name_any()))
 }
 
 /// The Image's helper Pods at their names (importer, size probe, copier), from the cache.

@@ -203,6 +203,8 @@ enum Fact {
     Claim(String, ClaimState),
     /// A child name is taken by an object that is not the VM's.
     Taken(&'static str, String),
+    /// Image copies read disks of the VM now (from the API server).
+    Saving(Vec<String>),
 }
 
 /// The facts learned so far in this reconcile.
@@ -210,6 +212,7 @@ enum Fact {
 struct Facts {
     claims: BTreeMap<String, ClaimState>,
     taken: BTreeSet<(&'static str, String)>,
+    saving: Vec<String>,
     /// The finalizer was added in an earlier pass (the VM object read has not got it).
     finalizer_added: bool,
 }
@@ -223,6 +226,7 @@ impl Facts {
             Fact::Taken(kind, name) => {
                 self.taken.insert((kind, name));
             }
+            Fact::Saving(copies) => self.saving = copies,
         }
     }
 }
@@ -263,7 +267,11 @@ async fn observe<'a>(
         clone_choices,
         clones: cached.clones.clone(),
         copiers: cached.copiers.clone(),
-        saving: if cached.pod == Child::Missing { saving(ctx, ns, vm, cached) } else { Vec::new() },
+        saving: match (&cached.pod, facts.saving.is_empty()) {
+            (_, false) => facts.saving.clone(),
+            (Child::Missing, true) => saving(ctx, ns, vm, cached),
+            _ => Vec::new(),
+        },
         taken: facts.taken.clone(),
         launcher_image: &ctx.settings.launcher_image,
         access_mode: &ctx.settings.access_mode,
@@ -322,11 +330,14 @@ fn saving(ctx: &Context, ns: &str, vm: &VirtualMachine, cached: &Cached) -> Vec<
             .filter(|s| s.persistent == Some(true))
             .filter_map(|s| s.pvc_name.clone()),
     );
-    ctx.stores
-        .pods
-        .state()
-        .iter()
-        .filter(|p| p.namespace().as_deref() == Some(ns) && p.metadata.deletion_timestamp.is_none())
+    let pods = ctx.stores.pods.state();
+    copies_of(pods.iter().map(|p| p.as_ref()).filter(|p| p.namespace().as_deref() == Some(ns)), &disks)
+}
+
+/// The copies (Image copier Pods, by their `vmkeep.io/copy-source`) that read one of `disks`
+/// now, as messages.
+fn copies_of<'a>(pods: impl Iterator<Item = &'a Pod>, disks: &BTreeSet<String>) -> Vec<String> {
+    pods.filter(|p| p.metadata.deletion_timestamp.is_none())
         .filter(|p| p.annotations().get(names::COPY_SOURCE_ANNOTATION).is_some_and(|s| disks.contains(s)))
         .filter(|p| !matches!(p.status.as_ref().and_then(|s| s.phase.as_deref()), Some("Succeeded" | "Failed")))
         .map(|p| {
@@ -334,6 +345,24 @@ fn saving(ctx: &Context, ns: &str, vm: &VirtualMachine, cached: &Cached) -> Vec<
             format!("PersistentVolumeClaim {source} is being copied by Pod {}", p.name_any())
         })
         .collect()
+}
+
+/// Right before a launcher Pod is created: the Image copies of its PVCs, read from the API
+/// server (the cache may not have the copier an Image controller created a moment ago; the
+/// Image side checks the launcher Pods the same way before its copier).
+async fn copies_now(pod_api: &Api<Pod>, launcher: &Pod) -> Result<Vec<String>, Error> {
+    let disks: BTreeSet<String> = launcher
+        .spec
+        .iter()
+        .flat_map(|s| s.volumes.iter().flatten())
+        .filter_map(|v| Some(v.persistent_volume_claim.as_ref()?.claim_name.clone()))
+        .collect();
+    if disks.is_empty() {
+        return Ok(Vec::new());
+    }
+    let params = kube::api::ListParams::default().labels(names::TRANSFER_FOR_LABEL);
+    let pods = pod_api.list(&params).await?;
+    Ok(copies_of(pods.items.iter(), &disks))
 }
 
 /// The accelerator a running launcher chose, from the start of its log (it has no API
@@ -449,6 +478,10 @@ async fn apply(
     let pod_name = names::launcher_pod(&vm.name_any());
     match &decided.pod {
         Some(PodChange::Create(pod)) => {
+            let copies = copies_now(&pod_api, pod.as_ref()).await?;
+            if !copies.is_empty() {
+                return Ok(Applied::Learned(Fact::Saving(copies)));
+            }
             if !apply::create_child(ctx, &pod_api, pod.as_ref(), &uid).await? {
                 return Ok(Applied::Learned(Fact::Taken("Pod", pod_name)));
             }

@@ -166,7 +166,8 @@ pub struct ImageObservation<'a> {
     /// The image's PVC is unbound in a `WaitForFirstConsumer` StorageClass: it binds when a Pod
     /// first mounts it.
     pub binds_late: bool,
-    /// Images wait to be cloned from this one.
+    /// Images wait to be cloned from this one (Pending or Cloning): it is kept, and bound in a
+    /// `WaitForFirstConsumer` class.
     pub wanted_by_clones: bool,
     /// The last progress its importer logged.
     pub progress: Option<Progress>,
@@ -747,7 +748,8 @@ pub fn plan(obs: &ImageObservation, now: &Time) -> ImagePlan {
     let in_use = !obs.consumers.is_empty() || obs.claim.is_some();
     let deleting = image.metadata.deletion_timestamp.is_some();
     let has_finalizer = image.finalizers().iter().any(|f| f == names::IMAGE_FINALIZER);
-    let finalizer = match (deleting, has_finalizer, in_use) {
+    // An Image being cloned from stays until its clones have their data (its PVC is their source).
+    let finalizer = match (deleting, has_finalizer, in_use || obs.wanted_by_clones) {
         (true, true, false) => Finalizer::Remove,
         (false, false, _) => Finalizer::Add,
         _ => Finalizer::Keep,

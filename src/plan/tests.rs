@@ -1237,6 +1237,12 @@ fn an_image_pvc_that_binds_late_is_bound_by_a_pod_when_it_must_be_cloned() {
     // In a class that binds at once, never.
     let immediate = ImageObservation { consumers: vec!["vm-a".into()], ..observe(&img, pending) };
     assert!(settle_image(&immediate).create_pods.is_empty());
+    // Deleted while an Image waits to clone it: kept until that clone has its data.
+    let gone = deleting(img.clone());
+    let held = ImageObservation { wanted_by_clones: true, ..observe(&gone, present(true, "Bound", Some("1Gi"))) };
+    assert_eq!(settle_image(&held).finalizer, Finalizer::Keep);
+    let free = ImageObservation { wanted_by_clones: false, ..held };
+    assert_eq!(settle_image(&free).finalizer, Finalizer::Remove);
     // Bound: the binder goes.
     let done = mover("os-image", Role::Bind, MoverState::Done(String::new()), 0);
     let bound = ImageObservation {
