@@ -346,9 +346,10 @@ async fn a_bad_checksum_a_404_and_a_flaky_server_end_as_they_should() {
     assert_eq!(flaky.digest, Some(format!("sha256:{}", sha256(&disk))), "the disk: its content and zeros up to 8Mi");
     let not_qcow = wait_phase(&env, "not-qcow", ImagePhase::Error).await;
     assert_eq!(ready_reason(&not_qcow).0, "UnsupportedFormat", "{not_qcow:?}");
-    // A terminal failure stays until the spec changes: no retry storm.
+    // A terminal failure stays until the spec changes (its Pod ended, kept for its log): no
+    // retry storm.
     let pod = env.pod(&names::importer_pod(&names::image_pvc("missing"))).await.expect("the failed importer stays");
-    assert_eq!(pod.status.and_then(|s| s.phase).as_deref(), Some("Failed"));
+    assert_eq!(pod.status.and_then(|s| s.phase).as_deref(), Some("Succeeded"), "it ended for good");
 }
 
 /// The seed's promise, end to end: a non-persistent OS image imported over HTTP (qcow2) and a
@@ -536,7 +537,8 @@ async fn a_snapshot_clone_takes_restores_and_deletes_a_volume_snapshot() {
     let crds = ["volumesnapshots", "volumesnapshotclasses"];
     let crd = |plural: &str, kind: &str, scope: &str| {
         format!(
-            "apiVersion: apiextensions.k8s.io/v1\nkind: CustomResourceDefinition\nmetadata: {{name: {plural}.snapshot.storage.k8s.io}}\n\
+            "apiVersion: apiextensions.k8s.io/v1\nkind: CustomResourceDefinition\nmetadata: {{name: {plural}.snapshot.storage.k8s.io, \
+             annotations: {{api-approved.kubernetes.io: 'https://github.com/kubernetes-csi/external-snapshotter/pull/419'}}}}\n\
              spec: {{group: snapshot.storage.k8s.io, scope: {scope}, names: {{plural: {plural}, kind: {kind}}},\n\
              versions: [{{name: v1, served: true, storage: true, schema: {{openAPIV3Schema: {{type: object, \
              x-kubernetes-preserve-unknown-fields: true}}}}}}]}}\n---\n"

@@ -316,8 +316,12 @@ fn movers(ctx: &Context, ns: &str, pvc: &str, image_uid: &str) -> Vec<ObservedMo
 }
 
 /// An importer's termination message as a helper's outcome: the message itself when it
-/// succeeded (the plan reads it again), `<Reason>: <message>` when it failed.
+/// succeeded (the plan reads it again), `<Reason>: <message>` when it failed (for good, or
+/// `Retrying: ...` before the kubelet runs it again).
 fn import_outcome(message: &str) -> Option<Result<String, String>> {
+    if let Some(why) = import::parse_retrying(message) {
+        return Some(Err(format!("Retrying: {why}")));
+    }
     match import::parse_result(message)? {
         ImportResult::Failed { reason, message } => Some(Err(format!("{reason}: {message}"))),
         _ => Some(Ok(message.trim().to_owned())),

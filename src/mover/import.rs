@@ -8,7 +8,8 @@
 //! 1. a SHA-256 of the *downloaded* bytes (the file as served, compressed or not): checked
 //!    against [`ImportArgs::sha256`] when given;
 //! 2. decompression chosen by the file's magic bytes: gzip (`1f 8b`, concatenated members too),
-//!    xz (`FD 37 7A 58 5A 00`, concatenated streams too), else none;
+//!    xz (`FD 37 7A 58 5A 00`, concatenated streams too, with a decoder memory limit of 256 MiB:
+//!    a file made with a larger dictionary is refused as `UnsupportedFormat`), else none;
 //! 3. the format step: a raw image is written sparsely (all-zero 1 MiB chunks are skipped) to
 //!    `<target>/disk.img.partial`, then renamed to `disk.img`; a qcow2 image is saved to
 //!    `<scratch>/download.qcow2` and converted to raw by `qemu-img convert`. A block-device
@@ -17,16 +18,30 @@
 //!    on a block device.
 //!
 //! A file target is `max(raw bytes, capacity rounded down to 1 MiB)` long (the extra bytes are
-//! zeros, as holes). A mismatching format (a qcow2 file declared raw, a raw file declared
-//! qcow2, VMDK / VHD / VHDX / VDI images) is refused, and so is a qcow2 image with a backing or
-//! external data file (it could read files of the importer Pod).
+//! zeros, as holes). A raw image larger than the PVC (or the device) fails `TooSmall` as soon as
+//! it is known: before the download when the server tells the (uncompressed) length, else as soon
+//! as the stream passes the PVC's size (reading stops there: an endless stream cannot hold the
+//! importer). A probe that must count the (decompressed) stream stops after 1 TiB. A mismatching
+//! format (a qcow2 file declared raw, a raw file declared qcow2, VMDK / VHD / VHDX / VDI images)
+//! is refused, and so is a qcow2 image with a backing or external data file (it could read files
+//! of the importer Pod).
+//!
+//! Redirects (301, 302, 303, 307, 308; at most 10) are followed by the importer itself, not by
+//! the HTTP client: the headers of [`ImportArgs::headers_dir`] are sent only to the origin
+//! (scheme, host and port) of [`ImportArgs::url`], never to another one a redirect leads to, and
+//! a redirect from `https` to `http` is refused. A resumed request goes to the URL the redirects
+//! led to (and starts from the original URL again if that one answers HTTP 4xx).
 //!
 //! Network trouble never fails an import: a connection error, a timeout (connect 10 s, 30 s
 //! per read), an error mid-body, HTTP 5xx and HTTP 429 are retried for ever with a back-off of
-//! 1 s, 2 s, 4 s ... 30 s. A body cut short resumes with `Range: bytes=<offset>-`,
-//! transparently to the hasher and the decompressor: a `206` goes on at the offset, a `200`
-//! (a server that ignores ranges) is read again from its start and its first `<offset>` bytes
-//! are dropped. HTTP 4xx other than 429 is terminal.
+//! 1 s, 2 s, 4 s ... 30 s. A body cut short resumes with `Range: bytes=<offset>-` and
+//! `If-Range: <validator>` (the first response's strong `ETag`, else its `Last-Modified`),
+//! transparently to the hasher and the decompressor: a `206` goes on at the offset; a `200` to
+//! it (the file changed, or a server that ignores ranges) is spliced only when it carries the
+//! first response's strong `ETag` (its first `<offset>` bytes are then dropped). Otherwise (no
+//! validator, or a changed file) the bytes already streamed cannot be trusted: the import ends
+//! as `Retrying` (below) and the next container starts over from byte 0. HTTP 4xx other than
+//! 429 is terminal.
 //!
 //! Every 2 s (and at the end of the download) one line [`PROGRESS_PREFIX`]`{"downloaded":N,
 //! "total":N|null,"retries":N,"lastError":"..."|null}` goes to stdout ([`parse_progress`]);
@@ -36,8 +51,16 @@
 //! - `Imported: sha256:<hex> <raw bytes> bytes (downloaded <n> bytes, <r> retries, <s> s)`;
 //! - `Size: <bytes>` for a probe ([`ImportArgs::probe`]): the bytes the PVC must hold;
 //! - `<Reason>: <message>` with a reason among `ImportFailed` (HTTP 4xx, I/O, qemu-img, bad
-//!   arguments), `ChecksumMismatch`, `UnsupportedFormat` and `TooSmall` (the PVC cannot hold
-//!   the image: the message names the `spec.size` to set).
+//!   arguments, a missing or empty Secret or ConfigMap), `ChecksumMismatch`,
+//!   `UnsupportedFormat` and `TooSmall` (the PVC cannot hold the image: the message names the
+//!   `spec.size` to set);
+//! - `Retrying: <why>` for a failure that is not terminal (the import must start over):
+//!   [`parse_result`] reads it as `None`, [`parse_retrying`] as its why.
+//!
+//! Exit codes ([`run`]): 0 for every terminal outcome (imported, probed, or one of the four
+//! failure reasons: the Pod, `restartPolicy: OnFailure`, ends `Succeeded` and its termination
+//! message tells the outcome), 1 for `Retrying` (the kubelet restarts the container, with its
+//! crash back-off).
 //!
 //! URLs in messages and logs lose their query string and user info (presigned URLs carry
 //! secrets there); header values are never logged.
@@ -75,6 +98,10 @@ const MAX_MESSAGE: usize = 3000;
 const GZIP_MAGIC: &[u8] = &[0x1f, 0x8b];
 const XZ_MAGIC: &[u8] = &[0xfd, b'7', b'z', b'X', b'Z', 0x00];
 const QCOW2_MAGIC: &[u8] = b"QFI\xfb";
+/// The memory the xz decoder may use (the Pod's limit is 512 MiB).
+const XZ_MEMLIMIT: u64 = 256 * MIB;
+/// Redirects followed, at most, per request.
+const MAX_REDIRECTS: u32 = 10;
 
 /// The start of a progress line on stdout; compact JSON follows ([`Progress`]).
 pub const PROGRESS_PREFIX: &str = "vmkeep-import-progress ";
@@ -99,14 +126,17 @@ pub struct ImportArgs {
     /// A writable folder (an emptyDir) for qcow2 downloads.
     pub scratch: PathBuf,
     /// A mounted Secret: each regular file is one HTTP header (the file name is the header's
-    /// name, its trimmed content the value). Dotfiles and the `..data` links are skipped.
+    /// name, its trimmed content the value). Dotfiles and the `..data` links are skipped. The
+    /// headers are sent to the URL's origin only, not to another one a redirect leads to. A
+    /// missing or empty folder (the optional Secret is missing, or empty) fails the import.
     pub headers_dir: Option<PathBuf>,
     /// A mounted ConfigMap: every regular file is a PEM bundle of CA certificates trusted in
-    /// addition to the system bundle `/etc/ssl/certs/ca-certificates.crt` (when present).
+    /// addition to the system bundle `/etc/ssl/certs/ca-certificates.crt` (when present). A
+    /// missing or empty folder (the optional ConfigMap is missing, or empty) fails the import.
     pub ca_dir: Option<PathBuf>,
     /// Only find the size the PVC must have (`Size: <bytes>`), writing nothing: a qcow2
     /// image's virtual size from its header, an uncompressed raw image's `Content-Length`,
-    /// else the count of all decompressed bytes.
+    /// else the count of all decompressed bytes (a stream of more than 1 TiB fails).
     pub probe: bool,
 }
 
@@ -124,7 +154,7 @@ pub enum ImportResult {
     },
     /// A probe's answer: the bytes the PVC must hold.
     Size(u64),
-    /// A terminal failure.
+    /// A terminal failure (a `Retrying: <why>` message is none: [`parse_retrying`]).
     Failed {
         /// `ImportFailed`, `ChecksumMismatch`, `UnsupportedFormat` or `TooSmall`.
         reason: String,
@@ -153,6 +183,12 @@ pub fn parse_result(message: &str) -> Option<ImportResult> {
     }
     let (reason, why) = message.split_once(": ")?;
     REASONS.contains(&reason).then(|| ImportResult::Failed { reason: reason.to_owned(), message: why.to_owned() })
+}
+
+/// The why of a `Retrying: <why>` termination message (a non-terminal failure: the container
+/// exited 1 and is restarted); `None` for any other message.
+pub fn parse_retrying(message: &str) -> Option<&str> {
+    message.trim().strip_prefix("Retrying: ")
 }
 
 /// A download's progress, as printed every 2 s on stdout after [`PROGRESS_PREFIX`].
@@ -211,6 +247,8 @@ pub(crate) struct Config {
     pub(crate) read_timeout: Duration,
     pub(crate) progress_every: Duration,
     pub(crate) system_ca_bundle: PathBuf,
+    /// A probe that counts the decompressed stream fails past this many bytes.
+    pub(crate) probe_max: u64,
 }
 
 impl Default for Config {
@@ -222,12 +260,14 @@ impl Default for Config {
             read_timeout: Duration::from_secs(30),
             progress_every: Duration::from_secs(2),
             system_ca_bundle: PathBuf::from(SYSTEM_CA_BUNDLE),
+            probe_max: 1 << 40,
         }
     }
 }
 
 /// Runs an import as an importer Pod's container: writes the termination message; returns the
-/// exit code (0 imported or probed, 1 failed).
+/// exit code: 0 for a terminal outcome (imported, probed, or a terminal failure), 1 for a
+/// failure that is not terminal (`Retrying: <why>`: the container is to be run again).
 pub fn run(args: &ImportArgs, termination_log: &Path) -> i32 {
     run_with(args, termination_log, &Config::default())
 }
@@ -258,9 +298,13 @@ pub(crate) fn run_with(args: &ImportArgs, termination_log: &Path, config: &Confi
                 ),
             )
         }
+        Err(failure) if failure.reason == Reason::Retrying => {
+            tracing::warn!("import interrupted, to be run again: {failure}");
+            (1, failure.to_string())
+        }
         Err(failure) => {
             tracing::error!("import failed: {failure}");
-            (1, failure.to_string())
+            (0, failure.to_string())
         }
     };
     if let Err(e) = std::fs::write(termination_log, format!("{}\n", one_line(&message, MAX_MESSAGE))) {
@@ -291,9 +335,11 @@ enum Reason {
     ChecksumMismatch,
     UnsupportedFormat,
     TooSmall,
+    /// Not terminal: the import must start over (the container exits 1 and is run again).
+    Retrying,
 }
 
-/// A terminal failure: `<Reason>: <message>`.
+/// A failure: `<Reason>: <message>`, terminal unless [`Reason::Retrying`].
 #[derive(Debug)]
 struct Failure {
     reason: Reason,
@@ -308,6 +354,11 @@ impl Failure {
     fn failed(message: impl Into<String>) -> Self {
         Failure::new(Reason::ImportFailed, message)
     }
+
+    /// `Retrying: <why>; starting over`.
+    fn starting_over(why: impl fmt::Display) -> Self {
+        Failure::new(Reason::Retrying, format!("{why}; starting over"))
+    }
 }
 
 impl fmt::Display for Failure {
@@ -319,8 +370,21 @@ impl fmt::Display for Failure {
 impl std::error::Error for Failure {}
 
 /// An I/O error of a step as a failure; a [`Failure`] raised by the download (a terminal HTTP
-/// status on a reconnection) comes through the decompressors inside the error, and is kept.
+/// status on a reconnection) comes through the decompressors inside the error, and is kept. The
+/// xz decoder's memory limit is an unsupported file.
 fn from_io(e: io::Error, step: &str) -> Failure {
+    if e.get_ref()
+        .and_then(|inner| inner.downcast_ref::<liblzma::stream::Error>())
+        .is_some_and(|lz| matches!(lz, liblzma::stream::Error::MemLimit))
+    {
+        return Failure::new(
+            Reason::UnsupportedFormat,
+            format!(
+                "the xz file needs more than {} MiB to decompress (recompress it with a smaller dictionary, e.g. xz -6)",
+                XZ_MEMLIMIT / MIB
+            ),
+        );
+    }
     if e.get_ref().is_some_and(|inner| inner.is::<Failure>()) {
         return match e.into_inner().map(|inner| inner.downcast::<Failure>()) {
             Some(Ok(failure)) => *failure,
@@ -388,8 +452,18 @@ fn probe(args: &ImportArgs, config: &Config, expected: Option<&str>) -> Result<D
         } else if let (Compression::None, Some(total)) = (opened.compression, opened.total) {
             (total, false)
         } else {
-            let rest = io::copy(&mut stream, &mut io::sink()).map_err(|e| from_io(e, "reading the image"))?;
-            (head.len() as u64 + rest, true)
+            // Counted, up to a bound: an endless stream cannot hold the probe.
+            let most = config.probe_max.saturating_sub(head.len() as u64).saturating_add(1);
+            let rest = io::copy(&mut stream.by_ref().take(most), &mut io::sink())
+                .map_err(|e| from_io(e, "reading the image"))?;
+            let size = head.len() as u64 + rest;
+            if size > config.probe_max {
+                return Err(Failure::failed(format!(
+                    "the stream is too large to probe: more than {} bytes (once decompressed): set spec.size",
+                    config.probe_max
+                )));
+            }
+            (size, true)
         }
     };
     if whole {
@@ -418,7 +492,7 @@ fn import_raw(
     } else {
         Some(args.capacity).filter(|c| *c > 0)
     };
-    let (bytes, mut raw_hasher, over) = {
+    let (bytes, mut raw_hasher) = {
         let opened = open_stream(download)?;
         let mut stream = opened.stream;
         let head = read_head(&mut stream)?;
@@ -438,28 +512,27 @@ fn import_raw(
         let mut sparse = Sparse { file: &mut out, path: &written, block, offset: 0 };
         let mut hasher = Context::new(&SHA256);
         let mut buf = vec![0u8; CHUNK];
-        let mut over = false;
         loop {
             let n = fill(&mut stream, &mut buf).map_err(|e| from_io(e, "reading the image"))?;
             if n == 0 {
                 break;
             }
-            // Past the limit, only count (to tell the size it takes).
-            over = over || limit.is_some_and(|l| sparse.offset + n as u64 > l);
-            if over {
-                sparse.offset += n as u64;
-            } else {
-                hasher.update(&buf[..n]);
-                sparse.write(&buf[..n])?;
+            // Past the limit, stop at once: the stream may be endless (its size is unknown).
+            if let Some(limit) = limit
+                && sparse.offset + n as u64 > limit
+            {
+                return Err(Failure::new(
+                    Reason::TooSmall,
+                    format!("the image holds more than {limit} bytes (the PVC's size): set spec.size larger"),
+                ));
             }
+            hasher.update(&buf[..n]);
+            sparse.write(&buf[..n])?;
         }
-        (sparse.offset, hasher, over)
+        (sparse.offset, hasher)
     };
     let downloaded = download.finish()?;
     check_sha256(expected, &downloaded)?;
-    if let (true, Some(limit)) = (over, limit) {
-        return Err(too_small(bytes, limit));
-    }
     if !block {
         let len = bytes.max(whole_mib);
         out.set_len(len).map_err(|e| Failure::failed(format!("sizing {}: {e}", written.display())))?;
@@ -737,7 +810,10 @@ fn open_stream<'a>(download: &'a mut Download) -> Result<Opened<'a>, Failure> {
         Compression::None => Box::new(raw),
         Compression::Gzip => Box::new(flate2::bufread::MultiGzDecoder::new(BufReader::with_capacity(1 << 16, raw))),
         Compression::Xz => {
-            Box::new(liblzma::bufread::XzDecoder::new_multi_decoder(BufReader::with_capacity(1 << 16, raw)))
+            // A bounded decoder: a file with a huge dictionary fails (MemLimit) instead of the Pod.
+            let decoder = liblzma::stream::Stream::new_stream_decoder(XZ_MEMLIMIT, liblzma::stream::CONCATENATED)
+                .map_err(|e| Failure::failed(format!("starting the xz decoder: {e}")))?;
+            Box::new(liblzma::bufread::XzDecoder::new_stream(BufReader::with_capacity(1 << 16, raw), decoder))
         }
     };
     Ok(Opened { stream, compression, total })
@@ -870,9 +946,16 @@ fn shown_url(url: &str) -> String {
 }
 
 /// The regular files of a mounted Secret or ConfigMap folder, by name: dotfiles (and the
-/// `..data` links of the mount) are skipped, symbolic links to files followed.
-fn mounted_files(dir: &Path) -> Result<Vec<(String, PathBuf)>, Failure> {
-    let entries = std::fs::read_dir(dir).map_err(|e| Failure::failed(format!("cannot list {}: {e}", dir.display())))?;
+/// `..data` links of the mount) are skipped, symbolic links to files followed. The volume is
+/// optional: a missing Secret or ConfigMap is an empty (or absent) folder, a failure `<what>
+/// holds no key (it is missing or empty)`.
+fn mounted_files(dir: &Path, what: &str) -> Result<Vec<(String, PathBuf)>, Failure> {
+    let missing = || Failure::failed(format!("{what} holds no key (it is missing or empty)"));
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(missing()),
+        Err(e) => return Err(Failure::failed(format!("cannot list {}: {e}", dir.display()))),
+    };
     let mut files = Vec::new();
     for entry in entries {
         let entry = entry.map_err(|e| Failure::failed(format!("cannot list {}: {e}", dir.display())))?;
@@ -882,6 +965,9 @@ fn mounted_files(dir: &Path) -> Result<Vec<(String, PathBuf)>, Failure> {
             files.push((name, path));
         }
     }
+    if files.is_empty() {
+        return Err(missing());
+    }
     files.sort();
     Ok(files)
 }
@@ -889,7 +975,7 @@ fn mounted_files(dir: &Path) -> Result<Vec<(String, PathBuf)>, Failure> {
 /// The headers of [`ImportArgs::headers_dir`], checked (values are secrets: never shown).
 fn read_headers(dir: &Path) -> Result<Vec<(String, String)>, Failure> {
     let mut headers = Vec::new();
-    for (name, path) in mounted_files(dir)? {
+    for (name, path) in mounted_files(dir, "the Secret of source.http.secretRef")? {
         let value = std::fs::read_to_string(&path)
             .map_err(|e| Failure::failed(format!("cannot read the header file {}: {e}", path.display())))?;
         let value = value.trim().to_owned();
@@ -928,7 +1014,7 @@ fn root_certificates(system: &Path, ca_dir: Option<&Path>) -> Result<Vec<Certifi
         Err(e) => tracing::debug!("no system CA bundle {}: {e}", system.display()),
     }
     if let Some(dir) = ca_dir {
-        for (_, path) in mounted_files(dir)? {
+        for (_, path) in mounted_files(dir, "the ConfigMap of source.http.caConfigMap")? {
             let pem = std::fs::read(&path)
                 .map_err(|e| Failure::failed(format!("cannot read the CA bundle {}: {e}", path.display())))?;
             let certs = pem_certificates(&pem)
@@ -948,6 +1034,7 @@ fn root_certificates(system: &Path, ca_dir: Option<&Path>) -> Result<Vec<Certifi
 /// Whether a failed attempt is retried.
 enum Attempt {
     Retry(String),
+    /// Ends the import: a terminal failure, or [`Reason::Retrying`] (it must start over).
     Fatal(Failure),
 }
 
@@ -983,6 +1070,61 @@ fn parse_content_range(value: &str) -> Option<(u64, Option<u64>)> {
     Some((start, total.trim().parse().ok()))
 }
 
+/// The origin of an `http(s)` URL: scheme, host (lowercased) and port.
+fn origin(url: &str) -> Option<(String, String, u16)> {
+    let uri: ureq::http::Uri = url.parse().ok()?;
+    let scheme = uri.scheme_str()?.to_ascii_lowercase();
+    let port = uri.port_u16().or(match scheme.as_str() {
+        "http" => Some(80),
+        "https" => Some(443),
+        _ => None,
+    })?;
+    Some((scheme, uri.host()?.to_ascii_lowercase(), port))
+}
+
+/// Whether two URLs have the same origin (scheme, host and port).
+fn same_origin(a: &str, b: &str) -> bool {
+    origin(a).is_some_and(|o| Some(o) == origin(b))
+}
+
+/// Whether an `ETag` is a strong one (not `W/"..."`).
+fn is_strong_etag(etag: &str) -> bool {
+    !etag.trim().is_empty() && !etag.trim_start().starts_with("W/")
+}
+
+/// The URL a redirect from `from` to `location` leads to: `location` resolved against `from`
+/// (without its fragment); refused when it is not `http(s)`, or goes from `https` to `http`.
+fn redirect_target(from: &str, location: &str) -> Result<String, Failure> {
+    let location = location.trim();
+    let location = location.split_once('#').map_or(location, |(l, _)| l);
+    let (scheme, rest) = from.split_once("://").unwrap_or(("", from));
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, path) = rest.split_at(authority_end);
+    let path = path.split_once(['?', '#']).map_or(path, |(p, _)| p);
+    let target = if location.contains("://") {
+        location.to_owned()
+    } else if let Some(rest) = location.strip_prefix("//") {
+        format!("{scheme}://{rest}")
+    } else if location.starts_with('/') {
+        format!("{scheme}://{authority}{location}")
+    } else if location.starts_with('?') || location.is_empty() {
+        format!("{scheme}://{authority}{path}{location}")
+    } else {
+        let dir = path.rfind('/').map_or("/", |at| &path[..=at]);
+        format!("{scheme}://{authority}{dir}{location}")
+    };
+    let (from_shown, to_shown) = (shown_url(from), shown_url(&target));
+    let to_scheme = target.split_once("://").map(|(s, _)| s.to_ascii_lowercase());
+    match to_scheme.as_deref() {
+        Some("https") => Ok(target),
+        Some("http") if scheme.eq_ignore_ascii_case("https") => {
+            Err(Failure::failed(format!("refusing the redirect from {from_shown} to {to_shown}: from https to http")))
+        }
+        Some("http") => Ok(target),
+        _ => Err(Failure::failed(format!("refusing the redirect from {from_shown} to {to_shown}: not http(s)"))),
+    }
+}
+
 /// The body of the file as a `Read` that never fails on network trouble: it reconnects (with
 /// back-off, and a `Range` to go on where it was) until it has the whole file, or a terminal
 /// failure (returned as the inner error of an `io::Error`). It hashes what it reads.
@@ -990,7 +1132,14 @@ struct Download<'c> {
     agent: ureq::Agent,
     url: String,
     shown: String,
+    /// The URL the last response came from, after its redirects: resumed requests go there.
+    current: String,
+    /// Sent only to the origin of `url` ([`same_origin`]).
     headers: Vec<(String, String)>,
+    /// The strong `ETag` of the first response, if any.
+    etag: Option<String>,
+    /// The `Last-Modified` of the first response, if any.
+    last_modified: Option<String>,
     config: &'c Config,
     body: Option<ureq::BodyReader<'static>>,
     /// Bytes to drop from the current response (a `200` to a `Range` request).
@@ -1025,6 +1174,8 @@ impl<'c> Download<'c> {
             .timeout_send_request(Some(config.read_timeout))
             .timeout_recv_response(Some(config.read_timeout))
             .timeout_per_read(Some(config.read_timeout))
+            // Redirects are followed by `attempt`: the Secret's headers go to their origin only.
+            .max_redirects(0)
             .tls_config(tls)
             .build()
             .new_agent();
@@ -1036,7 +1187,10 @@ impl<'c> Download<'c> {
             agent,
             url: args.url.clone(),
             shown,
+            current: args.url.clone(),
             headers,
+            etag: None,
+            last_modified: None,
             config,
             body: None,
             skip: 0,
@@ -1048,38 +1202,102 @@ impl<'c> Download<'c> {
         })
     }
 
-    /// One request, from the current offset.
+    /// One request, from the current offset, following redirects.
     fn attempt(&mut self) -> Result<(), Attempt> {
         let offset = self.progress.downloaded;
-        let mut request = self.agent.get(&self.url);
-        for (name, value) in &self.headers {
-            request = request.header(name, value);
+        // The first response's validator: a resumed request must be of the same file.
+        let if_range = self.etag.clone().or_else(|| self.last_modified.clone());
+        if offset > 0 && if_range.is_none() {
+            return Err(Attempt::Fatal(Failure::starting_over(format!(
+                "the download of {} stopped at byte {offset} and the server tells no ETag or Last-Modified to \
+                 resume it safely",
+                self.shown
+            ))));
         }
-        if offset > 0 {
-            request = request.header("Range", format!("bytes={offset}-"));
-        }
-        let response = request.call().map_err(|e| classify(e, &self.shown))?;
+        let resumed_elsewhere = self.current != self.url;
+        let mut url = self.current.clone();
+        let mut redirects = 0;
+        let response = loop {
+            let shown = shown_url(&url);
+            let mut request = self.agent.get(&url);
+            if same_origin(&url, &self.url) {
+                for (name, value) in &self.headers {
+                    request = request.header(name, value);
+                }
+            }
+            if let (true, Some(validator)) = (offset > 0, &if_range) {
+                request = request.header("Range", format!("bytes={offset}-")).header("If-Range", validator);
+            }
+            let response = request.call().map_err(|e| classify(e, &shown))?;
+            if !matches!(response.status().as_u16(), 301 | 302 | 303 | 307 | 308) {
+                break response;
+            }
+            if redirects == MAX_REDIRECTS {
+                return Err(Attempt::Fatal(Failure::failed(format!(
+                    "more than {MAX_REDIRECTS} redirects from {}",
+                    self.shown
+                ))));
+            }
+            let location = response.headers().get("location").and_then(|v| v.to_str().ok());
+            let Some(location) = location else {
+                return Err(Attempt::Fatal(Failure::failed(format!(
+                    "HTTP {} from {shown} without a valid Location",
+                    response.status().as_u16()
+                ))));
+            };
+            url = redirect_target(&url, location).map_err(Attempt::Fatal)?;
+            redirects += 1;
+        };
+        let shown = shown_url(&url);
         let status = response.status();
         let described = match status.canonical_reason() {
-            Some(text) => format!("HTTP {} {text} from {}", status.as_u16(), self.shown),
-            None => format!("HTTP {} from {}", status.as_u16(), self.shown),
+            Some(text) => format!("HTTP {} {text} from {shown}", status.as_u16()),
+            None => format!("HTTP {} from {shown}", status.as_u16()),
+        };
+        let header = |name: &str| response.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);
+        let etag = header("etag").filter(|e| is_strong_etag(e));
+        let changed = || {
+            Attempt::Fatal(Failure::starting_over(
+                "the file changed on the server during the download (no matching ETag)",
+            ))
         };
         match status.as_u16() {
+            200 if offset == 0 => {
+                self.skip = 0;
+                self.etag = etag;
+                self.last_modified = header("last-modified");
+                if let Some(len) = response.body().content_length() {
+                    self.progress.total = Some(len);
+                }
+            }
+            // A resumed request answered with the whole file: the same file (its strong ETag)
+            // from a server that ignores ranges, else a changed file, not to be spliced.
             200 => {
+                if self.etag.is_none() || etag != self.etag {
+                    return Err(changed());
+                }
                 self.skip = offset;
                 if let Some(len) = response.body().content_length() {
                     self.progress.total = Some(len);
                 }
             }
             206 => {
-                let range = response.headers().get("content-range").and_then(|v| v.to_str().ok());
-                let Some((start, total)) = range.and_then(parse_content_range) else {
+                let range = header("content-range");
+                let Some((start, total)) = range.as_deref().and_then(parse_content_range) else {
                     return Err(Attempt::Fatal(Failure::failed(format!("{described} without a valid Content-Range"))));
                 };
                 if start > offset {
                     return Err(Attempt::Fatal(Failure::failed(format!(
                         "{described} starts at byte {start}, not {offset}"
                     ))));
+                }
+                // A server that honours Range but not If-Range: the validators tell.
+                let other_etag = matches!((&etag, &self.etag), (Some(now), Some(first)) if now != first);
+                let other_date = self.etag.is_none()
+                    && matches!((header("last-modified"), &self.last_modified), (Some(now), Some(first)) if now != *first);
+                let other_total = matches!((total, self.progress.total), (Some(now), Some(first)) if now != first);
+                if other_etag || other_date || other_total {
+                    return Err(changed());
                 }
                 self.skip = offset - start;
                 if total.is_some() {
@@ -1092,8 +1310,14 @@ impl<'c> Download<'c> {
                 return Ok(());
             }
             429 | 500..=599 => return Err(Attempt::Retry(described)),
+            // The URL a redirect led to may have expired (a presigned one): ask the original again.
+            400..=499 if resumed_elsewhere => {
+                self.current = self.url.clone();
+                return Err(Attempt::Retry(format!("{described}: asking {} again", self.shown)));
+            }
             _ => return Err(Attempt::Fatal(Failure::failed(described))),
         }
+        self.current = url;
         self.body = Some(response.into_body().into_reader());
         Ok(())
     }
@@ -1213,7 +1437,8 @@ mod tests {
     #[derive(Clone, Default)]
     struct Plan {
         body: Vec<u8>,
-        /// Honour `Range` with a 206 (else answer 200 with the whole body).
+        /// Honour `Range` with a 206 (else answer 200 with the whole body), and `If-Range`:
+        /// a 200 with the whole body when it names no longer the file.
         ranges: bool,
         /// Send only this many bytes of the body (with the full Content-Length), then drop the
         /// connection, on the first request not answered with an error.
@@ -1224,6 +1449,18 @@ mod tests {
         status: Option<u16>,
         /// Answer this status to every request after the first.
         then_status: Option<u16>,
+        /// The `ETag` (lowercase) and `Last-Modified` of the file.
+        etag: Option<String>,
+        last_modified: Option<String>,
+        /// The file (and its `ETag`) served after the first request: it changed.
+        then_body: Option<Vec<u8>>,
+        then_etag: Option<String>,
+        /// `(path, location)`: a request for the path is answered `302 Found` to the location.
+        redirects: Vec<(String, String)>,
+        /// Answer 200 with an endless body (no Content-Length).
+        endless: bool,
+        /// Honour `Range` but ignore `If-Range`.
+        no_if_range: bool,
     }
 
     /// Serves a plan on 127.0.0.1: its URL and the (lowercased) heads of the requests.
@@ -1242,6 +1479,14 @@ mod tests {
                 }
                 let head = String::from_utf8_lossy(&head).to_lowercase();
                 log.lock().unwrap().push(head.clone());
+                let path = head.split_whitespace().nth(1).unwrap_or("").split('?').next().unwrap_or("").to_owned();
+                if let Some((_, location)) = plan.redirects.iter().find(|(p, _)| *p == path) {
+                    let _ = write!(
+                        conn,
+                        "HTTP/1.1 302 Found\r\nlocation: {location}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+                    );
+                    continue;
+                }
                 let status = match i {
                     i if i < plan.errors => Some(500),
                     i if i > 0 && plan.then_status.is_some() => plan.then_status,
@@ -1251,20 +1496,43 @@ mod tests {
                     let _ = write!(conn, "HTTP/1.1 {status} Oops\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
                     continue;
                 }
-                let len = plan.body.len();
-                let start = head
-                    .lines()
-                    .find_map(|l| l.strip_prefix("range: bytes="))
-                    .and_then(|r| r.trim().trim_end_matches('-').parse::<usize>().ok())
-                    .filter(|_| plan.ranges)
+                if plan.endless {
+                    let _ = write!(conn, "HTTP/1.1 200 OK\r\nconnection: close\r\n\r\n");
+                    let noise: Vec<u8> = (0..CHUNK).map(|k| (k % 251) as u8 | 1).collect();
+                    while conn.write_all(&noise).is_ok() {}
+                    continue;
+                }
+                let (body, etag) = match (&plan.then_body, i) {
+                    (Some(then), i) if i > 0 => (then, plan.then_etag.as_deref()),
+                    _ => (&plan.body, plan.etag.as_deref()),
+                };
+                let mut validators = String::new();
+                if let Some(etag) = etag {
+                    validators += &format!("etag: {etag}\r\n");
+                }
+                if let Some(date) = &plan.last_modified {
+                    validators += &format!("last-modified: {date}\r\n");
+                }
+                let line = |name: &str| head.lines().find_map(|l| l.strip_prefix(name)).map(str::trim);
+                let same_file = match line("if-range: ").filter(|_| !plan.no_if_range) {
+                    Some(v) => Some(v) == etag || Some(v) == plan.last_modified.as_deref().map(str::trim),
+                    None => true,
+                };
+                let len = body.len();
+                let start = line("range: bytes=")
+                    .and_then(|r| r.trim_end_matches('-').parse::<usize>().ok())
+                    .filter(|_| plan.ranges && same_file)
                     .unwrap_or(0);
                 let status = match start {
                     0 => "200 OK".to_owned(),
                     _ => format!("206 Partial Content\r\ncontent-range: bytes {start}-{}/{len}", len - 1),
                 };
-                let body = &plan.body[start..];
-                let _ =
-                    write!(conn, "HTTP/1.1 {status}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n", body.len());
+                let body = &body[start..];
+                let _ = write!(
+                    conn,
+                    "HTTP/1.1 {status}\r\n{validators}content-length: {}\r\nconnection: close\r\n\r\n",
+                    body.len()
+                );
                 let body = match plan.drop_after {
                     Some(k) if i == plan.errors => &body[..k.min(body.len())],
                     _ => body,
@@ -1328,11 +1596,16 @@ mod tests {
 
     /// Runs an import with short back-offs: the exit code and the termination message.
     fn go(args: &ImportArgs) -> (i32, String) {
+        go_with(args, &Config::default())
+    }
+
+    /// [`go`] with other knobs (back-offs shortened anyway).
+    fn go_with(args: &ImportArgs, config: &Config) -> (i32, String) {
         let config = Config {
             backoff_base: Duration::from_millis(5),
             backoff_max: Duration::from_millis(20),
             progress_every: Duration::from_millis(50),
-            ..Config::default()
+            ..config.clone()
         };
         let log = args.target.with_file_name("termination-log");
         let code = run_with(args, &log, &config);
@@ -1441,7 +1714,13 @@ mod tests {
         let content = disk(4 * CHUNK + 4096);
         let image = qcow2(&content, "convert");
         // Compressed too: the stream is decompressed before it is saved.
-        let (url, _) = serve(Plan { body: gzip(&image), ranges: true, drop_after: Some(100_000), ..Plan::default() });
+        let (url, _) = serve(Plan {
+            body: gzip(&image),
+            ranges: true,
+            drop_after: Some(100_000),
+            etag: Some("\"q1\"".into()),
+            ..Plan::default()
+        });
         let mut args = setup("qcow2", &url);
         args.format = Format::Qcow2;
         args.capacity = 5 * MIB + 1;
@@ -1458,7 +1737,7 @@ mod tests {
         args.format = Format::Qcow2;
         args.capacity = 2 * MIB;
         let (code, message) = go(&args);
-        assert_eq!(code, 1);
+        assert_eq!(code, 0, "a terminal failure: {message}");
         let why = failed(&message, "TooSmall");
         assert_eq!(
             why,
@@ -1477,8 +1756,14 @@ mod tests {
         let content = disk(3 * CHUNK + 99);
         let file = gzip(&content);
         // With Range (206): a gzip stream cut in its middle goes on.
-        let (url, requests) =
-            serve(Plan { body: file.clone(), ranges: true, drop_after: Some(70_000), ..Plan::default() });
+        let etag = Some("\"v1\"".to_owned());
+        let (url, requests) = serve(Plan {
+            body: file.clone(),
+            ranges: true,
+            drop_after: Some(70_000),
+            etag: etag.clone(),
+            ..Plan::default()
+        });
         let mut args = setup("resume-range", &url);
         args.sha256 = Some(hex(&file));
         let message = imported(&args, &content);
@@ -1487,9 +1772,11 @@ mod tests {
         assert_eq!(requests.len(), 2);
         assert!(!requests[0].contains("range:"));
         assert!(requests[1].contains("range: bytes=70000-"), "{}", requests[1]);
+        assert!(requests[1].contains("\r\nif-range: \"v1\"\r\n"), "{}", requests[1]);
         drop(requests);
-        // Without Range (200): the first bytes are read again and dropped.
-        let (url, requests) = serve(Plan { body: content.clone(), drop_after: Some(300_001), ..Plan::default() });
+        // Without Range (200, with the same strong ETag): the first bytes are read again and dropped.
+        let (url, requests) =
+            serve(Plan { body: content.clone(), drop_after: Some(300_001), etag: etag.clone(), ..Plan::default() });
         let mut args = setup("resume-200", &url);
         args.sha256 = Some(hex(&content));
         let message = imported(&args, &content);
@@ -1502,11 +1789,12 @@ mod tests {
             ranges: true,
             drop_after: Some(70_000),
             then_status: Some(403),
+            etag,
             ..Plan::default()
         });
         let args = setup("resume-403", &url);
         let (code, message) = go(&args);
-        assert_eq!(code, 1);
+        assert_eq!(code, 0, "a terminal failure: {message}");
         assert!(failed(&message, "ImportFailed").starts_with("HTTP 403 Forbidden from "), "{message}");
         assert!(!args.target.join("disk.img.partial").exists());
     }
@@ -1522,7 +1810,7 @@ mod tests {
         let (url, requests) = serve(Plan { status: Some(404), ..Plan::default() });
         let args = setup("404", &url);
         let (code, message) = go(&args);
-        assert_eq!(code, 1);
+        assert_eq!(code, 0, "a terminal failure: {message}");
         let port = url.split(':').nth(2).and_then(|s| s.split('/').next()).unwrap();
         // The query string (a presigned URL's secret) is not shown.
         assert_eq!(
@@ -1539,7 +1827,7 @@ mod tests {
         let mut args = setup("checksum", &url);
         args.sha256 = Some(format!("sha256:{}", "ab".repeat(32)));
         let (code, message) = go(&args);
-        assert_eq!(code, 1);
+        assert_eq!(code, 0, "a terminal failure: {message}");
         assert_eq!(
             failed(&message, "ChecksumMismatch"),
             format!("expected {}, downloaded {}", "ab".repeat(32), hex(&content))
@@ -1570,7 +1858,7 @@ mod tests {
             let mut args = setup(&format!("format-{i}"), &url);
             args.format = format;
             let (code, message) = go(&args);
-            assert_eq!(code, 1);
+            assert_eq!(code, 0, "a terminal failure: {message}");
             assert!(failed(&message, "UnsupportedFormat").starts_with(why), "{message}");
             assert!(!args.target.join(DISK_IMG).exists());
             assert!(!args.target.join("disk.img.partial").exists());
@@ -1580,20 +1868,20 @@ mod tests {
     #[test]
     fn a_raw_image_larger_than_the_pvc_is_too_small() {
         let content = disk(3 * CHUNK + 1);
-        for (name, body) in [("plain", content.clone()), ("gz", gzip(&content))] {
+        let exact = format!(
+            "the image holds {} bytes, the PVC {} bytes: set spec.size to at least 4Mi",
+            content.len(),
+            2 * MIB
+        );
+        // The Content-Length of a plain file tells the size; a compressed one's does not.
+        let more = format!("the image holds more than {} bytes (the PVC's size): set spec.size larger", 2 * MIB);
+        for (name, body, why) in [("plain", content.clone(), exact), ("gz", gzip(&content), more)] {
             let (url, _) = serve(Plan { body, ..Plan::default() });
             let mut args = setup(&format!("small-{name}"), &url);
             args.capacity = 2 * MIB;
             let (code, message) = go(&args);
-            assert_eq!(code, 1);
-            assert_eq!(
-                failed(&message, "TooSmall"),
-                format!(
-                    "the image holds {} bytes, the PVC {} bytes: set spec.size to at least 4Mi",
-                    content.len(),
-                    2 * MIB
-                )
-            );
+            assert_eq!(code, 0, "a terminal failure: {message}");
+            assert_eq!(failed(&message, "TooSmall"), why);
             assert!(!args.target.join("disk.img.partial").exists());
         }
         assert_eq!(quantity_up(1 << 30), "1Gi");
@@ -1668,6 +1956,13 @@ mod tests {
         );
         assert_eq!(parse_result("Copied: sha256:00 1 bytes"), None);
         assert_eq!(parse_result("Imported: none 1 bytes"), None);
+        // A non-terminal failure is no result: the container runs again.
+        assert_eq!(parse_result("Retrying: the file changed; starting over"), None);
+        assert_eq!(
+            parse_retrying("Retrying: the file changed; starting over\n"),
+            Some("the file changed; starting over")
+        );
+        assert_eq!(parse_retrying("ImportFailed: HTTP 404"), None);
         let progress = Progress { downloaded: 42, total: Some(100), retries: 2, last_error: Some("HTTP 500".into()) };
         let line = format!("{PROGRESS_PREFIX}{}", serde_json::to_string(&progress).unwrap());
         assert_eq!(line, r#"vmkeep-import-progress {"downloaded":42,"total":100,"retries":2,"lastError":"HTTP 500"}"#);
@@ -1685,5 +1980,260 @@ mod tests {
         assert_eq!(shown_url("https://u:p@h.example/a/b?X-Sig=1#f"), "https://h.example/a/b?...");
         assert_eq!(parse_content_range("bytes 10-99/100"), Some((10, Some(100))));
         assert_eq!(one_line("a\nb", 10), "a b");
+    }
+
+    /// A folder as a Secret volume mounts it: `..data` links to the files.
+    fn secret(dir: &Path, files: &[(&str, &str)]) {
+        std::fs::create_dir_all(dir.join("..2024_01_01")).unwrap();
+        std::os::unix::fs::symlink("..2024_01_01", dir.join("..data")).unwrap();
+        for (name, value) in files {
+            std::fs::write(dir.join("..2024_01_01").join(name), value).unwrap();
+            std::os::unix::fs::symlink(format!("..data/{name}"), dir.join(name)).unwrap();
+        }
+    }
+
+    /// [`go_with`] in a thread: its outcome, or a panic when it does not end within `secs`.
+    fn go_within(args: &ImportArgs, config: Config, secs: u64) -> (i32, String) {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let args = args.clone();
+        std::thread::spawn(move || {
+            let _ = tx.send(go_with(&args, &config));
+        });
+        rx.recv_timeout(Duration::from_secs(secs)).expect("the import did not stop")
+    }
+
+    #[test]
+    fn secret_headers_go_to_their_origin_only_and_resumes_go_where_redirects_led() {
+        let content = disk(2 * CHUNK + 10);
+        // Another origin (another port) serves the file, and cuts it once.
+        let (far, far_requests) = serve(Plan {
+            body: content.clone(),
+            ranges: true,
+            drop_after: Some(200_000),
+            etag: Some("\"f1\"".into()),
+            ..Plan::default()
+        });
+        // The origin redirects to itself (a relative Location), then to the other origin.
+        let (url, requests) = serve(Plan {
+            redirects: vec![("/images/disk".into(), "hop?x=1".into()), ("/images/hop".into(), far)],
+            ..Plan::default()
+        });
+        let mut args = setup("redirects", &url);
+        let dir = args.scratch.with_file_name("secret");
+        secret(&dir, &[("Authorization", "Bearer Tok3n"), ("X-Extra", "two words")]);
+        args.headers_dir = Some(dir);
+        let message = imported(&args, &content);
+        assert!(message.contains(", 1 retries,"), "{message}");
+        let requests = requests.lock().unwrap().clone();
+        // The resumed request went to the end of the redirects, not through them again.
+        assert_eq!(requests.len(), 2, "{requests:?}");
+        assert!(requests[1].starts_with("get /images/hop?x=1 "), "{}", requests[1]);
+        for head in &requests {
+            assert!(head.contains("\r\nauthorization: bearer tok3n\r\n"), "{head}");
+            assert!(head.contains("\r\nx-extra: two words\r\n"), "{head}");
+        }
+        let far_requests = far_requests.lock().unwrap().clone();
+        assert_eq!(far_requests.len(), 2, "{far_requests:?}");
+        for head in &far_requests {
+            assert!(!head.contains("authorization") && !head.contains("x-extra") && !head.contains("tok3n"), "{head}");
+            assert!(head.contains("\r\nuser-agent: vmkeep-import\r\n"), "{head}");
+        }
+        assert!(far_requests[1].contains("\r\nrange: bytes=200000-\r\n"), "{}", far_requests[1]);
+        assert!(far_requests[1].contains("\r\nif-range: \"f1\"\r\n"), "{}", far_requests[1]);
+        // The URL the redirects led to expired (a presigned one): the original URL is asked again,
+        // and its redirects' answer is final.
+        let (far, far_requests) = serve(Plan {
+            body: content.clone(),
+            ranges: true,
+            drop_after: Some(200_000),
+            etag: Some("\"f1\"".into()),
+            then_status: Some(403),
+            ..Plan::default()
+        });
+        let (url, requests) = serve(Plan { redirects: vec![("/images/disk".into(), far)], ..Plan::default() });
+        let args = setup("redirect-expired", &url);
+        let (code, message) = go(&args);
+        assert_eq!(code, 0, "a terminal failure: {message}");
+        let why = failed(&message, "ImportFailed");
+        assert!(why.starts_with("HTTP 403 Forbidden from http://127.0.0.1:") && why.ends_with("/images/disk?..."));
+        assert_eq!((requests.lock().unwrap().len(), far_requests.lock().unwrap().len()), (2, 3));
+        // A redirect loop ends.
+        let (url, requests) =
+            serve(Plan { redirects: vec![("/images/disk".into(), "/images/disk".into())], ..Plan::default() });
+        let args = setup("redirect-loop", &url);
+        let (code, message) = go(&args);
+        assert_eq!(code, 0, "a terminal failure: {message}");
+        assert!(failed(&message, "ImportFailed").starts_with("more than 10 redirects from http://"), "{message}");
+        assert_eq!(requests.lock().unwrap().len(), 11);
+    }
+
+    #[test]
+    fn redirects_are_resolved_and_https_to_http_is_refused() {
+        let from = "https://a.example/x/y?sig=1";
+        let cases = [
+            ("z", "https://a.example/x/z"),
+            ("/p?q", "https://a.example/p?q"),
+            ("?r=2", "https://a.example/x/y?r=2"),
+            ("//b.example/p", "https://b.example/p"),
+            ("https://b.example:8443/p#f", "https://b.example:8443/p"),
+        ];
+        for (location, to) in cases {
+            assert_eq!(redirect_target(from, location).unwrap().as_str(), to, "{location}");
+        }
+        assert_eq!(redirect_target("http://a.example/x", "http://b.example/y").unwrap(), "http://b.example/y");
+        let refused = redirect_target(from, "http://b.example/p?sig=2").unwrap_err();
+        assert_eq!(refused.reason, Reason::ImportFailed);
+        assert_eq!(
+            refused.message,
+            "refusing the redirect from https://a.example/x/y?... to http://b.example/p?...: from https to http"
+        );
+        assert!(redirect_target(from, "file:///etc/passwd").is_err());
+        assert!(same_origin("https://a.example/x", "https://u@A.example:443/y?z"));
+        assert!(!same_origin("http://a.example/x", "https://a.example/x"));
+        assert!(!same_origin("http://a.example:8080/x", "http://a.example/x"));
+        assert!(!same_origin("http://a.example/x", "http://b.a.example/x"));
+    }
+
+    #[test]
+    fn an_endless_body_stops_at_the_pvc_size_and_a_probe_at_its_bound() {
+        let (url, _) = serve(Plan { endless: true, ..Plan::default() });
+        let mut args = setup("endless", &url);
+        args.capacity = 4 * MIB;
+        let (code, message) = go_within(&args, Config::default(), 60);
+        assert_eq!(code, 0, "a terminal failure: {message}");
+        assert_eq!(
+            failed(&message, "TooSmall"),
+            format!("the image holds more than {} bytes (the PVC's size): set spec.size larger", 4 * MIB)
+        );
+        assert!(!args.target.join("disk.img.partial").exists());
+        args.probe = true;
+        let (code, message) = go_within(&args, Config { probe_max: 8 * MIB, ..Config::default() }, 60);
+        assert_eq!(code, 0, "a terminal failure: {message}");
+        assert_eq!(
+            failed(&message, "ImportFailed"),
+            format!("the stream is too large to probe: more than {} bytes (once decompressed): set spec.size", 8 * MIB)
+        );
+    }
+
+    #[test]
+    fn a_changed_file_is_not_spliced_but_started_over() {
+        let old = disk(2 * CHUNK + 10);
+        let mut new = old.clone();
+        new[100..200].fill(9);
+        let changed = "the file changed on the server during the download (no matching ETag); starting over";
+        let date = "wed, 21 oct 2015 07:28:00 gmt";
+        let plan = Plan { body: old.clone(), drop_after: Some(300_000), ..Plan::default() };
+        let v1 = Some("\"v1\"".to_owned());
+        let cases = [
+            // The file changed: a server that honours If-Range answers 200 with the new one.
+            (
+                "if-range",
+                Plan {
+                    ranges: true,
+                    etag: v1.clone(),
+                    then_body: Some(new.clone()),
+                    then_etag: Some("\"v2\"".into()),
+                    ..plan.clone()
+                },
+                Some("if-range: \"v1\""),
+            ),
+            // ... one that ignores it answers 206 of the new file: its ETag tells.
+            (
+                "no-if-range",
+                Plan {
+                    ranges: true,
+                    no_if_range: true,
+                    etag: v1,
+                    then_body: Some(new),
+                    then_etag: Some("\"v2\"".into()),
+                    ..plan.clone()
+                },
+                Some("if-range: \"v1\""),
+            ),
+            // A 200 with a Last-Modified only: maybe another file.
+            ("date-200", Plan { last_modified: Some(date.into()), ..plan.clone() }, Some("if-range: wed, 21 oct")),
+        ];
+        for (name, plan, if_range) in cases {
+            let (url, requests) = serve(plan);
+            let args = setup(&format!("changed-{name}"), &url);
+            let (code, message) = go(&args);
+            assert_eq!((code, message.as_str()), (1, format!("Retrying: {changed}").as_str()), "{name}");
+            assert_eq!(parse_result(&message), None);
+            assert_eq!(parse_retrying(&message), Some(changed));
+            let requests = requests.lock().unwrap().clone();
+            assert_eq!(requests.len(), 2, "{name}");
+            assert!(requests[1].contains(if_range.unwrap()), "{name}: {}", requests[1]);
+            assert!(!args.target.join(DISK_IMG).exists() && !args.target.join("disk.img.partial").exists());
+        }
+        // No validator at all (a weak ETag is none): a cut download cannot resume safely.
+        let (url, requests) = serve(Plan { ranges: true, etag: Some("W/\"w1\"".into()), ..plan.clone() });
+        let args = setup("changed-none", &url);
+        let (code, message) = go(&args);
+        assert_eq!(code, 1, "{message}");
+        let why = parse_retrying(&message).unwrap();
+        assert!(why.contains("stopped at byte 300000") && why.ends_with("; starting over"), "{message}");
+        assert_eq!(requests.lock().unwrap().len(), 1);
+        assert!(!args.target.join("disk.img.partial").exists());
+        // The same file by its Last-Modified, with ranges: resumed.
+        let (url, requests) = serve(Plan { ranges: true, last_modified: Some(date.into()), ..plan });
+        let args = setup("changed-not", &url);
+        imported(&args, &old);
+        let requests = requests.lock().unwrap().clone();
+        assert!(requests[1].contains(&format!("\r\nif-range: {date}\r\n")), "{}", requests[1]);
+    }
+
+    #[test]
+    fn an_xz_file_that_needs_too_much_memory_is_refused() {
+        let content = disk(CHUNK);
+        let mut file = xz(&content);
+        // The first block header, after the 12-byte stream header: its size, flags (no sizes),
+        // one filter (LZMA2, 1 byte of properties: the dictionary size), padding, CRC32.
+        assert_eq!(&file[13..16], &[0x00, 0x21, 0x01]);
+        let end = 12 + (usize::from(file[12]) + 1) * 4;
+        file[16] = 36; // 1 GiB
+        let mut crc = flate2::Crc::new();
+        crc.update(&file[12..end - 4]);
+        file[end - 4..end].copy_from_slice(&crc.sum().to_le_bytes());
+        for probe in [false, true] {
+            let (url, _) = serve(Plan { body: file.clone(), ..Plan::default() });
+            let mut args = setup(&format!("xz-bomb-{probe}"), &url);
+            args.probe = probe;
+            let (code, message) = go(&args);
+            assert_eq!(code, 0, "a terminal failure: {message}");
+            assert_eq!(
+                failed(&message, "UnsupportedFormat"),
+                "the xz file needs more than 256 MiB to decompress (recompress it with a smaller dictionary, e.g. xz -6)"
+            );
+            assert!(!args.target.join(DISK_IMG).exists() && !args.target.join("disk.img.partial").exists());
+        }
+    }
+
+    #[test]
+    fn a_missing_or_empty_secret_or_configmap_fails() {
+        let (url, requests) = serve(Plan { body: disk(CHUNK), ..Plan::default() });
+        let mut args = setup("missing", &url);
+        let empty = args.scratch.with_file_name("empty");
+        secret(&empty, &[]);
+        std::fs::write(empty.join(".hidden"), "no").unwrap();
+        let absent = args.scratch.with_file_name("absent");
+        for dir in [empty, absent] {
+            args.headers_dir = Some(dir.clone());
+            args.ca_dir = None;
+            let (code, message) = go(&args);
+            assert_eq!(code, 0, "a terminal failure: {message}");
+            assert_eq!(
+                failed(&message, "ImportFailed"),
+                "the Secret of source.http.secretRef holds no key (it is missing or empty)"
+            );
+            args.headers_dir = None;
+            args.ca_dir = Some(dir);
+            let (code, message) = go(&args);
+            assert_eq!(code, 0, "a terminal failure: {message}");
+            assert_eq!(
+                failed(&message, "ImportFailed"),
+                "the ConfigMap of source.http.caConfigMap holds no key (it is missing or empty)"
+            );
+        }
+        assert!(requests.lock().unwrap().is_empty());
     }
 }

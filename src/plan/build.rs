@@ -290,8 +290,9 @@ pub struct ImportJob<'a> {
     pub capacity: u64,
 }
 
-/// The importer Pod of Image `image` (`vmkeep import`, restart policy Never: a failure is
-/// read from its termination message and the Pod kept until the spec changes): the URL, format
+/// The importer Pod of Image `image` (`vmkeep import`, restart policy OnFailure: a terminal
+/// outcome exits 0 and is read from its termination message, a failure is kept until the spec
+/// changes): the URL, format
 /// and checksum of `source.http`; the target PVC read-write; an emptyDir scratch folder (qcow2
 /// is converted from there); the Secret of `secretRef` (headers) and the ConfigMap of
 /// `caConfigMap` (CA bundles) as read-only volumes. No API credentials, restricted Pod Security,
@@ -332,8 +333,18 @@ pub fn importer_pod(image: &Image, pvc: &str, job: &ImportJob, launcher_image: &
         }
         volumes.push(Volume {
             name: role.into(),
-            secret: secret.map(|s| SecretVolumeSource { secret_name: Some(s.name.clone()), ..Default::default() }),
-            config_map: config_map.map(|c| ConfigMapVolumeSource { name: c.name.clone(), ..Default::default() }),
+            // Optional: a missing Secret or ConfigMap is an empty folder, which the importer
+            // reports as a terminal ImportFailed (instead of a Pod stuck in ContainerCreating).
+            secret: secret.map(|s| SecretVolumeSource {
+                secret_name: Some(s.name.clone()),
+                optional: Some(true),
+                ..Default::default()
+            }),
+            config_map: config_map.map(|c| ConfigMapVolumeSource {
+                name: c.name.clone(),
+                optional: Some(true),
+                ..Default::default()
+            }),
             ..Default::default()
         });
         let path = format!("/etc/vmkeep/{role}");
@@ -354,7 +365,10 @@ pub fn importer_pod(image: &Image, pvc: &str, job: &ImportJob, launcher_image: &
         name,
         labels(&[(names::TRANSFER_FOR_LABEL, &names::label_value(&image.name_any()))]),
         PodSpec {
-            restart_policy: Some("Never".into()),
+            // Terminal outcomes exit 0 (the result or failure is in the termination message);
+            // a network or unexpected failure exits 1 and the kubelet retries it with its
+            // back-off (a crash loop shows in status, never a Pod create/delete storm).
+            restart_policy: Some("OnFailure".into()),
             containers: vec![Container {
                 name: IMPORTER_CONTAINER.into(),
                 image: Some(launcher_image.to_owned()),
