@@ -339,7 +339,26 @@ async fn a_bad_checksum_a_404_and_a_flaky_server_end_as_they_should() {
     let (reason, message) = ready_reason(&missing);
     assert_eq!(reason, "ImportFailed", "{missing:?}");
     assert!(message.contains("404"), "{message}");
+    // What the flaky importer saw (its progress lines), while it runs.
+    let flaky_log = std::thread::spawn({
+        let ns = env.ns.name.clone();
+        move || {
+            let pod = names::importer_pod(&names::image_pvc("flaky"));
+            let mut seen = std::collections::BTreeSet::new();
+            for _ in 0..120 {
+                let out = kubectl(&["logs", "-n", &ns, &pod], None);
+                let text = String::from_utf8_lossy(&out.stdout).into_owned();
+                seen.extend(text.lines().filter_map(|l| Some(l.split("\"lastError\":").nth(1)?.to_owned())));
+                if text.contains("imported") {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(500));
+            }
+            seen
+        }
+    });
     let flaky = wait_phase(&env, "flaky", ImagePhase::Ready).await;
+    eprintln!("flaky importer's errors: {:?}", flaky_log.join().unwrap_or_default());
     // Its two 500s were retried (more when a fresh Pod's first connections fail, before they
     // reach the server: the retries count every failed attempt).
     assert!(flaky.import_retries >= Some(2), "{flaky:?}");
