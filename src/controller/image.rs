@@ -452,7 +452,8 @@ pub fn images_of_vm(stores: &Stores, vm: VirtualMachine) -> Vec<ObjectRef<Image>
     let Some(ns) = vm.namespace() else { return Vec::new() };
     let mut images: Vec<String> = vm.status.iter().flat_map(|s| &s.disks).filter_map(|d| d.image.clone()).collect();
     let name = vm.name_any();
-    // Images cloned from the images it uses (a persistent source is copied once its VM stops).
+    // Images cloned from the images it uses (a persistent source is copied once its VM stops),
+    // and images saved from its disks.
     let used = images.clone();
     images.extend(
         stores
@@ -460,16 +461,11 @@ pub fn images_of_vm(stores: &Stores, vm: VirtualMachine) -> Vec<ObjectRef<Image>
             .state()
             .iter()
             .filter(|i| i.namespace().as_deref() == Some(ns.as_str()))
-            .filter(|i| i.spec.source.image.as_ref().is_some_and(|s| used.contains(&s.name)))
-            .map(|i| i.name_any()),
-    );
-    images.extend(
-        stores
-            .images
-            .state()
-            .iter()
-            .filter(|i| i.namespace().as_deref() == Some(ns.as_str()))
-            .filter(|i| i.spec.source.virtual_machine_disk.as_ref().is_some_and(|s| s.virtual_machine == name))
+            .filter(|i| {
+                let source = &i.spec.source;
+                source.image.as_ref().is_some_and(|s| used.contains(&s.name))
+                    || source.virtual_machine_disk.as_ref().is_some_and(|s| s.virtual_machine == name)
+            })
             .map(|i| i.name_any()),
     );
     images.sort();

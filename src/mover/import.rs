@@ -599,37 +599,15 @@ fn import_qcow2(
     }
     tracing::info!(virtual_size = size, "converting the qcow2 image to raw");
     if block {
-        qemu_img(
-            &[
-                OsStr::new("convert"),
-                OsStr::new("-n"),
-                OsStr::new("-f"),
-                OsStr::new("qcow2"),
-                OsStr::new("-O"),
-                OsStr::new("raw"),
-                scratch_file.as_os_str(),
-                target_file.as_os_str(),
-            ],
-            "qemu-img convert",
-        )?;
+        // -n: onto the device as it is (it exists; nothing is created).
+        convert(&scratch_file, target_file, &[OsStr::new("-n")])?;
         let (digest, _) = hash_file(target_file, Some(size))?;
         return Ok((digest, size));
     }
     let written = target_file.with_extension("img.partial");
     let mut guard = RemoveOnDrop(Some(written.clone()));
     let _ = std::fs::remove_file(&written);
-    qemu_img(
-        &[
-            OsStr::new("convert"),
-            OsStr::new("-f"),
-            OsStr::new("qcow2"),
-            OsStr::new("-O"),
-            OsStr::new("raw"),
-            scratch_file.as_os_str(),
-            written.as_os_str(),
-        ],
-        "qemu-img convert",
-    )?;
+    convert(&scratch_file, &written, &[])?;
     let out = OpenOptions::new()
         .write(true)
         .open(&written)
@@ -870,6 +848,15 @@ fn check_format(head: &[u8], format: Format, compression: Compression) -> Result
             )),
         },
     }
+}
+
+/// `qemu-img convert -f qcow2 -O raw [extra] <from> <to>`.
+fn convert(from: &Path, to: &Path, extra: &[&OsStr]) -> Result<(), Failure> {
+    let mut args = vec![OsStr::new("convert")];
+    args.extend_from_slice(extra);
+    args.extend([OsStr::new("-f"), OsStr::new("qcow2"), OsStr::new("-O"), OsStr::new("raw")]);
+    args.extend([from.as_os_str(), to.as_os_str()]);
+    qemu_img(&args, "qemu-img convert").map(drop)
 }
 
 /// Runs `qemu-img`: its stdout, or its stderr in the failure.
