@@ -673,8 +673,15 @@ fn fill(obs: &ImageObservation, pvc: &str, view: &CloneView, plan: &mut ImagePla
             match role {
                 Role::Import => {
                     plan.requeue = Some(PROGRESS_PERIOD);
+                    // Network trouble it retries itself: the last error it logged.
+                    let retrying = obs
+                        .progress
+                        .as_ref()
+                        .and_then(|p| p.last_error.as_deref())
+                        .map(|e| format!("; retrying after: {e}"))
+                        .unwrap_or_default();
                     working(format!(
-                        "importing {} (Pod {name}){note}",
+                        "importing {} (Pod {name}){note}{retrying}",
                         view.import_source.as_deref().unwrap_or_default()
                     ))
                 }

@@ -1150,6 +1150,7 @@ fn an_http_image_is_sized_by_a_probe_then_imported_then_recorded() {
     let plan = settle_image(&obs);
     assert_eq!(plan.status.phase, Some(ImagePhase::Importing));
     assert_eq!((plan.status.progress.as_deref(), plan.status.import_retries), (Some("42%"), Some(1)));
+    assert!(image_ready(&plan).1.message.ends_with("; retrying after: HTTP 500"), "{:?}", image_ready(&plan));
     assert_eq!(plan.requeue, Some(image_plan::PROGRESS_PERIOD));
     assert!(plan.create_pods.is_empty());
     // Done: the digest and retries are recorded on the PVC, the importer goes.
