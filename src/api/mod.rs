@@ -132,23 +132,33 @@ mod tests {
 
     #[test]
     fn the_examples_parse_into_the_api_types() {
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples");
-        let mut kinds = Vec::new();
-        for entry in std::fs::read_dir(dir).unwrap() {
-            let text = std::fs::read_to_string(entry.unwrap().path()).unwrap();
-            for doc in serde_yaml::Deserializer::from_str(&text) {
-                let value = Value::deserialize(doc).unwrap();
-                let kind = value["kind"].as_str().unwrap().to_owned();
-                match kind.as_str() {
-                    "Image" => drop(serde_json::from_value::<Image>(value).unwrap()),
-                    "Template" => drop(serde_json::from_value::<Template>(value).unwrap()),
-                    "VirtualMachine" => drop(serde_json::from_value::<VirtualMachine>(value).unwrap()),
-                    other => panic!("unexpected kind {other}"),
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples");
+        let parse = |dir: &std::path::Path| {
+            let mut kinds = Vec::new();
+            for entry in std::fs::read_dir(dir).unwrap() {
+                let path = entry.unwrap().path();
+                if path.is_dir() {
+                    continue;
                 }
-                kinds.push(kind);
+                let text = std::fs::read_to_string(&path).unwrap();
+                for doc in serde_yaml::Deserializer::from_str(&text) {
+                    let value = Value::deserialize(doc).unwrap();
+                    let kind = value["kind"].as_str().unwrap().to_owned();
+                    match kind.as_str() {
+                        "Image" => drop(serde_json::from_value::<Image>(value).unwrap()),
+                        "Template" => drop(serde_json::from_value::<Template>(value).unwrap()),
+                        "VirtualMachine" => drop(serde_json::from_value::<VirtualMachine>(value).unwrap()),
+                        other => panic!("unexpected kind {other}"),
+                    }
+                    kinds.push(kind);
+                }
             }
-        }
-        kinds.sort();
+            kinds.sort();
+            kinds
+        };
+        // examples/data: an import, its Template and VM, a saved disk and a copy.
+        assert_eq!(parse(&root.join("data")), ["Image", "Image", "Image", "Template", "VirtualMachine"]);
+        let kinds = parse(&root);
         assert_eq!(kinds, ["Image", "Image", "Template", "VirtualMachine", "VirtualMachine"]);
     }
 }
