@@ -136,7 +136,7 @@ pub async fn reconcile(image: Arc<Image>, ctx: Arc<Context>) -> Result<Action, E
         ImagePvc::Missing => clone_choice(&ctx, &image, source_image.as_deref(), source_vm.as_ref()).await?,
         ImagePvc::Present { .. } => (None, None),
     };
-    let progress = match movers.iter().find(|m| m.role == Role::Import) {
+    let progress = match movers.iter().find(|m| matches!(m.role, Role::Import | Role::Probe)) {
         Some(m) if matches!(m.state, MoverState::Running { .. }) => progress(&ctx, &ns, &m.name).await,
         _ => None,
     };

@@ -250,6 +250,10 @@ enum Source {
     Probe {
         pvc: String,
     },
+    /// A size probe made for an older spec: it goes, and a new one comes.
+    Reprobe {
+        pod: String,
+    },
     /// A `snapshot` clone: the VolumeSnapshot `name` of PVC `source` is to be taken.
     TakeSnapshot {
         name: String,
@@ -320,6 +324,12 @@ fn source(obs: &ImageObservation) -> Source {
         }
         // No spec.size: a probe finds the size the image needs, then the PVC is made.
         let probe = obs.movers.iter().find(|m| m.role == Role::Probe);
+        // A probe made for an older spec (a URL or format fixed since) is made again.
+        if let Some(stale) =
+            probe.filter(|p| p.generation != image.metadata.generation && p.state != MoverState::Foreign)
+        {
+            return Source::Reprobe { pod: stale.name.clone() };
+        }
         return match probe.map(|p| &p.state) {
             Some(MoverState::Done(message)) => match import::parse_result(message) {
                 Some(ImportResult::Size(bytes)) => {
@@ -338,10 +348,11 @@ fn source(obs: &ImageObservation) -> Source {
                 phase: ImagePhase::Importing,
                 reason: reason::SIZING,
                 message: format!(
-                    "finding the size of {} (spec.size is not set; Pod {}){}",
+                    "finding the size of {} (spec.size is not set; Pod {}){}{}",
                     http.url,
                     names::size_probe_pod(&own_pvc),
-                    note.as_deref().map(|n| format!(": {n}")).unwrap_or_default()
+                    note.as_deref().map(|n| format!(": {n}")).unwrap_or_default(),
+                    retrying_after(obs)
                 ),
             },
             None => Source::Probe { pvc: own_pvc },
@@ -673,16 +684,10 @@ fn fill(obs: &ImageObservation, pvc: &str, view: &CloneView, plan: &mut ImagePla
             match role {
                 Role::Import => {
                     plan.requeue = Some(PROGRESS_PERIOD);
-                    // Network trouble it retries itself: the last error it logged.
-                    let retrying = obs
-                        .progress
-                        .as_ref()
-                        .and_then(|p| p.last_error.as_deref())
-                        .map(|e| format!("; retrying after: {e}"))
-                        .unwrap_or_default();
                     working(format!(
-                        "importing {} (Pod {name}){note}{retrying}",
-                        view.import_source.as_deref().unwrap_or_default()
+                        "importing {} (Pod {name}){note}{}",
+                        view.import_source.as_deref().unwrap_or_default(),
+                        retrying_after(obs)
                     ))
                 }
                 _ => working(format!(
@@ -708,6 +713,13 @@ fn fill(obs: &ImageObservation, pvc: &str, view: &CloneView, plan: &mut ImagePla
         },
         MoverState::Foreign => Some(foreign(&name)),
     }
+}
+
+/// Network trouble an importer or probe retries itself: `; retrying after: <the last error it
+/// logged>`, or nothing.
+fn retrying_after(obs: &ImageObservation) -> String {
+    let last = obs.progress.as_ref().and_then(|p| p.last_error.as_deref());
+    last.map(|e| format!("; retrying after: {e}")).unwrap_or_default()
 }
 
 /// Why the source of a copy cannot be read now: a persistent source image held by a VM, a VM
@@ -793,6 +805,11 @@ pub fn plan(obs: &ImageObservation, now: &Time) -> ImagePlan {
                 acts.requeue = Some(PROGRESS_PERIOD);
             }
             (phase, Cond::new(READY, false, reason, message))
+        }
+        Source::Reprobe { pod } => {
+            let message = format!("finding the size again for the changed spec (Pod {pod} goes first)");
+            acts.delete_pods.push(pod);
+            (ImagePhase::Importing, Cond::new(READY, false, reason::SIZING, message))
         }
         Source::TakeSnapshot { name, source, class } => {
             if !deleting {
@@ -992,6 +1009,10 @@ pub fn plan(obs: &ImageObservation, now: &Time) -> ImagePlan {
         }))
         .next();
     let importing = phase == ImagePhase::Importing;
+    if importing && acts.requeue.is_none() {
+        // The progress (and the last error) of an import or size probe is read again.
+        acts.requeue = Some(PROGRESS_PERIOD);
+    }
     let (progress, import_retries) = match (&obs.progress, importing) {
         (Some(p), true) => (Some(p.to_string()), Some(p.retries)),
         (_, true) => (previous.progress.clone(), previous.import_retries),

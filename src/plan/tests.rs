@@ -1128,6 +1128,13 @@ fn an_http_image_is_sized_by_a_probe_then_imported_then_recorded() {
     assert!(args.contains(&"--probe".to_owned()) && args.contains(&"--format=qcow2".to_owned()), "{args:?}");
     assert_eq!(probe.spec.as_ref().unwrap().automount_service_account_token, Some(false), "no API credentials");
     assert_eq!(plan.status.transfer_pod.as_ref().map(|t| t.role.as_str()), Some("Probe"));
+    // A probe that failed for an older spec (a URL fixed since) is made again.
+    let stale = mover("os-image", Role::Probe, MoverState::Failed("ImportFailed: HTTP 404".into()), 0);
+    let plan = image_plan::plan(&ImageObservation { movers: vec![stale], ..observe(&img, ImagePvc::Missing) }, &at(1));
+    assert_eq!(
+        (plan.status.phase, plan.delete_pods.clone()),
+        (Some(ImagePhase::Importing), vec!["os-image-size".to_owned()])
+    );
     // Its size makes the PVC (rounded up to MiB), marked as waiting for an import.
     let sized = mover("os-image", Role::Probe, MoverState::Done("Size: 25165825".into()), 1);
     let plan =
