@@ -119,7 +119,9 @@ async fn a_waiting_vm_takes_the_image_only_after_the_holders_pod_is_gone() {
     }
     let release = serde_json::json!({"metadata": {"finalizers": null}});
     env.api::<Pod>().patch("holder-launcher", &PatchParams::default(), &Patch::Merge(&release)).await.expect("release");
-    env.wait_vm("waiter", VirtualMachinePhase::Starting).await;
+    // The Pod is gone only once its launcher stopped: the guest here (an empty disk) ignores the
+    // power button, so that is the full grace period (60 s) after the deletion.
+    env.wait_vm_within("waiter", VirtualMachinePhase::Starting, GC).await;
     assert_eq!(env.claim_holder("disk").await.as_deref(), Some("waiter"));
     env.wait_gone::<VirtualMachine>("holder", GC).await;
 }

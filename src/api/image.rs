@@ -24,6 +24,12 @@ use super::condition::{Condition, conditions_schema};
     printcolumn(name = "Persistent", type_ = "boolean", json_path = ".status.persistent"),
     printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
     printcolumn(name = "VMs", type_ = "integer", json_path = ".status.runningVMs"),
+    printcolumn(name = "Holder", type_ = "string", json_path = ".status.claimedBy.name"),
+    printcolumn(
+        name = "Pending",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"PersistenceChangePending\")].status"
+    ),
     printcolumn(name = "Capacity", type_ = "string", json_path = ".status.capacity"),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
 )]
@@ -296,9 +302,13 @@ pub struct ImageStatus {
     /// How many VirtualMachines use this image now.
     #[serde(default, rename = "runningVMs", skip_serializing_if = "Option::is_none")]
     pub running_vms: Option<i32>,
-    /// The sorted names of the VirtualMachines that use this image.
+    /// The sorted names of the VirtualMachines that use this image: at most the first 100
+    /// (`consumersTruncated` says when there are more; `runningVMs` counts them all).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub consumers: Vec<String>,
+    /// True when more VirtualMachines use the image than `consumers` lists (100).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub consumers_truncated: bool,
     /// For a persistent image, the VirtualMachine that holds it; absent when free.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub claimed_by: Option<ClaimHolder>,

@@ -83,8 +83,11 @@ mod tests {
                 .map(|c| c.name.to_uppercase())
                 .collect()
         };
-        assert_eq!(columns(Image::crd()), ["TYPE", "PERSISTENT", "PHASE", "VMS", "CAPACITY", "AGE"]);
-        assert_eq!(columns(VirtualMachine::crd()), ["TEMPLATE", "PHASE", "READY", "AGE"]);
+        assert_eq!(
+            columns(Image::crd()),
+            ["TYPE", "PERSISTENT", "PHASE", "VMS", "HOLDER", "PENDING", "CAPACITY", "AGE"]
+        );
+        assert_eq!(columns(VirtualMachine::crd()), ["TEMPLATE", "PHASE", "READY", "REASON", "AGE"]);
     }
 
     #[test]

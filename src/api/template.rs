@@ -96,7 +96,8 @@ pub struct LauncherSpec {
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct TemplateStatus {
-    /// How many VirtualMachines were made from this Template and exist now.
+    /// How many VirtualMachines made from this Template exist now, not counting Rejected or
+    /// Failed ones (they hold and run nothing).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub instances: Option<i32>,
     /// The `metadata.generation` this status was computed from.

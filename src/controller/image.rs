@@ -261,6 +261,9 @@ pub async fn reconcile(image: Arc<Image>, ctx: Arc<Context>) -> Result<Action, E
         }
     }
     apply::status(&ctx, image.as_ref(), image.status.as_ref(), &decided.status).await?;
+    if let Some(event) = &decided.event {
+        apply::event(&ctx, image.as_ref(), event.warning, &event.reason, event.message.clone()).await;
+    }
     if let Some(pvc) = &decided.delete_pvc {
         apply::delete_child(&ctx, &pvc_api, pvc).await?;
     }

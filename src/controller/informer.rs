@@ -22,7 +22,7 @@ use kube::{
     core::{DeserializeGuard, error_boundary::InvalidObject},
     runtime::{
         WatchStreamExt,
-        events::{Event as KubeEvent, EventType, Recorder},
+        events::{Event as KubeEvent, EventType},
         reflector::{self, ObjectRef, Store},
         watcher::{self, Event},
     },
@@ -53,7 +53,7 @@ pub struct Informer<K: Resource<DynamicType = ()> + 'static> {
 /// Where an unreadable object is reported: a Warning Event on it, and a metric.
 #[derive(Clone)]
 pub struct Malformed {
-    pub recorder: Recorder,
+    pub recorder: super::events::Events,
     pub metrics: Arc<Metrics>,
     pub writes: Writes,
 }

@@ -2,6 +2,7 @@
 //! they share, and the wiring of who watches what.
 
 mod apply;
+mod events;
 mod image;
 mod informer;
 mod template;
@@ -23,7 +24,7 @@ use kube::{
     runtime::{
         Controller,
         controller::Action,
-        events::{Recorder, Reporter},
+        events::Reporter,
         reflector::{ObjectRef, Store},
         watcher,
     },
@@ -110,7 +111,7 @@ impl Stores {
 pub struct Context {
     pub client: Client,
     pub metrics: Arc<Metrics>,
-    pub recorder: Recorder,
+    pub recorder: events::Events,
     pub stores: Stores,
     pub settings: Settings,
     /// Every write goes through here (timeout, count by outcome).
@@ -216,7 +217,7 @@ fn managed() -> watcher::Config {
 pub async fn run(client: Client, metrics: Arc<Metrics>, settings: Settings, shutdown: CancellationToken) {
     let all = watcher::Config::default;
     let reporter = Reporter { controller: "vmkeep".into(), instance: std::env::var("POD_NAME").ok() };
-    let recorder = Recorder::new(client.clone(), reporter);
+    let recorder = events::Events::new(client.clone(), reporter);
     let writes = Writes::new(metrics.clone());
     let malformed =
         informer::Malformed { recorder: recorder.clone(), metrics: metrics.clone(), writes: writes.clone() };

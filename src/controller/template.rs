@@ -25,12 +25,17 @@ pub async fn reconcile(template: Arc<Template>, ctx: Arc<Context>) -> Result<Act
         .state()
         .iter()
         .filter(|vm| vm.namespace().as_deref() == Some(ns.as_str()) && vm.spec.template_ref.name == name)
+        .filter(|vm| plan::template::is_instance(vm))
         .count();
     let images: Vec<Arc<Image>> =
         template.spec.disks.iter().filter_map(|d| ctx.stores.image(&ns, d.image.as_deref()?)).collect();
     let lookup = |n: &str| images.iter().find(|i| i.name_any() == n).map(|i| i.as_ref());
     let status = plan::template::status(&template, instances, lookup, &Time(jiff::Timestamp::now()));
     apply::status(&ctx, template.as_ref(), template.status.as_ref(), &status).await?;
+    let previous = template.status.as_ref().map(|s| s.conditions.as_slice()).unwrap_or_default();
+    if let Some(stalled) = plan::conditions::newly_stalled(previous, &status.conditions) {
+        apply::event(&ctx, template.as_ref(), true, &stalled.reason, stalled.message.clone()).await;
+    }
     Ok(Action::await_change())
 }
 

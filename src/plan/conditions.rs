@@ -4,6 +4,18 @@
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
 use crate::api::{Condition, ConditionStatus};
+use crate::plan::reason;
+
+/// Condition type of every kind: True when the object is what its spec asks for (a `Halted` VM
+/// that is `Stopped` is Ready).
+pub const READY: &str = "Ready";
+/// Condition type of every kind (kstatus, read by Flux and Argo CD): True while the object is on
+/// its way to what its spec asks for; its reason and message are the `Ready` condition's.
+pub const RECONCILING: &str = "Reconciling";
+/// Condition type of every kind (kstatus): True when the object cannot get to what its spec asks
+/// for without a change of that spec (a `Rejected` or `Failed` VM, an `Error` image, a Template
+/// that can never work).
+pub const STALLED: &str = "Stalled";
 
 /// A condition as a decision: everything but the timestamps.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -27,6 +39,41 @@ impl From<&Condition> for Cond {
     }
 }
 
+/// Where an object stands for GitOps tools (the kstatus conventions: `observedGeneration`,
+/// `Reconciling`, `Stalled`; see docs/gitops.md).
+#[derive(Clone, Copy, Debug)]
+pub enum Health<'a> {
+    /// What the spec asks for: neither Reconciling nor Stalled.
+    Converged,
+    /// On its way; the condition says why it is not there yet.
+    Reconciling(&'a Cond),
+    /// Cannot get there without a spec change; the condition says why.
+    Stalled(&'a Cond),
+}
+
+impl Health<'_> {
+    /// The `Reconciling` and `Stalled` conditions, both always present (status False when they
+    /// do not hold, with reason `Converged`, `Reconciling` or `Stalled` naming what does).
+    pub fn conditions(self) -> [Cond; 2] {
+        let not = |r#type: &str, why: &str| Cond::new(r#type, false, why, format!("the object is {why}"));
+        let with = |r#type: &str, c: &Cond| Cond::new(r#type, true, &c.reason, c.message.clone());
+        match self {
+            Health::Converged => [not(RECONCILING, reason::CONVERGED), not(STALLED, reason::CONVERGED)],
+            Health::Reconciling(c) => [with(RECONCILING, c), not(STALLED, RECONCILING)],
+            Health::Stalled(c) => [not(RECONCILING, STALLED), with(STALLED, c)],
+        }
+    }
+
+    /// From the `Ready` decision: converged when it holds, else reconciling or `stalled`.
+    pub fn of(ready: &Cond, stalled: bool) -> Health<'_> {
+        match (ready.status, stalled) {
+            (_, true) => Health::Stalled(ready),
+            (ConditionStatus::True, false) => Health::Converged,
+            _ => Health::Reconciling(ready),
+        }
+    }
+}
+
 /// The conditions to write: `wanted`, in that order, keeping each previous condition's
 /// `lastTransitionTime` when its status did not change.
 pub fn merge(previous: &[Condition], wanted: Vec<Cond>, generation: Option<i64>, now: &Time) -> Vec<Condition> {
@@ -47,6 +94,15 @@ pub fn merge(previous: &[Condition], wanted: Vec<Cond>, generation: Option<i64>,
             }
         })
         .collect()
+}
+
+/// The `Stalled` condition of `now` when it has just become True (or changed its reason): what
+/// calls for a Warning Event, once.
+pub fn newly_stalled<'a>(previous: &[Condition], now: &'a [Condition]) -> Option<&'a Condition> {
+    let stalled = find(now, STALLED).filter(|c| c.status == ConditionStatus::True)?;
+    let before = find(previous, STALLED);
+    (before.map(|b| (b.status, b.reason.as_str())) != Some((stalled.status, stalled.reason.as_str())))
+        .then_some(stalled)
 }
 
 /// The condition of a type, if present.

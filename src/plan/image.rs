@@ -12,14 +12,14 @@ use kube::ResourceExt;
 use super::{
     build,
     clone::{Chosen, CloneStrategy},
-    conditions::{Cond, merge},
+    conditions::{Cond, Health, merge},
     mover::MoverState,
     names, quantity, reason,
     virtual_machine::CloneView,
 };
 use crate::{
     api::{
-        Image, ImageSpec, ImageStatus,
+        ConditionStatus, Image, ImageSpec, ImageStatus,
         image::{ClaimHolder, ImagePhase, TransferPod, VolumeMode},
     },
     mover::import::{self, ImportResult, Progress},
@@ -29,7 +29,7 @@ use crate::{
 /// at most one status write per importing image per period.
 pub const PROGRESS_PERIOD: Duration = Duration::from_secs(5);
 
-pub const READY: &str = "Ready";
+pub use super::conditions::READY;
 pub const IN_USE: &str = "InUse";
 pub const PERSISTENCE_CHANGE_PENDING: &str = "PersistenceChangePending";
 
@@ -221,6 +221,8 @@ pub struct ImagePlan {
     /// Plan again after this long (the progress of an import).
     pub requeue: Option<Duration>,
     pub status: ImageStatus,
+    /// An Event to publish (once, when the image enters a state a user acts on).
+    pub event: Option<ImageEvent>,
 }
 
 /// The result of an import or copy, recorded on the image PVC.
@@ -774,10 +776,13 @@ pub fn plan(obs: &ImageObservation, now: &Time) -> ImagePlan {
         _ => Finalizer::Keep,
     };
 
-    // The persistence mode in force changes only while nothing uses the image.
-    let in_force = match previous.persistent {
-        Some(current) if in_use => current,
-        _ => image.spec.persistent,
+    // The persistence mode in force changes only while nothing uses the image. While it is used,
+    // the cluster says which mode is in force, not the status (which a restore may have lost):
+    // a held claim means persistent, VMs using clones of it mean not.
+    let in_force = match (&obs.claim, obs.consumers.is_empty()) {
+        (Some(_), _) => true,
+        (None, false) => false,
+        (None, true) => image.spec.persistent,
     };
     let change_pending = in_force != image.spec.persistent;
 
@@ -792,6 +797,7 @@ pub fn plan(obs: &ImageObservation, now: &Time) -> ImagePlan {
         record: None,
         requeue: None,
         status: ImageStatus::default(),
+        event: None,
     };
     let mut create_pvc = None;
     let mut pvc_name = None;
@@ -955,6 +961,19 @@ pub fn plan(obs: &ImageObservation, now: &Time) -> ImagePlan {
             }
         },
     };
+    // A deletion held by users says who: `kubectl delete` waits on them.
+    let ready = match (deleting, in_use || obs.wanted_by_clones) {
+        (true, true) => {
+            let by = match (&obs.claim, obs.consumers.is_empty()) {
+                (Some(holder), true) => format!("VirtualMachine {}", holder.name),
+                (_, false) => format!("VirtualMachine {}", listed(&obs.consumers)),
+                _ => "Images cloning it".to_owned(),
+            };
+            Cond::new(READY, false, reason::IN_USE, format!("deleted: waits until no longer used by {by}"))
+        }
+        (true, false) => Cond::new(READY, false, reason::DELETING, "deleted: removing the image's PVC"),
+        _ => ready,
+    };
     let phase = match phase {
         _ if deleting => ImagePhase::Deleting,
         ImagePhase::Ready if image.spec.disabled => ImagePhase::Disabled,
@@ -966,7 +985,7 @@ pub fn plan(obs: &ImageObservation, now: &Time) -> ImagePlan {
     let in_use_cond = if in_use {
         let users = match (&obs.claim, obs.consumers.is_empty()) {
             (Some(holder), true) => holder.name.clone(),
-            _ => obs.consumers.join(", "),
+            _ => listed(&obs.consumers),
         };
         Cond::new(IN_USE, true, reason::IN_USE, format!("used by VirtualMachine {users}"))
     } else {
@@ -1029,7 +1048,8 @@ pub fn plan(obs: &ImageObservation, now: &Time) -> ImagePlan {
         capacity,
         storage_class_name: storage_class,
         running_vms: Some(i32::try_from(obs.consumers.len()).unwrap_or(i32::MAX)),
-        consumers: obs.consumers.clone(),
+        consumers: obs.consumers.iter().take(MAX_CONSUMERS).cloned().collect(),
+        consumers_truncated: obs.consumers.len() > MAX_CONSUMERS,
         claimed_by: obs.claim.clone(),
         progress,
         import_retries,
@@ -1038,11 +1058,70 @@ pub fn plan(obs: &ImageObservation, now: &Time) -> ImagePlan {
         clone_fallback: view.fallback.clone(),
         transfer_pod,
         observed_generation: generation,
-        conditions: merge(&previous.conditions, vec![ready, in_use_cond, pending_cond], generation, now),
+        conditions: {
+            // A change of persistence waiting for its users is on its way too.
+            let health = match phase {
+                ImagePhase::Error => Health::Stalled(&ready),
+                _ if change_pending && ready.status == ConditionStatus::True => Health::Reconciling(&pending_cond),
+                _ => Health::of(&ready, false),
+            };
+            let [reconciling, stalled] = health.conditions();
+            let wanted = vec![ready.clone(), in_use_cond, pending_cond.clone(), reconciling, stalled];
+            merge(&previous.conditions, wanted, generation, now)
+        },
     };
+    let event = image_event(&previous, phase, &ready, &pending_cond);
     let delete_pvc = match (&obs.pvc, finalizer) {
         (ImagePvc::Present { ours: true, .. }, Finalizer::Remove) => status.pvc_name.clone(),
         _ => acts.delete_pvc.take(),
     };
-    ImagePlan { create_pvc, delete_pvc, status, ..acts }
+    ImagePlan { create_pvc, delete_pvc, status, event, ..acts }
+}
+
+/// At most this many names in `status.consumers` (`consumersTruncated` beyond, `runningVMs`
+/// counts them all): an image used by 9,000 VMs wrote a 221 KB status on every change, and an
+/// object must stay far below etcd's 1.5 MiB limit.
+pub const MAX_CONSUMERS: usize = 100;
+
+/// At most this many names in a message; the rest are counted.
+const NAMES_IN_MESSAGE: usize = 10;
+
+/// `a, b, c` or `a, b, ... and 140 more`: names for a condition message, bounded.
+fn listed(names: &[String]) -> String {
+    let shown = names.iter().take(NAMES_IN_MESSAGE).cloned().collect::<Vec<_>>().join(", ");
+    match names.len().saturating_sub(NAMES_IN_MESSAGE) {
+        0 => shown,
+        more => format!("{shown} and {more} more"),
+    }
+}
+
+/// The Event a user acts on, once, when the image enters the state: an Error (Warning, with
+/// its reason), a persistence change that waits for users, a deletion held by users (Normal).
+fn image_event(previous: &ImageStatus, phase: ImagePhase, ready: &Cond, pending: &Cond) -> Option<ImageEvent> {
+    let entered = |c: &Cond| {
+        !previous.conditions.iter().any(|p| p.r#type == c.r#type && p.reason == c.reason && p.status == c.status)
+    };
+    if phase == ImagePhase::Error && entered(ready) {
+        return Some(ImageEvent { warning: true, reason: ready.reason.clone(), message: ready.message.clone() });
+    }
+    if phase == ImagePhase::Deleting && ready.reason == reason::IN_USE && entered(ready) {
+        return Some(ImageEvent { warning: false, reason: reason::IN_USE.into(), message: ready.message.clone() });
+    }
+    if pending.status == ConditionStatus::True && entered(pending) {
+        return Some(ImageEvent {
+            warning: false,
+            reason: PERSISTENCE_CHANGE_PENDING.into(),
+            message: pending.message.clone(),
+        });
+    }
+    None
+}
+
+/// An Event to publish about the Image.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ImageEvent {
+    /// Warning (an error to act on) or Normal.
+    pub warning: bool,
+    pub reason: String,
+    pub message: String,
 }

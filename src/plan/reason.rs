@@ -96,6 +96,8 @@ pub const CLONING: &str = "Cloning";
 pub const IN_USE: &str = "InUse";
 /// No VM uses the image.
 pub const UNUSED: &str = "Unused";
+/// A deleted image whose users are gone: its PVC goes.
+pub const DELETING: &str = "Deleting";
 /// `spec.persistent` is in force.
 pub const APPLIED: &str = "Applied";
 
@@ -104,6 +106,8 @@ pub const APPLIED: &str = "Applied";
 pub const IMAGES_READY: &str = "ImagesReady";
 
 // Any kind.
+/// `Reconciling` and `Stalled` are False: the object is what its spec asks for.
+pub const CONVERGED: &str = "Converged";
 /// The object cannot be read as its kind (Warning Event, operator log and metrics): the
 /// controllers skip it instead of stalling their watch.
 pub const MALFORMED: &str = "Malformed";

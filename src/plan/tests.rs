@@ -120,8 +120,18 @@ fn ours(phase: &str) -> Child {
 }
 
 /// Conditions without their timestamps, for exact comparison.
+/// The conditions as decisions, without `Reconciling` and `Stalled` (which follow `Ready`;
+/// [`health_follows_ready_on_every_kind`] checks them).
 fn decided(conditions: &[Condition]) -> Vec<Cond> {
-    conditions.iter().map(Cond::from).collect()
+    conditions.iter().filter(|c| !["Reconciling", "Stalled"].contains(&c.r#type.as_str())).map(Cond::from).collect()
+}
+
+/// `(Reconciling, Stalled)` as `(status, reason)` pairs.
+fn health(conditions: &[Condition]) -> [(ConditionStatus, String); 2] {
+    ["Reconciling", "Stalled"].map(|t| {
+        let c = find(conditions, t).unwrap_or_else(|| panic!("no condition {t}"));
+        (c.status, c.reason.clone())
+    })
 }
 
 /// When the condition `kind` last changed.
@@ -222,7 +232,8 @@ fn settle_image(obs: &ImageObservation) -> ImagePlan {
     let mut image = obs.image.clone();
     image.status = Some(first.status.clone());
     let again = image_plan::plan(&ImageObservation { image: &image, ..obs.clone() }, &at(2000));
-    assert_eq!(again, first, "a converged Image plans the same again");
+    assert_eq!(again.event, None, "an Event is published once");
+    assert_eq!(ImagePlan { event: first.event.clone(), ..again }, first, "a converged Image plans the same again");
     first
 }
 
@@ -783,7 +794,7 @@ fn status_follows_the_launcher_pod_and_the_run_strategy() {
             "the launcher Pod is stopping; a new one starts once it is gone",
         ),
         (RunStrategy::Always, Child::Missing, P::Provisioning, "Provisioning", "creating the launcher Pod"),
-        (RunStrategy::Halted, Child::Missing, P::Stopped, "Halted", "runStrategy is Halted"),
+        (RunStrategy::Halted, Child::Missing, P::Stopped, "Halted", "runStrategy is Halted: the VM is stopped"),
         (RunStrategy::Halted, ours("Running"), P::Stopped, "Stopping", "removing the launcher Pod"),
         (RunStrategy::Halted, deleting("Running"), P::Stopped, "Stopping", "removing the launcher Pod"),
     ];
@@ -793,8 +804,12 @@ fn status_follows_the_launcher_pod_and_the_run_strategy() {
         let has_pod = pod != Child::Missing;
         let s = settle(&v, Some(&r), &provisioned(pod.clone()));
         let [claimed, created] = claimed_and_created("NoPersistentImages", "no persistent image to claim");
-        let wanted = vec![claimed, created, Cond::new("Ready", false, reason, message)];
+        // Halted and stopped is what the spec asks for: Ready, not Reconciling (GitOps health).
+        let converged = reason == "Halted";
+        let wanted = vec![claimed, created, Cond::new("Ready", converged, reason, message)];
         assert_eq!((s.phase, decided(&s.conditions)), (Some(phase), wanted), "{run:?} {pod:?}");
+        let reconciling = if converged { ConditionStatus::False } else { ConditionStatus::True };
+        assert_eq!(health(&s.conditions)[0].0, reconciling, "{run:?} {pod:?}");
         assert_eq!(s.launcher_pod.is_some(), has_pod, "{run:?} {pod:?}");
         assert_eq!(s.disks, r.disks, "disks are kept while halted");
     }
@@ -827,8 +842,14 @@ fn status_of_a_rejected_vm_names_image_and_holder() {
     let r = resolved(RUNNING_DISKS);
     let verdict = Verdict::Rejected { image: "db".into(), holder: "vm-b".into() };
     let s = settle(&vm("vm-a"), Some(&r), &verdict);
-    let message = "image db is persistent and already in use by VirtualMachine vm-b";
+    let message = "image db is persistent and already in use by VirtualMachine vm-b; Rejected is final: to retry \
+                   once it is free, change this VM's spec (e.g. onImageConflict: Wait) or delete and recreate the VM";
     assert_eq!((s.phase, decided(&s.conditions)), (Some(P::Rejected), all_false("ImageInUse", message)));
+    // Rejected cannot work without a spec change: Stalled, not Reconciling for ever.
+    assert_eq!(
+        health(&s.conditions),
+        [(ConditionStatus::False, "Stalled".into()), (ConditionStatus::True, "ImageInUse".into())]
+    );
     assert_eq!(s.launcher_pod, None);
 }
 
@@ -891,7 +912,7 @@ fn transition_times_move_only_when_a_condition_status_changes() {
     assert!(again.conditions.iter().all(|c| c.observed_generation == Some(2)));
     assert_eq!(
         again.conditions.iter().map(|c| &c.last_transition_time).collect::<Vec<_>>(),
-        [&at(300), &at(300), &at(400)]
+        [&at(300), &at(300), &at(400), &at(400), &at(100)]
     );
 }
 
@@ -1471,7 +1492,11 @@ fn a_persistence_change_waits_until_no_vm_uses_the_image() {
     );
     // Re-planned while still used: nothing moves.
     img.status = Some(deferred.status.clone());
-    assert_eq!(image_plan::plan(&ImageObservation { image: &img, ..obs.clone() }, &at(4000)), deferred);
+    let replanned = image_plan::plan(&ImageObservation { image: &img, ..obs.clone() }, &at(4000));
+    assert_eq!(replanned, ImagePlan { event: None, ..deferred.clone() });
+    // The change waiting for its users is told once, and is on its way (Reconciling).
+    assert_eq!(deferred.event.as_ref().map(|e| e.reason.as_str()), Some("PersistenceChangePending"));
+    assert_eq!(health(&deferred.status.conditions)[0], (ConditionStatus::True, "InUse".into()));
     // vm-a lets go: the change applies.
     let applied = image_plan::plan(&observe(&img, present(true, "Bound", Some("10Gi"))), &at(5000));
     let s = &applied.status;
@@ -1500,6 +1525,56 @@ fn a_persistent_image_held_by_a_halted_vm_keeps_its_mode() {
     let plan = use_by(&free, &[], None);
     assert_eq!(plan.status.persistent, Some(true));
     assert_eq!(find(&plan.status.conditions, "PersistenceChangePending").unwrap().reason, "Applied");
+}
+
+#[test]
+fn the_mode_in_force_comes_from_the_claim_when_the_status_is_lost() {
+    // Persistent, held by vm-a, changed to non-persistent (pending), then the status is lost
+    // (restored from a backup): the held claim says persistent is still in force.
+    let mut img = bound(true);
+    img.spec.persistent = false;
+    img.status = None;
+    let plan = use_by(&img, &[], Some(holder("vm-a")));
+    assert_eq!((plan.status.persistent, plan.status.phase), (Some(true), Some(ImagePhase::UsedPersistent)));
+    assert_eq!(find(&plan.status.conditions, "PersistenceChangePending").unwrap().status, ConditionStatus::True);
+    // The other way round: clones in use say non-persistent is in force.
+    let mut img = bound(false);
+    img.spec.persistent = true;
+    img.status = None;
+    let plan = use_by(&img, &["vm-a"], None);
+    assert_eq!((plan.status.persistent, plan.status.phase), (Some(false), Some(ImagePhase::Used)));
+}
+
+#[test]
+fn consumers_are_bounded_and_counted() {
+    let img = bound(false);
+    let names: Vec<String> = (0..150).map(|i| format!("vm-{i:03}")).collect();
+    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    let plan = use_by(&img, &refs, None);
+    assert_eq!(plan.status.consumers.len(), 100);
+    assert_eq!(plan.status.consumers.last().map(String::as_str), Some("vm-099"));
+    assert!(plan.status.consumers_truncated);
+    assert_eq!(plan.status.running_vms, Some(150));
+    let in_use = find(&plan.status.conditions, "InUse").unwrap();
+    assert!(in_use.message.ends_with("vm-009 and 140 more"), "{}", in_use.message);
+    let few = use_by(&img, &["vm-a"], None);
+    assert!(!few.status.consumers_truncated);
+}
+
+#[test]
+fn a_deleted_image_says_who_holds_it_up_and_an_error_is_stalled() {
+    let gone = deleting(bound(true));
+    let plan = use_by(&gone, &["vm-a", "vm-b"], None);
+    let ready = find(&plan.status.conditions, "Ready").unwrap();
+    assert_eq!(ready.message, "deleted: waits until no longer used by VirtualMachine vm-a, vm-b");
+    assert_eq!(plan.event.as_ref().map(|e| (e.warning, e.reason.as_str())), Some((false, "InUse")));
+    assert_eq!(health(&plan.status.conditions)[0], (ConditionStatus::True, "InUse".into()));
+    // An Error cannot go away without a spec change: Stalled, with a Warning Event once.
+    let blank = finalized(image("disk", "spec: {source: {blank: {}}}"));
+    let plan = settle_image(&observe(&blank, ImagePvc::Missing));
+    assert_eq!(plan.event.as_ref().map(|e| (e.warning, e.reason.as_str())), Some((true, "MissingSize")));
+    assert_eq!(plan.status.phase, Some(ImagePhase::Error));
+    assert_eq!(health(&plan.status.conditions)[1], (ConditionStatus::True, "MissingSize".into()));
 }
 
 #[test]

@@ -23,7 +23,7 @@ use super::{
     build,
     claim::{self, ClaimPlan, ClaimState},
     clone::{Chosen, CloneStrategy},
-    conditions::{Cond, find, merge},
+    conditions::{Cond, Health, RECONCILING, STALLED, find, merge},
     mover::MoverState,
     names, quantity, reason,
 };
@@ -39,7 +39,7 @@ use crate::launcher::spec::ExitReason;
 
 pub const IMAGES_CLAIMED: &str = "ImagesClaimed";
 pub const DISKS_READY: &str = "DisksReady";
-pub const READY: &str = "Ready";
+pub use super::conditions::READY;
 
 /// Why a VM (or a Template) cannot proceed: `Pending` until something changes, or `Failed`
 /// when the spec can never work.
@@ -562,8 +562,12 @@ pub fn status(vm: &VirtualMachine, resolved: Option<&Resolved>, verdict: &Verdic
     let (phase, conditions) = match verdict {
         Verdict::Terminating => {
             // Only Ready changes: the claims are released after the launcher Pod is gone.
-            let mut kept: Vec<Cond> =
-                previous.conditions.iter().filter(|c| c.r#type != READY).map(Cond::from).collect();
+            let mut kept: Vec<Cond> = previous
+                .conditions
+                .iter()
+                .filter(|c| ![READY, RECONCILING, STALLED].contains(&c.r#type.as_str()))
+                .map(Cond::from)
+                .collect();
             kept.push(Cond::new(READY, false, reason::TERMINATING, "releasing the launcher Pod and claims"));
             (P::Terminating, kept)
         }
@@ -573,7 +577,12 @@ pub fn status(vm: &VirtualMachine, resolved: Option<&Resolved>, verdict: &Verdic
             (blocker.phase, vec![first, b(DISKS_READY), b(READY)])
         }
         Verdict::Rejected { image, holder } => {
-            let b = |t| Cond::new(t, false, reason::IMAGE_IN_USE, claim::in_use_message(image, holder));
+            let message = format!(
+                "{}; Rejected is final: to retry once it is free, change this VM's spec (e.g. onImageConflict: \
+                 Wait) or delete and recreate the VM",
+                claim::in_use_message(image, holder)
+            );
+            let b = |t| Cond::new(t, false, reason::IMAGE_IN_USE, message.clone());
             (P::Rejected, vec![b(IMAGES_CLAIMED), b(DISKS_READY), b(READY)])
         }
         Verdict::Waiting { .. } | Verdict::Queued { .. } => {
@@ -598,8 +607,9 @@ pub fn status(vm: &VirtualMachine, resolved: Option<&Resolved>, verdict: &Verdic
                     (P::Running, Cond::new(READY, true, reason::RUNNING, "QEMU runs the guest"))
                 }
                 // Someone else's Pod with the launcher's name is not ours to stop.
+                // Powered off as the spec asks: converged (GitOps tools see it healthy).
                 Child::Missing | Child::Foreign if halted => {
-                    (P::Stopped, Cond::new(READY, false, reason::HALTED, "runStrategy is Halted"))
+                    (P::Stopped, Cond::new(READY, true, reason::HALTED, "runStrategy is Halted: the VM is stopped"))
                 }
                 _ if halted => (P::Stopped, Cond::new(READY, false, reason::STOPPING, "removing the launcher Pod")),
                 Child::Missing => {
@@ -619,6 +629,11 @@ pub fn status(vm: &VirtualMachine, resolved: Option<&Resolved>, verdict: &Verdic
             (phase, vec![claimed, disks_ready, ready])
         }
     };
+    let mut conditions = conditions;
+    if let Some(ready) = conditions.iter().find(|c| c.r#type == READY) {
+        let health = Health::of(ready, matches!(phase, P::Rejected | P::Failed)).conditions();
+        conditions.extend(health);
+    }
     if *verdict == Verdict::Terminating {
         return VirtualMachineStatus {
             phase: Some(phase),

@@ -131,7 +131,13 @@ impl Env {
     }
 
     pub async fn wait_vm(&self, name: &str, phase: VirtualMachinePhase) -> VirtualMachine {
-        wait_for(&format!("VirtualMachine {name} to be {phase:?}"), LONG, async || {
+        self.wait_vm_within(name, phase, LONG).await
+    }
+
+    /// [`Env::wait_vm`] with its own deadline: for waits that include a launcher's stop, which
+    /// takes up to its grace period (60 s by default) when the guest ignores the power button.
+    pub async fn wait_vm_within(&self, name: &str, phase: VirtualMachinePhase, deadline: Duration) -> VirtualMachine {
+        wait_for(&format!("VirtualMachine {name} to be {phase:?}"), deadline, async || {
             let vm = self.vm(name).await?;
             reached(vm.status.as_ref()?.phase, phase).then_some(vm)
         })
