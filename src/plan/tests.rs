@@ -2201,6 +2201,25 @@ fn decide_does_not_take_an_image_whose_persistence_change_is_pending() {
 }
 
 #[test]
+fn decide_rejects_a_reject_vm_when_a_pending_change_leaves_the_image_held() {
+    // db is still persistent (a change to non-persistent waits) and held by vm-a.
+    let mut images = decide_images();
+    images[1].spec.persistent = false;
+    images[1].status.as_mut().unwrap().claimed_by = Some(holder("vm-a"));
+    let t = small();
+    let v = vm("vm-b");
+    let plan = vm_plan::decide(&observed(&v, &t, &images, &[("db", ClaimState::Free)]));
+    assert_eq!(phase_and_reason(&plan), (Some(P::Rejected), "ImageInUse".into()));
+    assert!(plan.take.is_empty() && plan.create_pvcs.is_empty(), "no claim and no clone of the held PVC");
+    // A Wait VM waits for the change instead.
+    let mut w = vm("vm-w");
+    w.spec.on_image_conflict = OnImageConflict::Wait;
+    let plan = vm_plan::decide(&observed(&w, &t, &images, &[("db", ClaimState::Free)]));
+    assert_eq!(phase_and_reason(&plan), (Some(P::Pending), "ImageNotReady".into()));
+    assert!(plan.create_pvcs.is_empty());
+}
+
+#[test]
 fn decide_keeps_a_held_image_that_is_being_deleted() {
     let mut images = decide_images();
     let (t, mut v) = (small(), with_finalizer(vm("vm-a")));

@@ -811,7 +811,20 @@ pub fn decide(obs: &Observed) -> VmPlan {
     let images = |n: &str| obs.images.get(n).copied();
     let resolved = match resolve_disks(vm, obs.template.map(|t| &t.spec), images) {
         Ok(resolved) => resolved,
-        Err(blocker) => return with_status(obs, plan, None, Verdict::Blocked { blocker, claimed: false }),
+        Err(blocker) => {
+            // An image still persistent while a change away from it waits, held by another VM:
+            // that is a conflict, and `Reject` means Rejected (a `Wait` VM waits for the change).
+            let held = obs.template.and_then(|t| held_by_other(vm, &t.spec, images));
+            let verdict = match held {
+                Some((image, holder))
+                    if vm.spec.on_image_conflict == crate::api::virtual_machine::OnImageConflict::Reject =>
+                {
+                    Verdict::Rejected { image, holder }
+                }
+                _ => Verdict::Blocked { blocker, claimed: false },
+            };
+            return with_status(obs, plan, None, verdict);
+        }
     };
     let wanted = persistent_images(&resolved.disks);
     plan.add_finalizer = !wanted.is_empty() && !obs.vm.finalizers().iter().any(|f| f == names::VM_FINALIZER);
@@ -856,6 +869,21 @@ pub fn decide(obs: &Observed) -> VmPlan {
         return with_status(obs, plan, Some(&resolved), verdict);
     }
     provision(obs, plan, resolved)
+}
+
+/// The first image of `template` whose persistent mode is still in force (a change to
+/// non-persistent pending) and held by another VM than `vm`: `(image, holder)`.
+fn held_by_other<'a>(
+    vm: &VirtualMachine,
+    template: &TemplateSpec,
+    images: impl Fn(&str) -> Option<&'a Image>,
+) -> Option<(String, String)> {
+    template.disks.iter().filter_map(|d| d.image.as_deref()).find_map(|name| {
+        let status = images(name)?.status.as_ref()?;
+        let holder = status.claimed_by.as_ref()?;
+        (status.persistent == Some(true) && vm.metadata.uid.as_deref() != Some(holder.uid.as_str()))
+            .then(|| (name.to_owned(), holder.name.clone()))
+    })
 }
 
 /// Lets go of the claims in `mine`: released once no launcher Pod of the VM exists, else the
