@@ -37,7 +37,7 @@ use crate::{
             SourceVm,
         },
         mover::MoverState,
-        names,
+        names, quantity,
         virtual_machine::{CloneView, IMAGES_CLAIMED},
     },
 };
@@ -73,13 +73,34 @@ fn pvc_view(pvc: Option<&PersistentVolumeClaim>, owner_uid: &str) -> ImagePvc {
                 vmkeep_disk: !ours && p.labels().get(names::MANAGED_BY).map(String::as_str) == Some(names::MANAGER),
                 phase: p.status.as_ref().and_then(|s| s.phase.clone()),
                 // Before it binds, a PVC's capacity is what it asks for.
-                capacity: p.status.as_ref().and_then(|s| s.capacity.as_ref()?.get("storage").cloned()).or(requested),
+                capacity: p
+                    .status
+                    .as_ref()
+                    .and_then(|s| s.capacity.as_ref()?.get("storage").cloned())
+                    .or_else(|| requested.clone()),
+                requested,
                 storage_class: spec.storage_class_name,
                 volume_mode: spec.volume_mode,
                 fill: Box::new(CloneView::of(&p.metadata)),
             }
         }
     }
+}
+
+/// A PVC vmkeep did not make concerns the Images that adopt it (`source.pvc`).
+pub fn images_adopting(
+    stores: &Stores,
+    pvc: &kube::core::PartialObjectMeta<PersistentVolumeClaim>,
+) -> Vec<ObjectRef<Image>> {
+    let (Some(ns), name) = (pvc.namespace(), pvc.name_any()) else { return Vec::new() };
+    stores
+        .images
+        .state()
+        .iter()
+        .filter(|i| i.namespace().as_deref() == Some(ns.as_str()))
+        .filter(|i| i.spec.source.pvc.as_ref().is_some_and(|p| p.name == name))
+        .map(|i| ObjectRef::from_obj(i.as_ref()))
+        .collect()
 }
 
 /// Reconciles one Image.
@@ -146,6 +167,15 @@ pub async fn reconcile(image: Arc<Image>, ctx: Arc<Context>) -> Result<Action, E
         }
         _ => false,
     };
+    // The class is asked whether it expands only when spec.size asks for more than the PVC does.
+    let allows_expansion = match (&pvc, &image.spec.size) {
+        (ImagePvc::Present { ours: true, requested: Some(have), storage_class, .. }, Some(want))
+            if quantity::bytes(have) < quantity::bytes(want) =>
+        {
+            Some(super::storage_class(&ctx, storage_class.as_deref()).await?.allows_expansion)
+        }
+        _ => None,
+    };
     let wanted_by_clones = ctx.stores.images.state().iter().any(|i| {
         i.namespace().as_deref() == Some(ns.as_str())
             && i.spec.source.image.as_ref().is_some_and(|s| s.name == name)
@@ -184,6 +214,7 @@ pub async fn reconcile(image: Arc<Image>, ctx: Arc<Context>) -> Result<Action, E
         snapshot_class,
         snapshot,
         binds_late,
+        allows_expansion,
         wanted_by_clones,
         launcher_image: &ctx.settings.launcher_image,
     };
@@ -210,6 +241,14 @@ pub async fn reconcile(image: Arc<Image>, ctx: Arc<Context>) -> Result<Action, E
         let (params, patch) = (PatchParams::default(), Patch::Merge(&patch));
         ctx.writes.send("PersistentVolumeClaim", "patch", pvc_api.patch(&record.pvc, &params, &patch)).await?;
         info!(image = %name, pvc = %record.pvc, digest = %record.digest, "the image's data is complete");
+    }
+    if let Some((pvc, size)) = &decided.expand_pvc {
+        // Only the storage request grows; the API server allows that for bound PVCs of a class
+        // with allowVolumeExpansion, and the storage's resizer does the rest.
+        let patch = serde_json::json!({"spec": {"resources": {"requests": {"storage": size}}}});
+        let (params, patch) = (PatchParams::default(), Patch::Merge(&patch));
+        ctx.writes.send("PersistentVolumeClaim", "patch", pvc_api.patch(pvc, &params, &patch)).await?;
+        info!(image = %name, %pvc, size = %size.0, "asked storage to expand the image's PVC");
     }
     if let Some(snapshot) = &decided.create_snapshot {
         let params = PostParams { field_manager: Some(names::FIELD_MANAGER.into()), ..Default::default() };
@@ -270,11 +309,10 @@ pub async fn reconcile(image: Arc<Image>, ctx: Arc<Context>) -> Result<Action, E
     if decided.finalizer == Finalizer::Remove {
         apply::remove_finalizer(&ctx, image.as_ref(), names::IMAGE_FINALIZER).await?;
     }
-    // An adopted PVC is not watched: look at it again now and then.
-    Ok(match (adopted, requeue) {
-        (_, Some(after)) => Action::requeue(after),
-        (Some(_), None) => Action::requeue(Duration::from_secs(300)),
-        (None, None) => Action::await_change(),
+    // An adopted PVC is watched (metadata only): its changes wake the Image.
+    Ok(match requeue {
+        Some(after) => Action::requeue(after),
+        None => Action::await_change(),
     })
 }
 

@@ -22,7 +22,7 @@ use kube::{
     api::DynamicObject,
     core::DeserializeGuard,
     runtime::{
-        Controller,
+        Controller, WatchStreamExt,
         controller::Action,
         events::Reporter,
         reflector::{ObjectRef, Store},
@@ -245,6 +245,7 @@ pub async fn run(client: Client, metrics: Arc<Metrics>, settings: Settings, shut
         leases: leases.store.clone(),
         synced: synced_rx,
     };
+    let client_for_watch = client.clone();
     let ctx = Arc::new(Context {
         recorder,
         claims: Claims::new(client.clone(), Some(writes.clone())),
@@ -287,8 +288,16 @@ pub async fn run(client: Client, metrics: Arc<Metrics>, settings: Settings, shut
             )
             .for_each(|_| async {})
     };
+    // PVCs vmkeep did not make, as metadata only and not cached: an Image that adopts one
+    // (`source.pvc`) sees it bind or grow within seconds.
+    let foreign_pvcs = watcher(
+        settings.api::<kube::core::PartialObjectMeta<PersistentVolumeClaim>>(&client_for_watch),
+        watcher::Config::default().labels(&format!("{}!={}", names::MANAGED_BY, names::MANAGER)),
+    )
+    .default_backoff()
+    .touched_objects();
     let image_ctl = {
-        let (by_image, by_pod, by_vm) = (stores.clone(), stores.clone(), stores.clone());
+        let (by_image, by_pod, by_vm, by_pvc) = (stores.clone(), stores.clone(), stores.clone(), stores.clone());
         Controller::for_stream(images.subscribe(), stores.images.clone())
             .with_config(config.clone())
             .owns_stream(pvcs.subscribe_view(informer::pvc_view))
@@ -297,6 +306,7 @@ pub async fn run(client: Client, metrics: Arc<Metrics>, settings: Settings, shut
             // The claims of a VM removed by force are released once its last launcher Pod is gone.
             .watches_stream(pods.subscribe_view(informer::pod_view), move |p| image::images_of_pod(&by_pod, &p))
             .watches_stream(images.subscribe(), move |i| image::clones_of(&by_image, &i))
+            .watches_stream(foreign_pvcs, move |p| image::images_adopting(&by_pvc, &p))
             .graceful_shutdown_on(shutdown.clone().cancelled_owned())
             .run(instrumented("Image", image::reconcile), error_policy("Image"), ctx.clone())
             .for_each(|_| async {})
@@ -353,6 +363,7 @@ pub async fn storage_class(ctx: &Context, name: Option<&str>) -> Result<ClassInf
         name: Some(c.name_any()),
         annotation,
         binds_late: c.volume_binding_mode.as_deref() == Some("WaitForFirstConsumer"),
+        allows_expansion: c.allow_volume_expansion == Some(true),
         provisioner: Some(c.provisioner),
         snapshot_class,
         snapshot_unavailable,

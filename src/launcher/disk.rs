@@ -65,6 +65,8 @@ fn prepare_one(disk: &LaunchDisk) -> Result<PreparedDisk, String> {
                     ));
                 }
                 create_sparse(&file, disk.capacity)?;
+            } else if !disk.read_only {
+                grow(&file, disk.capacity)?;
             }
             file
         }
@@ -108,6 +110,31 @@ fn create_sparse(file: &Path, capacity: u64) -> Result<(), String> {
     }
     created?;
     info!(file = %file.display(), bytes = size, "created a blank sparse disk");
+    Ok(())
+}
+
+/// Grows `file` (sparse) to `capacity` rounded down to 1 MiB when its volume grew past it (the
+/// image's `spec.size` was raised and storage expanded the PVC), as KubeVirt does for
+/// `disk.img`; never shrinks it. The guest sees the new size at this start. A filesystem with
+/// less room than the growth leaves the file as it is (with a Warning in the log): the guest
+/// would otherwise meet I/O errors when it fills it.
+fn grow(file: &Path, capacity: u64) -> Result<(), String> {
+    let target = capacity / MIB * MIB;
+    let len = std::fs::metadata(file).map_err(|e| format!("cannot stat {}: {e}", file.display()))?.len();
+    if len >= target {
+        return Ok(());
+    }
+    let available = available_bytes(file.parent().unwrap_or(Path::new("/")))?;
+    if available < target - len {
+        warn!(file = %file.display(), len, capacity = target, available, "not growing the disk: its filesystem has too little room");
+        return Ok(());
+    }
+    OpenOptions::new()
+        .write(true)
+        .open(file)
+        .and_then(|f| f.set_len(target).and_then(|()| f.sync_all()))
+        .map_err(|e| format!("cannot grow {} to {target} bytes: {e}", file.display()))?;
+    info!(file = %file.display(), from = len, to = target, "grew the disk to its volume's capacity");
     Ok(())
 }
 
@@ -158,7 +185,25 @@ mod tests {
         // A second start keeps what is there.
         std::fs::write(dir.join(DISK_IMG), b"kept").unwrap();
         prepare(&[disk(&dir, true, false)]).unwrap();
-        assert_eq!(std::fs::read(dir.join(DISK_IMG)).unwrap(), b"kept");
+        assert!(std::fs::read(dir.join(DISK_IMG)).unwrap().starts_with(b"kept"));
+    }
+
+    #[test]
+    fn a_disk_grows_to_a_larger_capacity_and_never_shrinks() {
+        let dir = tempdir("grow");
+        std::fs::write(dir.join(DISK_IMG), b"data").unwrap();
+        prepare(&[disk(&dir, false, false)]).unwrap();
+        let grown = std::fs::read(dir.join(DISK_IMG)).unwrap();
+        assert_eq!(grown.len(), 3 << 20, "grown to the capacity rounded down");
+        assert_eq!(&grown[..4], b"data", "the data stays");
+        let mut small = disk(&dir, false, false);
+        small.capacity = 1 << 20;
+        prepare(&[small]).unwrap();
+        assert_eq!(std::fs::metadata(dir.join(DISK_IMG)).unwrap().len(), 3 << 20, "never shrunk");
+        // A read-only disk is left alone.
+        std::fs::write(dir.join(DISK_IMG), b"ro").unwrap();
+        prepare(&[disk(&dir, false, true)]).unwrap();
+        assert_eq!(std::fs::read(dir.join(DISK_IMG)).unwrap(), b"ro");
     }
 
     #[test]

@@ -62,6 +62,8 @@ pub struct ClassInfo {
     pub annotation: Option<String>,
     /// Its `volumeBindingMode` is `WaitForFirstConsumer`.
     pub binds_late: bool,
+    /// Its `allowVolumeExpansion`: PVCs of the class may be asked to grow.
+    pub allows_expansion: bool,
     /// The VolumeSnapshotClass for its driver, when `snapshot` is asked for and one exists.
     pub snapshot_class: Option<String>,
     /// Why `snapshot` cannot be had, when it is asked for and cannot (no snapshot API, no

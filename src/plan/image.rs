@@ -44,7 +44,10 @@ pub enum ImagePvc {
         /// vmkeep made it, but not for this Image: another Image's PVC or a VM's disk.
         vmkeep_disk: bool,
         phase: Option<String>,
+        /// What storage gave it (`status.capacity`), or what it asks for before it binds.
         capacity: Option<Quantity>,
+        /// What it asks for (`spec.resources.requests.storage`).
+        requested: Option<Quantity>,
         storage_class: Option<String>,
         volume_mode: Option<String>,
         /// What its annotations say of how it is filled (strategy, copy source, import URL,
@@ -166,6 +169,9 @@ pub struct ImageObservation<'a> {
     /// The image's PVC is unbound in a `WaitForFirstConsumer` StorageClass: it binds when a Pod
     /// first mounts it.
     pub binds_late: bool,
+    /// Whether the StorageClass of the image's PVC allows volume expansion; only looked up when
+    /// `spec.size` asks for more than the PVC does (`None` otherwise).
+    pub allows_expansion: Option<bool>,
     /// Images wait to be cloned from this one (Pending or Cloning): it is kept, and bound in a
     /// `WaitForFirstConsumer` class.
     pub wanted_by_clones: bool,
@@ -213,6 +219,8 @@ pub struct ImagePlan {
     pub create_snapshot: Option<kube::api::DynamicObject>,
     /// The VolumeSnapshot to delete: the clone made from it is bound.
     pub delete_snapshot: Option<String>,
+    /// Ask storage to expand the image's PVC `(pvc, size)` (`spec.size` grew).
+    pub expand_pvc: Option<(String, Quantity)>,
     /// Helper Pods to delete (done, or made for an older spec).
     pub delete_pods: Vec<String>,
     /// The digest to record on the image PVC ([`names::DIGEST_ANNOTATION`]) and, for an import,
@@ -793,6 +801,7 @@ pub fn plan(obs: &ImageObservation, now: &Time) -> ImagePlan {
         create_pods: Vec::new(),
         create_snapshot: None,
         delete_snapshot: None,
+        expand_pvc: None,
         delete_pods: Vec::new(),
         record: None,
         requeue: None,
@@ -804,6 +813,7 @@ pub fn plan(obs: &ImageObservation, now: &Time) -> ImagePlan {
     let mut capacity = None;
     let mut storage_class = None;
     let mut view = CloneView::default();
+    let mut resized: Option<Resized> = None;
     let (phase, ready) = match source(obs) {
         Source::Blocked { phase, reason, message } => {
             if obs.snapshot.is_some() {
@@ -873,7 +883,15 @@ pub fn plan(obs: &ImageObservation, now: &Time) -> ImagePlan {
                 }
             }
             (
-                ImagePvc::Present { phase, capacity: observed, storage_class: class, volume_mode, fill: f, .. },
+                ImagePvc::Present {
+                    phase,
+                    capacity: observed,
+                    requested,
+                    storage_class: class,
+                    volume_mode,
+                    fill: f,
+                    ..
+                },
                 request,
             ) => {
                 capacity = observed.clone().or_else(|| request.as_ref().map(|r| r.size.clone()));
@@ -910,7 +928,8 @@ pub fn plan(obs: &ImageObservation, now: &Time) -> ImagePlan {
                 // WaitForFirstConsumer: an image PVC that must be cloned (a csi-clone to finish,
                 // VMs or Images to clone it) is bound by a short-lived Pod; a copy binds it anyway.
                 let ours = matches!(&obs.pvc, ImagePvc::Present { ours: true, .. });
-                let needed = clone || obs.wanted_by_clones || (!in_force && !obs.consumers.is_empty());
+                // A non-persistent image exists to be cloned, at the size storage gives it.
+                let needed = clone || obs.wanted_by_clones || !in_force;
                 let binder = obs.movers.iter().find(|m| m.role == Role::Bind);
                 if ours && !bound && obs.binds_late && needed && filling.is_none() && !deleting && binder.is_none() {
                     acts.create_pods.push(build::binder_pod(image, &name, image.spec.volume_mode, obs.launcher_image));
@@ -931,6 +950,22 @@ pub fn plan(obs: &ImageObservation, now: &Time) -> ImagePlan {
                     (Some(size), Some(have)) => quantity::bytes(have) < quantity::bytes(size),
                     _ => false,
                 };
+                let sizing = Sizing {
+                    pvc: &name,
+                    ours,
+                    bound,
+                    requested: requested.as_ref(),
+                    capacity: capacity.as_ref(),
+                    class: class.as_deref(),
+                    persistent: in_force,
+                };
+                resized = sizing.resized(image, obs.allows_expansion);
+                if let Some(Resized { expand: Some(size), .. }) = &resized
+                    && !deleting
+                {
+                    acts.expand_pvc = Some((name.clone(), size.clone()));
+                }
+                let shrunk = sizing.shrunk(image);
                 if let Some(Source::Blocked { phase, reason, message }) = filling {
                     (phase, Cond::new(READY, false, reason, message))
                 } else if phase.as_deref() == Some("Lost") {
@@ -942,15 +977,24 @@ pub fn plan(obs: &ImageObservation, now: &Time) -> ImagePlan {
                         volume_mode.as_deref().unwrap_or_default()
                     );
                     (ImagePhase::Error, Cond::new(READY, false, reason::INVALID_VOLUME_MODE, message))
-                } else if too_small {
+                } else if too_small && !ours {
                     let message = format!(
-                        "PersistentVolumeClaim {name} holds {}, less than spec.size {}",
+                        "PersistentVolumeClaim {name} holds {}, less than spec.size {}: vmkeep does not resize a \
+                         PVC it adopted (expand it, or lower spec.size)",
                         capacity.as_ref().map(|c| c.0.as_str()).unwrap_or_default(),
                         image.spec.size.as_ref().map(|c| c.0.as_str()).unwrap_or_default()
                     );
                     (ImagePhase::Error, Cond::new(READY, false, reason::PVC_TOO_SMALL, message))
+                } else if let Some(message) = shrunk {
+                    (ImagePhase::Error, Cond::new(READY, false, reason::INVALID_SIZE, message))
                 } else if clone && !bound {
                     (ImagePhase::Cloning, Cond::new(READY, false, reason::CLONING, "cloning the source image"))
+                } else if !in_force && !bound {
+                    let message = format!(
+                        "PersistentVolumeClaim {name} is not bound yet: clones of the image are sized from the \
+                         capacity storage gives it"
+                    );
+                    (ImagePhase::Pending, Cond::new(READY, false, reason::PVC_NOT_BOUND, message))
                 } else {
                     // Binding is left to the scheduler (WaitForFirstConsumer classes bind late).
                     (
@@ -1060,22 +1104,132 @@ pub fn plan(obs: &ImageObservation, now: &Time) -> ImagePlan {
         observed_generation: generation,
         conditions: {
             // A change of persistence waiting for its users is on its way too.
-            let health = match phase {
-                ImagePhase::Error => Health::Stalled(&ready),
-                _ if change_pending && ready.status == ConditionStatus::True => Health::Reconciling(&pending_cond),
-                _ => Health::of(&ready, false),
+            let resized_cond = resized.as_ref().map(|r| &r.condition);
+            let health = match (phase, resized.as_ref()) {
+                (ImagePhase::Error, _) => Health::Stalled(&ready),
+                (_, Some(r)) if r.stalled => Health::Stalled(&r.condition),
+                _ if ready.status != ConditionStatus::True => Health::of(&ready, false),
+                _ if change_pending => Health::Reconciling(&pending_cond),
+                (_, Some(r)) => Health::Reconciling(&r.condition),
+                _ => Health::Converged,
             };
             let [reconciling, stalled] = health.conditions();
-            let wanted = vec![ready.clone(), in_use_cond, pending_cond.clone(), reconciling, stalled];
+            let mut wanted = vec![ready.clone(), in_use_cond, pending_cond.clone()];
+            wanted.extend(resized_cond.cloned());
+            wanted.extend([reconciling, stalled]);
             merge(&previous.conditions, wanted, generation, now)
         },
     };
-    let event = image_event(&previous, phase, &ready, &pending_cond);
+    let event = image_event(&previous, phase, &ready, &pending_cond, resized.as_ref());
     let delete_pvc = match (&obs.pvc, finalizer) {
         (ImagePvc::Present { ours: true, .. }, Finalizer::Remove) => status.pvc_name.clone(),
         _ => acts.delete_pvc.take(),
     };
     ImagePlan { create_pvc, delete_pvc, status, event, ..acts }
+}
+
+/// Condition type: `spec.size` is more than the image's PVC has (present only then).
+pub const RESIZED: &str = "Resized";
+
+/// The size of an image's PVC against `spec.size`.
+struct Sizing<'a> {
+    pvc: &'a str,
+    ours: bool,
+    bound: bool,
+    requested: Option<&'a Quantity>,
+    capacity: Option<&'a Quantity>,
+    class: Option<&'a str>,
+    persistent: bool,
+}
+
+/// A `spec.size` that the PVC does not have yet: the condition, whether storage is to be asked
+/// to expand it (to that size), and whether it is stalled (a persistent image in a class that
+/// cannot expand: its VMs never see the new size).
+#[derive(Clone, Debug, PartialEq)]
+struct Resized {
+    condition: Cond,
+    expand: Option<Quantity>,
+    stalled: bool,
+}
+
+impl Sizing<'_> {
+    /// `None` when the PVC has what `spec.size` asks (or is not the image's own).
+    /// `allows_expansion` is the StorageClass's `allowVolumeExpansion` (looked up only when
+    /// `spec.size` asks for more than the PVC does).
+    fn resized(&self, image: &Image, allows_expansion: Option<bool>) -> Option<Resized> {
+        let want = image.spec.size.as_ref()?;
+        let (requested, pvc) = (self.requested?, self.pvc);
+        if !self.ours {
+            return None;
+        }
+        let cond = |reason: &str, message: String| Cond::new(RESIZED, false, reason, message);
+        if quantity::bytes(requested) < quantity::bytes(want) {
+            let class = self.class.unwrap_or("(the default)");
+            let (condition, expand, stalled) = match (self.bound, allows_expansion) {
+                (false, _) => (
+                    cond(
+                        reason::EXPANDING,
+                        format!("PersistentVolumeClaim {pvc} is expanded to {} once bound", want.0),
+                    ),
+                    None,
+                    false,
+                ),
+                (true, Some(true)) => (
+                    cond(
+                        reason::EXPANDING,
+                        format!(
+                            "asked storage to expand PersistentVolumeClaim {pvc} from {} to {}",
+                            requested.0, want.0
+                        ),
+                    ),
+                    Some(want.clone()),
+                    false,
+                ),
+                (true, _) => (
+                    cond(
+                        reason::EXPANSION_NOT_SUPPORTED,
+                        format!(
+                            "StorageClass {class} does not allow volume expansion: PersistentVolumeClaim {pvc} stays at \
+                             {}; new clones get {}{}",
+                            requested.0,
+                            want.0,
+                            if self.persistent { ", the VMs that use the image in place do not" } else { "" }
+                        ),
+                    ),
+                    None,
+                    self.persistent,
+                ),
+            };
+            return Some(Resized { condition, expand, stalled });
+        }
+        let capacity = self.capacity?;
+        (self.bound && quantity::bytes(capacity) < quantity::bytes(requested)).then(|| Resized {
+            condition: cond(
+                reason::EXPANDING,
+                format!(
+                    "waiting for storage to expand PersistentVolumeClaim {pvc} to {} (it has {}); a VM sees the new size \
+                     at its next start",
+                    requested.0, capacity.0
+                ),
+            ),
+            expand: None,
+            stalled: false,
+        })
+    }
+
+    /// Why `spec.size` is refused: below what the image's own PVC (blank or imported, made at
+    /// `spec.size`) asks for. Volumes do not shrink.
+    fn shrunk(&self, image: &Image) -> Option<String> {
+        let (want, requested) = (image.spec.size.as_ref()?, self.requested?);
+        let sized_by_spec = image.spec.source.blank.is_some() || image.spec.source.http.is_some();
+        (self.ours && sized_by_spec && quantity::bytes(want) < quantity::bytes(requested)).then(|| {
+            format!(
+                "spec.size {} is below the size of PersistentVolumeClaim {} ({}): volumes do not shrink; set spec.size \
+                 to at least {}",
+                want.0, self.pvc, requested.0, requested.0
+            )
+        })
+    }
 }
 
 /// At most this many names in `status.consumers` (`consumersTruncated` beyond, `runningVMs`
@@ -1097,12 +1251,27 @@ fn listed(names: &[String]) -> String {
 
 /// The Event a user acts on, once, when the image enters the state: an Error (Warning, with
 /// its reason), a persistence change that waits for users, a deletion held by users (Normal).
-fn image_event(previous: &ImageStatus, phase: ImagePhase, ready: &Cond, pending: &Cond) -> Option<ImageEvent> {
+fn image_event(
+    previous: &ImageStatus,
+    phase: ImagePhase,
+    ready: &Cond,
+    pending: &Cond,
+    resized: Option<&Resized>,
+) -> Option<ImageEvent> {
     let entered = |c: &Cond| {
         !previous.conditions.iter().any(|p| p.r#type == c.r#type && p.reason == c.reason && p.status == c.status)
     };
     if phase == ImagePhase::Error && entered(ready) {
         return Some(ImageEvent { warning: true, reason: ready.reason.clone(), message: ready.message.clone() });
+    }
+    if let Some(r) = resized.filter(|r| r.condition.reason == reason::EXPANSION_NOT_SUPPORTED)
+        && entered(&r.condition)
+    {
+        return Some(ImageEvent {
+            warning: true,
+            reason: r.condition.reason.clone(),
+            message: r.condition.message.clone(),
+        });
     }
     if phase == ImagePhase::Deleting && ready.reason == reason::IN_USE && entered(ready) {
         return Some(ImageEvent { warning: false, reason: reason::IN_USE.into(), message: ready.message.clone() });

@@ -56,7 +56,7 @@ pub const TERMINATING: &str = "Terminating";
 pub const INVALID_SOURCE: &str = "InvalidSource";
 /// A blank image without `spec.size`.
 pub const MISSING_SIZE: &str = "MissingSize";
-/// A `spec.size` that is not a positive size.
+/// A `spec.size` that is not a positive size, or below the size of the image's PVC.
 pub const INVALID_SIZE: &str = "InvalidSize";
 /// The source Image of a clone does not exist (yet).
 pub const SOURCE_NOT_FOUND: &str = "SourceNotFound";
@@ -88,6 +88,12 @@ pub const PVC_NOT_FOUND: &str = "PvcNotFound";
 pub const PVC_LOST: &str = "PvcLost";
 /// An adopted PVC is smaller than `spec.size`.
 pub const PVC_TOO_SMALL: &str = "PvcTooSmall";
+/// A non-persistent image's PVC is not bound: its capacity, which sizes clones, is unknown.
+pub const PVC_NOT_BOUND: &str = "PvcNotBound";
+/// `spec.size` grew: storage was asked to expand the image's PVC, or it is expanded once bound.
+pub const EXPANDING: &str = "Expanding";
+/// `spec.size` grew and the StorageClass does not allow volume expansion.
+pub const EXPANSION_NOT_SUPPORTED: &str = "ExpansionNotSupported";
 /// The image's PVC exists.
 pub const PVC_READY: &str = "PvcReady";
 /// The image's PVC is being cloned.

@@ -208,6 +208,7 @@ fn observe(image: &Image, pvc: ImagePvc) -> ImageObservation<'_> {
         snapshot_class: None,
         snapshot: None,
         binds_late: false,
+        allows_expansion: None,
         wanted_by_clones: false,
         launcher_image: "vmkeep-launcher:test",
     }
@@ -219,6 +220,7 @@ fn present(ours: bool, phase: &str, capacity: Option<&str>) -> ImagePvc {
         vmkeep_disk: false,
         phase: Some(phase.to_owned()),
         capacity: capacity.map(q),
+        requested: capacity.map(q),
         storage_class: None,
         volume_mode: None,
         fill: Box::default(),
@@ -960,15 +962,31 @@ fn a_new_blank_image_asks_for_its_finalizer_and_its_pvc() {
 
 #[test]
 fn an_image_is_ready_once_its_pvc_exists_bound_or_not() {
-    let img = finalized(image("disk", BLANK));
-    // WaitForFirstConsumer: the PVC binds with the first Pod, so Pending is ready enough.
+    let mut img = finalized(image("disk", BLANK));
+    // Non-persistent: clones are sized from what storage gives the PVC, so it must be bound.
+    let plan = settle_image(&observe(&img, present(true, "Pending", None)));
+    assert_eq!(image_ready(&plan).1.reason, "PvcNotBound");
+    assert_eq!(plan.status.phase, Some(ImagePhase::Pending));
+    // Persistent, WaitForFirstConsumer: the PVC binds with the first Pod, so Pending is ready enough.
+    img.spec.persistent = true;
     let plan = settle_image(&observe(&img, present(true, "Pending", None)));
     let ready = Cond::new("Ready", true, "PvcReady", "PersistentVolumeClaim disk-image");
     assert_eq!(image_ready(&plan), (Some(ImagePhase::Ready), ready));
     assert_eq!((plan.finalizer, &plan.create_pvc), (Finalizer::Keep, &None));
     assert_eq!(plan.status.capacity, Some(q("10Gi")), "the requested size until the PVC reports its own");
-    let plan = settle_image(&observe(&img, present(true, "Bound", Some("12Gi"))));
+    // Storage gave more than asked (10Gi): the capacity is what it gave.
+    let mut bigger = present(true, "Bound", Some("12Gi"));
+    if let ImagePvc::Present { requested, .. } = &mut bigger {
+        *requested = Some(q("10Gi"));
+    }
+    let plan = settle_image(&observe(&img, bigger));
     assert_eq!((plan.status.phase, plan.status.capacity), (Some(ImagePhase::Ready), Some(q("12Gi"))));
+    // A spec.size below what the PVC asks for is refused: volumes do not shrink.
+    let mut shrunk = img.clone();
+    shrunk.spec.size = Some(q("5Gi"));
+    let plan = settle_image(&observe(&shrunk, present(true, "Bound", Some("10Gi"))));
+    assert_eq!(image_ready(&plan).1.reason, "InvalidSize");
+    assert_eq!(plan.status.phase, Some(ImagePhase::Error));
     let lost = settle_image(&observe(&img, present(true, "Lost", Some("12Gi"))));
     let message = "PersistentVolumeClaim disk-image lost its volume";
     assert_eq!(image_ready(&lost), (Some(ImagePhase::Error), Cond::new("Ready", false, "PvcLost", message)));
@@ -1128,8 +1146,9 @@ fn mover(pvc: &str, role: Role, state: MoverState, generation: i64) -> ObservedM
 /// An image PVC of ours, bound, whose annotations say `fill`.
 fn filling(fill: CloneView) -> ImagePvc {
     match present(true, "Bound", Some("24Mi")) {
-        ImagePvc::Present { ours, vmkeep_disk, phase, capacity, storage_class, volume_mode, .. } => {
-            ImagePvc::Present { ours, vmkeep_disk, phase, capacity, storage_class, volume_mode, fill: Box::new(fill) }
+        ImagePvc::Present { fill: _, ours, vmkeep_disk, phase, capacity, requested, storage_class, volume_mode } => {
+            let fill = Box::new(fill);
+            ImagePvc::Present { ours, vmkeep_disk, phase, capacity, requested, storage_class, volume_mode, fill }
         }
         missing => missing,
     }
@@ -1245,12 +1264,15 @@ fn an_image_pvc_that_binds_late_is_bound_by_a_pod_when_it_must_be_cloned() {
     let img = finalized(image("os", "spec: {size: 1Gi, source: {blank: {}}}"));
     let pending = present(true, "Pending", Some("1Gi"));
     let binder_of = |plan: &ImagePlan| plan.create_pods.iter().map(|p| p.name_any()).collect::<Vec<_>>();
-    // Nothing clones it yet: the scheduler binds it with its first VM.
-    let alone = ImageObservation { binds_late: true, ..observe(&img, pending.clone()) };
+    // Persistent and nothing clones it: the scheduler binds it with its first VM.
+    let mut persistent = img.clone();
+    persistent.spec.persistent = true;
+    let alone = ImageObservation { binds_late: true, ..observe(&persistent, pending.clone()) };
     assert!(settle_image(&alone).create_pods.is_empty());
-    // A VM clones it, or an Image waits to: a binder Pod mounts it (read-only) once.
+    // Non-persistent (VMs clone it), or an Image waits to clone it: a binder Pod mounts it
+    // (read-only) once.
     for obs in [
-        ImageObservation { consumers: vec!["vm-a".into()], ..alone.clone() },
+        ImageObservation { binds_late: true, ..observe(&img, pending.clone()) },
         ImageObservation { wanted_by_clones: true, ..alone.clone() },
     ] {
         let plan = settle_image(&obs);
@@ -1362,8 +1384,10 @@ fn an_image_is_not_cloned_from_itself_and_a_grown_size_remakes_an_unfinished_imp
         digest: Some("sha256:ab".into()),
         ..Default::default()
     };
-    let plan = settle_image(&observe(&grown, filling(done)));
-    assert_eq!((plan.delete_pvc, plan.status.phase), (None, Some(ImagePhase::Error)));
+    let obs = ImageObservation { allows_expansion: Some(true), ..observe(&grown, filling(done)) };
+    let plan = settle_image(&obs);
+    assert_eq!((plan.delete_pvc, plan.status.phase), (None, Some(ImagePhase::Ready)), "its PVC is expanded instead");
+    assert_eq!(plan.expand_pvc, Some(("os-image".to_owned(), grown.spec.size.clone().unwrap())));
 }
 
 #[test]
@@ -1543,6 +1567,47 @@ fn the_mode_in_force_comes_from_the_claim_when_the_status_is_lost() {
     img.status = None;
     let plan = use_by(&img, &["vm-a"], None);
     assert_eq!((plan.status.persistent, plan.status.phase), (Some(false), Some(ImagePhase::Used)));
+}
+
+#[test]
+fn a_grown_image_in_use_expands_its_pvc_and_stays_usable() {
+    let mut img = bound(true);
+    img.spec.size = Some(q("20Gi"));
+    let held = |allows: Option<bool>| ImageObservation {
+        claim: Some(holder("vm-a")),
+        allows_expansion: allows,
+        ..observe(&img, present(true, "Bound", Some("10Gi")))
+    };
+    // The class expands: the PVC's request is raised, the image stays in use.
+    let plan = settle_image(&held(Some(true)));
+    assert_eq!(plan.expand_pvc, Some(("disk-image".to_owned(), q("20Gi"))));
+    assert_eq!(plan.status.phase, Some(ImagePhase::UsedPersistent));
+    assert_eq!(find(&plan.status.conditions, "Resized").unwrap().reason, "Expanding");
+    assert_eq!(health(&plan.status.conditions)[0], (ConditionStatus::True, "Expanding".into()));
+    // It cannot: said once with a Warning; a persistent image is stalled (its VMs never see it).
+    let plan = settle_image(&held(Some(false)));
+    assert_eq!((plan.expand_pvc.clone(), plan.status.phase), (None, Some(ImagePhase::UsedPersistent)));
+    assert_eq!(plan.event.as_ref().map(|e| (e.warning, e.reason.as_str())), Some((true, "ExpansionNotSupported")));
+    assert_eq!(health(&plan.status.conditions)[1], (ConditionStatus::True, "ExpansionNotSupported".into()));
+    // Asked and not yet given: waits for storage.
+    let mut asked = present(true, "Bound", Some("10Gi"));
+    if let ImagePvc::Present { requested, .. } = &mut asked {
+        *requested = Some(q("20Gi"));
+    }
+    let plan = settle_image(&ImageObservation { claim: Some(holder("vm-a")), ..observe(&img, asked) });
+    assert_eq!(plan.expand_pvc, None);
+    assert!(find(&plan.status.conditions, "Resized").unwrap().message.starts_with("waiting for storage"));
+    // Given: no Resized condition, converged.
+    let plan = settle_image(&ImageObservation {
+        claim: Some(holder("vm-a")),
+        ..observe(&img, present(true, "Bound", Some("20Gi")))
+    });
+    assert!(find(&plan.status.conditions, "Resized").is_none());
+    assert_eq!(health(&plan.status.conditions)[0].0, ConditionStatus::False);
+    // New clones of a non-persistent image get the new size even before its PVC has it.
+    let mut os = usable("os", false, "OS", "10Gi");
+    os.spec.size = Some(q("20Gi"));
+    assert_eq!(vm_plan::usable_image("os", Some(&os)).unwrap().capacity, Some(q("20Gi")));
 }
 
 #[test]

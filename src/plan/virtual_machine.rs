@@ -93,7 +93,13 @@ pub fn usable_image(name: &str, image: Option<&Image>) -> Result<UsableImage, Bl
     let ready = matches!(status.phase, Some(ImagePhase::Ready | ImagePhase::Used | ImagePhase::UsedPersistent));
     match (ready, status.persistent, status.pvc_name) {
         (true, Some(persistent), Some(pvc_name)) => {
-            Ok(UsableImage { persistent, pvc_name, capacity: status.capacity, r#type: image.spec.r#type })
+            // A clone gets spec.size when it grew past what the image's PVC has (that PVC may
+            // not expand, or not yet); the image in place has what storage gave it.
+            let capacity = match (status.capacity, &image.spec.size) {
+                (Some(have), Some(want)) if !persistent => Some(quantity::max(&have, want)),
+                (have, _) => have,
+            };
+            Ok(UsableImage { persistent, pvc_name, capacity, r#type: image.spec.r#type })
         }
         _ => {
             let phase = status.phase.map_or_else(|| "not provisioned yet".to_owned(), |p| format!("{p:?}"));

@@ -19,6 +19,7 @@ use crate::{
     plan::{
         self,
         claim::{ClaimPlan, ClaimState, in_use_message, plan_claims},
+        quantity,
         virtual_machine::check_template,
     },
 };
@@ -48,6 +49,12 @@ pub fn image(old: Option<&Image>, new: &Image) -> Verdict {
 }
 
 fn image_immutable(old: &ImageSpec, new: &ImageSpec) -> Verdict {
+    // Volumes grow (the controller expands the image's PVC), never shrink.
+    if let (Some(was), Some(now)) = (&old.size, &new.size)
+        && quantity::bytes(now) < quantity::bytes(was)
+    {
+        return Err(format!("spec.size may only grow ({} -> {}): volumes do not shrink", was.0, now.0));
+    }
     immutable("spec.source", &old.source, &new.source)?;
     immutable("spec.type", &old.r#type, &new.r#type)?;
     immutable("spec.volumeMode", &old.volume_mode, &new.volume_mode)?;
@@ -200,6 +207,18 @@ mod tests {
         let changed =
             image_spec("{size: 2Gi, persistent: true, disabled: true, storageClassName: fast, source: {blank: {}}}");
         assert_eq!(image(Some(&old), &changed), Ok(()));
+    }
+
+    #[test]
+    fn an_image_size_may_grow_and_never_shrink() {
+        let old = image_spec("{source: {blank: {}}, size: 2Gi}");
+        let grown = image_spec("{source: {blank: {}}, size: 3Gi}");
+        assert_eq!(image(Some(&old), &grown), Ok(()));
+        let shrunk = image_spec("{source: {blank: {}}, size: 1Gi}");
+        assert_eq!(
+            image(Some(&old), &shrunk),
+            Err("spec.size may only grow (2Gi -> 1Gi): volumes do not shrink".into())
+        );
     }
 
     #[test]
