@@ -4,7 +4,8 @@
 # of it, of a gzip of it, and `vmkeep copy` of the imported disk (what a copier Pod runs). Prints
 # MB/s (of the 1 GiB disk) and seconds; docs/import.md keeps the figures.
 #
-#   hack/bench-data.sh [--binary PATH]     default target/release/vmkeep (built when missing)
+#   hack/bench-data.sh [--binary PATH]     default release/vmkeep in cargo's target folder
+#                                          (built when missing; CARGO_TARGET_DIR is honoured)
 #
 # Needs python3 (the HTTP server), qemu-img and gzip. Works in a temporary folder, removed after.
 set -euo pipefail
@@ -13,9 +14,14 @@ LOG_PREFIX=bench-data
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 cd "$(dirname "$0")/.."
 
-binary=$PWD/target/release/vmkeep
-[[ ${1:-} == --binary ]] && binary=$(realpath "${2:?--binary needs a path}")
-[[ -x $binary ]] || cargo build --release --locked --bin vmkeep
+if [[ ${1:-} == --binary ]]; then
+  binary=$(realpath "${2:?--binary needs a path}")
+  [[ -x $binary ]] || die "$binary is not an executable"
+else
+  binary=$(cargo_bin release vmkeep)
+  [[ -x $binary ]] || cargo build --release --locked --bin vmkeep
+  [[ -x $binary ]] || die "no $binary after cargo build"
+fi
 apt_install qemu-utils gzip python3 curl
 
 work=$(mktemp -d)

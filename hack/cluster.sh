@@ -8,16 +8,29 @@
 #                           kube-proxy; returns when the node is Ready; prints the kubeconfig path
 #   hack/cluster.sh down    stop every process it started, remove the Pods' containers, network
 #                           namespaces and mounts, the bridge and the iptables rules, restore the
-#                           kernel settings the kubelet and kube-proxy changed, forget the data
+#                           kernel settings the kubelet and kube-proxy changed; keeps the data
+#                           (the next `up` starts with it)
+#   hack/cluster.sh reset   `down`, then forget the data: every object, the volumes of its
+#                           PersistentVolumes, its certificates (the Kubernetes build, the tools
+#                           and the image layouts in the cache stay)
 #   hack/cluster.sh status  exit 0 when the API server answers (and the node is Ready, if any);
 #                           prints the node
 #   hack/cluster.sh tools   install kubectl and helm into the cache (prints their folder)
 #   hack/cluster.sh build   only build the Kubernetes binaries into the cache
 #
 # VMKEEP_CLUSTER_NODE=0 starts the control plane only (Pods stay Pending; the scale benchmarks
-# use it). Everything lives under $VMKEEP_CACHE (default ~/.cache/vmkeep); the only network used
-# is Debian's and PyPI's package registries. Idempotent: `up` twice is a no-op, and with a warm
-# cache `up` takes about half a minute (most of it the kubelet registering its node).
+# use it). Everything lives under $VMKEEP_CACHE (default ~/.cache/vmkeep), the cluster's state
+# under $VMKEEP_CLUSTER_DIR (default $VMKEEP_CACHE/cluster); the only network used is Debian's
+# and PyPI's package registries. Idempotent: `up` twice is a no-op, and with a warm cache `up`
+# takes about half a minute (most of it the kubelet registering its node).
+#
+# The ports it binds, each moved by its variable: VMKEEP_ETCD_PORT (23790, 127.0.0.1),
+# VMKEEP_ETCD_PEER_PORT (etcd port + 10), VMKEEP_API_PORT (16443, on the node's bridge address,
+# or 127.0.0.1 without a node), and with the node VMKEEP_KUBELET_PORT (10350, bridge address),
+# VMKEEP_PROXY_HEALTHZ_PORT (kubelet port + 6), VMKEEP_PROXY_METRICS_PORT (+ 7),
+# VMKEEP_KUBELET_HEALTHZ_PORT (+ 8) and VMKEEP_SCHEDULER_PORT (+ 9), all on 127.0.0.1. `up`
+# refuses to start when one is taken, naming the holder and the variable. Only the processes it
+# started are ever signalled (their pid files record who they are: lib.sh, proc_start).
 set -euo pipefail
 
 CACHE=${VMKEEP_CACHE:-$HOME/.cache/vmkeep}
@@ -26,6 +39,7 @@ BIN=$CACHE/k8s-$K8S_VERSION/bin
 TOOLS=$CACHE/tools/bin
 STATE=${VMKEEP_CLUSTER_DIR:-$CACHE/cluster}
 ETCD_PORT=${VMKEEP_ETCD_PORT:-23790}
+ETCD_PEER_PORT=${VMKEEP_ETCD_PEER_PORT:-$((ETCD_PORT + 10))}
 API_PORT=${VMKEEP_API_PORT:-16443}
 KUBECONFIG_OUT=$STATE/kubeconfig
 # The node: on by default; its bridge, Pod subnet (a /24) and the ports of its daemons.
@@ -35,6 +49,10 @@ BRIDGE=${VMKEEP_BRIDGE:-vmkeep0}
 POD_NET=${VMKEEP_POD_NET:-10.88.77} # the subnet POD_NET.0/24; the bridge (the node) is POD_NET.1
 SERVICE_CIDR=10.96.0.0/16
 KUBELET_PORT=${VMKEEP_KUBELET_PORT:-10350}
+PROXY_HEALTHZ_PORT=${VMKEEP_PROXY_HEALTHZ_PORT:-$((KUBELET_PORT + 6))}
+PROXY_METRICS_PORT=${VMKEEP_PROXY_METRICS_PORT:-$((KUBELET_PORT + 7))}
+KUBELET_HEALTHZ_PORT=${VMKEEP_KUBELET_HEALTHZ_PORT:-$((KUBELET_PORT + 8))}
+SCHEDULER_PORT=${VMKEEP_SCHEDULER_PORT:-$((KUBELET_PORT + 9))}
 if [[ $NODE == 1 ]]; then
   # Pods reach the API server on the bridge; nothing listens on other interfaces.
   API_HOST=$POD_NET.1
@@ -151,13 +169,27 @@ api_ready() {
 }
 
 wait_for() { # wait_for SECONDS DESCRIPTION COMMAND...
-  local secs=$1 what=$2; shift 2
+  local secs=$1; shift 2
   local end=$((SECONDS + secs))
   until "$@"; do
     ((SECONDS < end)) || return 1
     sleep 0.3
   done
 }
+
+# wait_started NAME SECONDS COMMAND...: COMMAND passes while the process started as NAME runs;
+# fails at once when that process has exited.
+wait_started() {
+  local name=$1 secs=$2; shift 2
+  local end=$((SECONDS + secs))
+  until "$@"; do
+    alive "$name" || return 1
+    ((SECONDS < end)) || return 1
+    sleep 0.3
+  done
+}
+etcd_ready() { curl -fsS --max-time 1 "http://127.0.0.1:$ETCD_PORT/health" >/dev/null 2>&1 && listens etcd "$ETCD_PORT"; }
+apiserver_ready() { api_ready && listens kube-apiserver "$API_PORT"; }
 
 # sign NAME SUBJECT EXTENSIONS: a key and a certificate signed by the cluster's CA.
 sign() {
@@ -203,30 +235,49 @@ current-context: vmkeep-local
 KC
 }
 
+# The processes of the cluster: $STATE/NAME.pid and, beside it, NAME.pid.id, who the process is
+# (lib.sh: proc_start, proc_check). Nothing else is ever signalled.
 start_bg() { # start_bg NAME COMMAND...
   local name=$1; shift
-  nohup setsid "$@" >"$STATE/$name.log" 2>&1 </dev/null &
-  echo $! >"$STATE/$name.pid"
+  proc_start "$STATE/$name.pid" "$STATE/$name.log" "$@"
 }
 
-# A process that exited but is not yet reaped by its parent (PID 1 here) is a zombie: gone.
-running() { local st; st=$(ps -o stat= -p "$1" 2>/dev/null) && [[ $st != Z* ]]; }
-stopped() { ! running "$1"; }
-alive() { [[ -f $STATE/$1.pid ]] && running "$(cat "$STATE/$1.pid")"; }
+# A pid file of an older hack/cluster.sh has no .id: its process is accepted when it runs the very
+# binary that script launches under NAME, with this cluster's state folder in its arguments (so
+# neither a reused pid nor another cluster's process).
+legacy_cluster_process() { # PID PIDFILE
+  local name exe
+  name=$(basename "$2" .pid)
+  case $name in
+    etcd) exe=/usr/bin/etcd ;;
+    containerd) exe=/usr/bin/containerd ;;
+    kube-apiserver | kube-controller-manager | kube-scheduler | kubelet | kube-proxy) exe=$BIN/$name ;;
+    *) return 1 ;;
+  esac
+  proc_legacy_match "$1" "$exe" "$STATE/"
+}
+PROC_LEGACY=legacy_cluster_process
 
-stop_pid() { # stop_pid NAME...: SIGTERM the recorded processes at once, SIGKILL after 20 s
-  local n pids=()
-  for n in "$@"; do
-    if alive "$n"; then
-      pids+=("$(cat "$STATE/$n.pid")")
-      kill "${pids[-1]}" 2>/dev/null || true
-    fi
-  done
-  local pid
-  for pid in "${pids[@]}"; do
-    wait_for 20 "$pid to stop" stopped "$pid" || kill -9 "$pid" 2>/dev/null || true
-  done
-  for n in "$@"; do rm -f "$STATE/$n.pid"; done
+alive() { proc_alive "$STATE/$1.pid"; } # alive NAME: the process started as NAME runs
+
+stop_pid() { # stop_pid NAME...: SIGTERM those of the named processes that are ours, SIGKILL after 20 s
+  local n files=()
+  for n in "$@"; do files+=("$STATE/$n.pid"); done
+  proc_stop "${files[@]}"
+}
+
+# listens NAME PORT: the process started as NAME runs and holds the listening socket on PORT (not
+# another process that answers there).
+listens() { alive "$1" && port_pids "$2" | grep -qx "$PROC_PID"; }
+
+# The ports `up` binds, one VARIABLE=PORT a line; all must be free when it starts.
+ports() {
+  printf '%s\n' "VMKEEP_ETCD_PORT=$ETCD_PORT" "VMKEEP_ETCD_PEER_PORT=$ETCD_PEER_PORT" "VMKEEP_API_PORT=$API_PORT"
+  if [[ $NODE == 1 ]]; then
+    printf '%s\n' "VMKEEP_KUBELET_PORT=$KUBELET_PORT" "VMKEEP_PROXY_HEALTHZ_PORT=$PROXY_HEALTHZ_PORT" \
+      "VMKEEP_PROXY_METRICS_PORT=$PROXY_METRICS_PORT" "VMKEEP_KUBELET_HEALTHZ_PORT=$KUBELET_HEALTHZ_PORT" \
+      "VMKEEP_SCHEDULER_PORT=$SCHEDULER_PORT"
+  fi
 }
 
 kubectl_admin() { "$(cmd_tools)/kubectl" --kubeconfig "$KUBECONFIG_OUT" "$@"; }
@@ -353,7 +404,7 @@ YAML
   log "starting kube-scheduler"
   start_bg kube-scheduler "$BIN/kube-scheduler" --kubeconfig "$NODE_DIR/scheduler.kubeconfig" \
     --authentication-kubeconfig "$NODE_DIR/scheduler.kubeconfig" --authorization-kubeconfig "$NODE_DIR/scheduler.kubeconfig" \
-    --leader-elect=false --port 0 --bind-address 127.0.0.1 --secure-port "$((KUBELET_PORT + 9))"
+    --leader-elect=false --port 0 --bind-address 127.0.0.1 --secure-port "$SCHEDULER_PORT"
 
   # The kubelet serves on the bridge address (its node address); only the API server's client
   # certificate and callers the API server authorises get in.
@@ -364,7 +415,7 @@ address: $POD_NET.1
 port: $KUBELET_PORT
 readOnlyPort: 0
 healthzBindAddress: 127.0.0.1
-healthzPort: $((KUBELET_PORT + 8))
+healthzPort: $KUBELET_HEALTHZ_PORT
 authentication:
   anonymous: {enabled: false}
   webhook: {enabled: true}
@@ -397,8 +448,8 @@ clientConnection: {kubeconfig: $NODE_DIR/proxy.kubeconfig}
 mode: iptables
 hostnameOverride: $NODE_NAME
 bindAddress: $POD_NET.1
-healthzBindAddress: 127.0.0.1:$((KUBELET_PORT + 6))
-metricsBindAddress: 127.0.0.1:$((KUBELET_PORT + 7))
+healthzBindAddress: 127.0.0.1:$PROXY_HEALTHZ_PORT
+metricsBindAddress: 127.0.0.1:$PROXY_METRICS_PORT
 nodePortAddresses: [$POD_NET.1/32]
 # Leave the host's conntrack table settings alone.
 conntrack: {maxPerCore: 0, min: 0, tcpEstablishedTimeout: 0s, tcpCloseWaitTimeout: 0s}
@@ -432,11 +483,15 @@ node_down() {
   done
   # What the kubelet and containerd mounted under the node's folder (deepest first).
   local m
-  for m in $(findmnt -rn -o TARGET | grep "^$NODE_DIR" | sort -r); do
+  for m in $(findmnt -rn -o TARGET | awk -v d="$NODE_DIR/" 'index($0, d) == 1' | sort -r); do
     umount "$m" 2>/dev/null || umount -l "$m" 2>/dev/null || true
   done
   if ip link show "$BRIDGE" >/dev/null 2>&1; then ip link delete "$BRIDGE"; fi
   [[ -f $NODE_DIR/iptables.filter.before ]] && iptables_cleanup
+  # The next `up` records the chains there before it afresh.
+  rm -f "$NODE_DIR"/iptables.*.before
+  # Every Pod's network is gone: its addresses are free again.
+  rm -rf "$NODE_DIR/cni/ipam"
   while iptables -C "${NO_EGRESS[@]}" 2>/dev/null; do iptables -D "${NO_EGRESS[@]}"; done
   if [[ -f $NODE_DIR/sysctl.saved ]]; then
     local kv
@@ -454,14 +509,25 @@ cmd_status() {
 }
 
 cmd_up() {
-  if [[ -f $STATE/ready ]] && api_ready && alive kube-controller-manager &&
+  if [[ -f $STATE/ready ]] && api_ready && alive etcd && alive kube-apiserver && alive kube-controller-manager &&
     { [[ $NODE != 1 ]] || { alive kubelet && alive containerd && alive kube-proxy && alive kube-scheduler; }; }; then
     log "already running"; echo "$KUBECONFIG_OUT"; return 0
   fi
-  cmd_down >/dev/null 2>&1 || true
+  # What is left of an earlier run (ours only) stops; its data stays.
+  cmd_down quiet >/dev/null || true
+  # The data kept by `down` is resumed only by a cluster of the same shape (the API server's
+  # certificate names the node's address, etcd holds the node).
+  local config="node=$NODE pod_net=$POD_NET node_name=$NODE_NAME"
+  if [[ -f $STATE/config && $(cat "$STATE/config") != "$config" ]]; then
+    die "$STATE holds the data of a cluster with $(cat "$STATE/config"), not $config: hack/cluster.sh reset forgets it (or set VMKEEP_CLUSTER_DIR to another folder)"
+  fi
+  local -a want
+  mapfile -t want < <(ports)
+  ports_free "${want[@]}" || die "the ports above are taken (another cluster? hack/cluster.sh status tells whether it is this one)"
   cmd_build
   apt_install etcd-server curl openssl
   mkdir -p "$STATE"
+  echo "$config" >"$STATE/config"
   [[ $NODE == 1 ]] && node_prepare
   pki
   local token kcm_token
@@ -489,10 +555,10 @@ AP
   log "starting etcd on 127.0.0.1:$ETCD_PORT"
   start_bg etcd /usr/bin/etcd --name vmkeep --data-dir "$STATE/etcd" \
     --listen-client-urls "http://127.0.0.1:$ETCD_PORT" --advertise-client-urls "http://127.0.0.1:$ETCD_PORT" \
-    --listen-peer-urls "http://127.0.0.1:$((ETCD_PORT + 10))" --initial-advertise-peer-urls "http://127.0.0.1:$((ETCD_PORT + 10))" \
-    --initial-cluster "vmkeep=http://127.0.0.1:$((ETCD_PORT + 10))" --unsafe-no-fsync --quota-backend-bytes 4294967296
-  wait_for 30 etcd curl -fsS --max-time 1 "http://127.0.0.1:$ETCD_PORT/health" >/dev/null 2>&1 ||
-    { tail -20 "$STATE/etcd.log" >&2; die "etcd did not start"; }
+    --listen-peer-urls "http://127.0.0.1:$ETCD_PEER_PORT" --initial-advertise-peer-urls "http://127.0.0.1:$ETCD_PEER_PORT" \
+    --initial-cluster "vmkeep=http://127.0.0.1:$ETCD_PEER_PORT" --unsafe-no-fsync --quota-backend-bytes 4294967296
+  # Healthy, and the etcd answering is the one started here.
+  wait_started etcd 30 etcd_ready || { tail -20 "$STATE/etcd.log" >&2; die "etcd did not start"; }
 
   log "starting kube-apiserver on $API_HOST:$API_PORT"
   start_bg kube-apiserver "$BIN/kube-apiserver" \
@@ -507,7 +573,7 @@ AP
     --service-cluster-ip-range "$SERVICE_CIDR" --authorization-mode Node,RBAC --allow-privileged=false \
     --audit-policy-file "$STATE/audit-policy.yaml" --audit-log-path "$STATE/audit.log" \
     --audit-log-maxsize 0 --audit-log-format json --cert-dir "$STATE/pki"
-  wait_for 90 apiserver api_ready || { tail -30 "$STATE/kube-apiserver.log" >&2; die "kube-apiserver did not become ready"; }
+  wait_started kube-apiserver 90 apiserver_ready || { tail -30 "$STATE/kube-apiserver.log" >&2; die "kube-apiserver did not become ready"; }
 
   # The node lifecycle controller lifts the not-ready taint a kubelet registers with; without a
   # node it stays off (it would taint test-made Node objects).
@@ -546,27 +612,63 @@ SC
   echo "$KUBECONFIG_OUT"
 }
 
-cmd_down() {
-  # The volumes of this cluster's PersistentVolumes: the host-path provisioner writes them under
-  # /tmp/hostpath_pv and removes them only with their PVs.
-  local volumes=() v
-  if api_ready; then
-    mapfile -t volumes < <(kubectl_admin get pv -o jsonpath='{range .items[*]}{.spec.hostPath.path}{"\n"}{end}' 2>/dev/null |
-      grep '^/tmp/hostpath_pv/[^/]*$' || true)
-  fi
+# The volumes of this cluster's PersistentVolumes: the host-path provisioner writes them under
+# /tmp/hostpath_pv and removes them only with their PVs. `down` records them (the API server is
+# gone after it) for `reset`.
+record_volumes() {
+  [[ -d $STATE ]] && api_ready || return 0
+  local list
+  list=$(kubectl_admin get pv -o jsonpath='{range .items[*]}{.spec.hostPath.path}{"\n"}{end}' 2>/dev/null) || return 0
+  { grep -s '^/tmp/hostpath_pv/[^/]*$' "$STATE/hostpath-volumes" || true; grep '^/tmp/hostpath_pv/[^/]*$' <<<"$list" || true; } |
+    sort -u >"$STATE/hostpath-volumes.new"
+  mv "$STATE/hostpath-volumes.new" "$STATE/hostpath-volumes"
+}
+
+cmd_down() { # cmd_down [quiet]: stops, keeps the data
+  record_volumes
+  rm -f "$STATE/ready"
   node_down
   stop_pid kube-controller-manager kube-apiserver
   stop_pid etcd
-  for v in "${volumes[@]}"; do rm -rf -- "$v"; done
-  rm -rf "$STATE"
-  log "stopped"
+  [[ ${1:-} == quiet ]] || log "stopped (the data stays in $STATE; hack/cluster.sh reset forgets it)"
+}
+
+# Stops the cluster and forgets its data: $STATE and the volumes of its PersistentVolumes. Never
+# the cache around it (the Kubernetes build, the tools, the image layouts), and never while a
+# process that is not ours still uses $STATE.
+cmd_reset() {
+  local state cache
+  state=$(realpath -m "$STATE"); cache=$(realpath -m "$CACHE")
+  case $state in
+    / | "$(realpath -m "$HOME")" | "$cache") die "refusing to wipe $STATE (VMKEEP_CLUSTER_DIR): it holds more than the cluster" ;;
+  esac
+  if [[ $cache/ == "$state"/* || $(realpath -m "$BIN")/ == "$state"/* ]]; then
+    die "refusing to wipe $STATE (VMKEEP_CLUSTER_DIR): the cache $CACHE is inside it"
+  fi
+  cmd_down quiet
+  local users
+  users=$( { procs_using "$state"; [[ $STATE == "$state" ]] || procs_using "$STATE"; } | sort -un)
+  if [[ -n $users ]]; then
+    local p
+    for p in $users; do log "pid $p still uses $STATE: $(proc_argv "$p" | head -c 200 | tr '\n' ' ')"; done
+    die "not wiping $STATE while processes this script did not start use it"
+  fi
+  local v
+  if [[ -f $STATE/hostpath-volumes ]]; then
+    while read -r v; do
+      if [[ $v =~ ^/tmp/hostpath_pv/[^/]+$ ]]; then rm -rf -- "$v"; fi
+    done <"$STATE/hostpath-volumes"
+  fi
+  rm -rf -- "$STATE"
+  log "reset: stopped, and forgot the data in $STATE (kept: the Kubernetes build in $BIN, the tools, the images)"
 }
 
 case ${1:-} in
   up) cmd_up ;;
   down) cmd_down ;;
+  reset) cmd_reset ;;
   status) cmd_status ;;
   tools) cmd_tools ;;
   build) cmd_build ;;
-  *) sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
+  *) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 2 ;;
 esac

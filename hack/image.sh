@@ -6,7 +6,8 @@
 #
 #   hack/image.sh [--binary PATH] [--tag TAG]
 #
-#   --binary  the vmkeep binary to pack (default target/release/vmkeep, built when missing)
+#   --binary  the vmkeep binary to pack (default release/vmkeep in cargo's target folder, built
+#             when missing; CARGO_TARGET_DIR and the like are honoured)
 #   --tag     the image tag (default: the binary's version, `vmkeep --version`)
 #
 # Prints the image reference as an OCI layout `DIR:TAG` (DIR is $VMKEEP_CACHE/image/oci,
@@ -52,7 +53,7 @@ apt_install umoci binutils jq tar gzip util-linux coreutils
 
 # --- inputs ---------------------------------------------------------------------------------
 if [[ -z $binary ]]; then
-  binary=$PWD/target/release/vmkeep
+  binary=$(cargo_bin release vmkeep)
   if [[ ! -e $binary ]]; then
     command -v cargo >/dev/null || die "$binary is missing and cargo is not installed (or pass --binary)"
     log "building $binary"

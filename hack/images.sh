@@ -11,8 +11,9 @@
 #   hack/images.sh --print-name NAME
 #
 #   NAME          pause, operator, launcher (default: all three)
-#   --binary      the vmkeep binary to pack (default target/debug/vmkeep, built when missing:
-#                 the binary the tests build, so a test run compiles nothing more)
+#   --binary      the vmkeep binary to pack (default debug/vmkeep in cargo's target folder,
+#                 built when missing: the binary the tests build, so a test run compiles
+#                 nothing more; CARGO_TARGET_DIR and the like are honoured)
 #   --import      the containerd socket to import into (default: the local cluster's)
 #   --no-import   only build the OCI layouts
 #   --print-name  print the image reference Pods use for NAME and exit
@@ -200,9 +201,10 @@ mkdir -p "$WORK"
 need_binary=
 for n in "${names[@]}"; do [[ $n == pause ]] || need_binary=1; done
 if [[ -n $need_binary && -z $binary ]]; then
-  binary=$PWD/target/debug/vmkeep
   command -v cargo >/dev/null || die "cargo is not installed (or pass --binary)"
   cargo build --locked --quiet --bin vmkeep
+  binary=$(cargo_bin debug vmkeep)
+  [[ -x $binary ]] || die "no $binary after cargo build (cargo metadata names $(cargo_target_dir) as its target folder)"
 fi
 for n in "${names[@]}"; do
   case $n in

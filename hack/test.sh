@@ -7,12 +7,22 @@
 # Extra arguments go to `cargo test` (e.g. `hack/test.sh --test foundation`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+LOG_PREFIX='test'
+# shellcheck source=hack/lib.sh
+source hack/lib.sh
 
 command -v cargo >/dev/null || { echo "cargo not found: install Rust (>= 1.89) with rustup" >&2; exit 1; }
 
 if [[ -z ${VMKEEP_TEST_KUBECONFIG:-} ]]; then
+  # Stopped again only when this script started it: wiped (`reset`) when it also made it, so
+  # no test's leftovers (a VM in a namespace still being deleted) run in the next run; only
+  # stopped (`down`, data kept) when it started a cluster someone else made and stopped.
   if ! bash hack/cluster.sh status; then
-    trap 'bash hack/cluster.sh down' EXIT
+    if [[ -d ${VMKEEP_CLUSTER_DIR:-${VMKEEP_CACHE:-$HOME/.cache/vmkeep}/cluster} ]]; then
+      trap 'bash hack/cluster.sh down' EXIT
+    else
+      trap 'bash hack/cluster.sh reset' EXIT
+    fi
   fi
   kubeconfig=$(bash hack/cluster.sh up | tail -n 1)
   # The operator, launcher and pause images, built from this checkout and imported into the
@@ -32,5 +42,5 @@ cargo test --locked "$@"
 # were asked for.
 if [[ $# -eq 0 ]]; then
   echo "benchmark smoke test (cargo run --bin vmkeep-bench -- --smoke)"
-  cargo run --locked --quiet --bin vmkeep-bench -- --smoke --kubeconfig "$kubeconfig" --out-dir target/bench-smoke
+  cargo run --locked --quiet --bin vmkeep-bench -- --smoke --kubeconfig "$kubeconfig" --out-dir "$(cargo_target_dir)/bench-smoke"
 fi
