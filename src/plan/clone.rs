@@ -1,5 +1,5 @@
 //! How a disk is cloned from its image's PVC: the clone strategy, chosen per clone as
-//! `../shared/DESIGN.md` ("Image sources and clone strategies") says, in one place.
+//! docs/clones.md says, in one place.
 //!
 //! - `csi-clone`: a PVC with `dataSource` = the source PVC; the CSI driver copies (fast, no Pod).
 //! - `copy`: an empty PVC filled by a copier Pod (`vmkeep copy`), host-assisted; works with any

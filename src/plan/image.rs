@@ -1110,7 +1110,10 @@ pub fn plan(obs: &ImageObservation, now: &Time) -> ImagePlan {
                 (_, Some(r)) if r.stalled => Health::Stalled(&r.condition),
                 _ if ready.status != ConditionStatus::True => Health::of(&ready, false),
                 _ if change_pending => Health::Reconciling(&pending_cond),
-                (_, Some(r)) => Health::Reconciling(&r.condition),
+                // A non-persistent image that cannot expand is done: its clones get spec.size.
+                (_, Some(r)) if r.condition.reason != reason::EXPANSION_NOT_SUPPORTED => {
+                    Health::Reconciling(&r.condition)
+                }
                 _ => Health::Converged,
             };
             let [reconciling, stalled] = health.conditions();

@@ -41,6 +41,7 @@ pub fn image(old: Option<&Image>, new: &Image) -> Verdict {
             return Ok(());
         }
         image_immutable(&old.spec, &new.spec)?;
+        size_only_grows(old, new)?;
     }
     match plan::image::spec_error(&new.spec) {
         Some((_, message)) => Err(message),
@@ -48,13 +49,24 @@ pub fn image(old: Option<&Image>, new: &Image) -> Verdict {
     }
 }
 
-fn image_immutable(old: &ImageSpec, new: &ImageSpec) -> Verdict {
-    // Volumes grow (the controller expands the image's PVC), never shrink.
-    if let (Some(was), Some(now)) = (&old.size, &new.size)
-        && quantity::bytes(now) < quantity::bytes(was)
-    {
-        return Err(format!("spec.size may only grow ({} -> {}): volumes do not shrink", was.0, now.0));
+/// Volumes grow (the controller expands the image's PVC), never shrink: `spec.size` may go
+/// down only back from a size storage could not give (condition `Resized`, reason
+/// `ExpansionNotSupported`), and the controller still refuses anything below its PVC.
+fn size_only_grows(old: &Image, new: &Image) -> Verdict {
+    let not_given = old
+        .status
+        .as_ref()
+        .and_then(|s| plan::conditions::find(&s.conditions, plan::image::RESIZED))
+        .is_some_and(|c| c.reason == plan::reason::EXPANSION_NOT_SUPPORTED);
+    match (&old.spec.size, &new.spec.size) {
+        (Some(was), Some(now)) if quantity::bytes(now) < quantity::bytes(was) && !not_given => {
+            Err(format!("spec.size may only grow ({} -> {}): volumes do not shrink", was.0, now.0))
+        }
+        _ => Ok(()),
     }
+}
+
+fn image_immutable(old: &ImageSpec, new: &ImageSpec) -> Verdict {
     immutable("spec.source", &old.source, &new.source)?;
     immutable("spec.type", &old.r#type, &new.r#type)?;
     immutable("spec.volumeMode", &old.volume_mode, &new.volume_mode)?;
@@ -219,6 +231,13 @@ mod tests {
             image(Some(&old), &shrunk),
             Err("spec.size may only grow (2Gi -> 1Gi): volumes do not shrink".into())
         );
+        // Back from a size storage could not give: allowed (the controller checks the PVC).
+        let mut stuck = grown.clone();
+        stuck.status = Some(parse(
+            "conditions: [{type: Resized, status: 'False', reason: ExpansionNotSupported, message: m, \
+             lastTransitionTime: '1970-01-01T00:00:01Z'}]",
+        ));
+        assert_eq!(image(Some(&stuck), &old), Ok(()));
     }
 
     #[test]
