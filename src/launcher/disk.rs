@@ -119,13 +119,18 @@ fn create_sparse(file: &Path, capacity: u64) -> Result<(), String> {
 /// less room than the growth leaves the file as it is (with a Warning in the log): the guest
 /// would otherwise meet I/O errors when it fills it.
 fn grow(file: &Path, capacity: u64) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt;
     let target = capacity / MIB * MIB;
-    let len = std::fs::metadata(file).map_err(|e| format!("cannot stat {}: {e}", file.display()))?.len();
-    if len >= target {
+    let meta = std::fs::metadata(file).map_err(|e| format!("cannot stat {}: {e}", file.display()))?;
+    let len = meta.len();
+    // Within the tolerated shortfall is what fits (see create_sparse): the volume did not grow.
+    if (len as f64) >= target as f64 * (1.0 - TOLERATED_SHORTFALL) {
         return Ok(());
     }
+    // The file is sparse: what it may still take is its length, not what it holds now.
     let available = available_bytes(file.parent().unwrap_or(Path::new("/")))?;
-    if available < target - len {
+    let allocated = meta.blocks() * 512;
+    if available + allocated < target {
         warn!(file = %file.display(), len, capacity = target, available, "not growing the disk: its filesystem has too little room");
         return Ok(());
     }

@@ -332,6 +332,7 @@ fn usable_image_waits_while_a_persistence_change_is_pending() {
                 persistent: true,
                 pvc_name: "db-image".into(),
                 capacity: Some(q("2Gi")),
+                grown: None,
                 r#type: ImageType::Datablock
             }),
             "{phase}"
@@ -846,7 +847,9 @@ fn status_of_a_rejected_vm_names_image_and_holder() {
     let s = settle(&vm("vm-a"), Some(&r), &verdict);
     let message = "image db is persistent and already in use by VirtualMachine vm-b; Rejected is final: to retry \
                    once it is free, change this VM's spec (e.g. onImageConflict: Wait) or delete and recreate the VM";
-    assert_eq!((s.phase, decided(&s.conditions)), (Some(P::Rejected), all_false("ImageInUse", message)));
+    let mut wanted = all_false("ImageInUse", message);
+    wanted[0].message = "image db is persistent and already in use by VirtualMachine vm-b".into();
+    assert_eq!((s.phase, decided(&s.conditions)), (Some(P::Rejected), wanted));
     // Rejected cannot work without a spec change: Stalled, not Reconciling for ever.
     assert_eq!(
         health(&s.conditions),
@@ -1607,7 +1610,12 @@ fn a_grown_image_in_use_expands_its_pvc_and_stays_usable() {
     // New clones of a non-persistent image get the new size even before its PVC has it.
     let mut os = usable("os", false, "OS", "10Gi");
     os.spec.size = Some(q("20Gi"));
-    assert_eq!(vm_plan::usable_image("os", Some(&os)).unwrap().capacity, Some(q("20Gi")));
+    let usable = vm_plan::usable_image("os", Some(&os)).unwrap();
+    assert_eq!((usable.capacity, usable.grown), (Some(q("10Gi")), Some(q("20Gi"))));
+    // A Template disk may still ask for the size the image's PVC has; its clone gets the new one.
+    let t = template("[{name: root, image: os, size: 10Gi}]");
+    let disks = vm_plan::check_template(&t.spec, |_| Some(&os)).expect("not Failed");
+    assert_eq!(disks[0].size, Some(q("20Gi")));
 }
 
 #[test]

@@ -65,6 +65,9 @@ pub struct UsableImage {
     pub persistent: bool,
     pub pvc_name: String,
     pub capacity: Option<Quantity>,
+    /// For a non-persistent image, `spec.size`: clones get at least that even while the image's
+    /// own PVC has not grown to it (a disk may still ask for less, down to `capacity`).
+    pub grown: Option<Quantity>,
     pub r#type: ImageType,
 }
 
@@ -95,11 +98,8 @@ pub fn usable_image(name: &str, image: Option<&Image>) -> Result<UsableImage, Bl
         (true, Some(persistent), Some(pvc_name)) => {
             // A clone gets spec.size when it grew past what the image's PVC has (that PVC may
             // not expand, or not yet); the image in place has what storage gave it.
-            let capacity = match (status.capacity, &image.spec.size) {
-                (Some(have), Some(want)) if !persistent => Some(quantity::max(&have, want)),
-                (have, _) => have,
-            };
-            Ok(UsableImage { persistent, pvc_name, capacity, r#type: image.spec.r#type })
+            let grown = image.spec.size.clone().filter(|_| !persistent);
+            Ok(UsableImage { persistent, pvc_name, capacity: status.capacity, grown, r#type: image.spec.r#type })
         }
         _ => {
             let phase = status.phase.map_or_else(|| "not provisioned yet".to_owned(), |p| format!("{p:?}"));
@@ -222,6 +222,10 @@ pub fn check_template<'a>(
                             Some(quantity::max(capacity, size))
                         }
                         (size, capacity) => size.clone().or_else(|| capacity.clone()),
+                    };
+                    let size = match (size, &image.grown) {
+                        (Some(size), Some(grown)) => Some(quantity::max(&size, grown)),
+                        (size, grown) => size.or_else(|| grown.clone()),
                     };
                     if image.persistent
                         && let Some(other) = persistent_images.insert(name, &disk.name)
@@ -589,7 +593,8 @@ pub fn status(vm: &VirtualMachine, resolved: Option<&Resolved>, verdict: &Verdic
                 claim::in_use_message(image, holder)
             );
             let b = |t| Cond::new(t, false, reason::IMAGE_IN_USE, message.clone());
-            (P::Rejected, vec![b(IMAGES_CLAIMED), b(DISKS_READY), b(READY)])
+            let claimed = Cond::new(IMAGES_CLAIMED, false, reason::IMAGE_IN_USE, claim::in_use_message(image, holder));
+            (P::Rejected, vec![claimed, b(DISKS_READY), b(READY)])
         }
         Verdict::Waiting { .. } | Verdict::Queued { .. } => {
             let message = match verdict {
@@ -885,9 +890,11 @@ fn held_by_other<'a>(
     images: impl Fn(&str) -> Option<&'a Image>,
 ) -> Option<(String, String)> {
     template.disks.iter().filter_map(|d| d.image.as_deref()).find_map(|name| {
-        let status = images(name)?.status.as_ref()?;
+        let image = images(name)?;
+        let status = image.status.as_ref()?;
         let holder = status.claimed_by.as_ref()?;
-        (status.persistent == Some(true) && vm.metadata.uid.as_deref() != Some(holder.uid.as_str()))
+        let pending = status.persistent == Some(true) && !image.spec.persistent;
+        (pending && vm.metadata.uid.as_deref() != Some(holder.uid.as_str()))
             .then(|| (name.to_owned(), holder.name.clone()))
     })
 }
