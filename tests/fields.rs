@@ -92,7 +92,8 @@ async fn an_image_grown_in_use_expands_and_its_guest_disk_keeps_its_data() {
 
     // A smaller size is refused (no webhook here: the controller says so) and undone.
     apply(&env.ns, &sized_image("data", true, "512Mi", &class.0));
-    env.wait_image("data", "InvalidSize", |i| has_condition(i, "Ready", "InvalidSize")).await;
+    let refused = env.wait_image("data", "InvalidSize", |i| has_condition(i, "Resized", "InvalidSize")).await;
+    assert_eq!(refused.status.and_then(|s| s.phase), Some(ImagePhase::UsedPersistent), "still in use");
     apply(&env.ns, &sized_image("data", true, "2Gi", &class.0));
 
     // The host-path provisioner has no resizer: the test plays it (the PV and the PVC's

@@ -37,7 +37,7 @@ use crate::{
             SourceVm,
         },
         mover::MoverState,
-        names, quantity,
+        names, quantity, reason as plan_reason,
         virtual_machine::{CloneView, IMAGES_CLAIMED},
     },
 };
@@ -79,6 +79,11 @@ fn pvc_view(pvc: Option<&PersistentVolumeClaim>, owner_uid: &str) -> ImagePvc {
                     .and_then(|s| s.capacity.as_ref()?.get("storage").cloned())
                     .or_else(|| requested.clone()),
                 requested,
+                resize_pending: p
+                    .status
+                    .iter()
+                    .flat_map(|s| s.conditions.iter().flatten())
+                    .any(|c| c.type_ == "FileSystemResizePending" && c.status == "True"),
                 storage_class: spec.storage_class_name,
                 volume_mode: spec.volume_mode,
                 fill: Box::new(CloneView::of(&p.metadata)),
@@ -168,7 +173,16 @@ pub async fn reconcile(image: Arc<Image>, ctx: Arc<Context>) -> Result<Action, E
         _ => false,
     };
     // The class is asked whether it expands only when spec.size asks for more than the PVC does.
+    // Known not to expand for this generation: not asked again on every wake-up.
+    let refused = image.status.as_ref().and_then(|s| find(&s.conditions, plan::RESIZED)).is_some_and(|c| {
+        c.reason == plan_reason::EXPANSION_NOT_SUPPORTED && c.observed_generation == image.metadata.generation
+    });
     let allows_expansion = match (&pvc, &image.spec.size) {
+        (ImagePvc::Present { ours: true, requested: Some(have), .. }, Some(want))
+            if refused && quantity::bytes(have) < quantity::bytes(want) =>
+        {
+            Some(false)
+        }
         (ImagePvc::Present { ours: true, requested: Some(have), storage_class, .. }, Some(want))
             if quantity::bytes(have) < quantity::bytes(want) =>
         {

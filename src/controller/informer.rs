@@ -329,6 +329,8 @@ pub fn slim_pvc(pvc: &mut PersistentVolumeClaim) {
     pvc.status = pvc.status.take().map(|s| PersistentVolumeClaimStatus {
         phase: s.phase,
         capacity: s.capacity,
+        // Only this one is read (an expansion waiting for a Pod to mount the volume); usually none.
+        conditions: s.conditions.map(|c| c.into_iter().filter(|c| c.type_ == "FileSystemResizePending").collect()),
         ..Default::default()
     });
 }

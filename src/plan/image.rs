@@ -48,6 +48,9 @@ pub enum ImagePvc {
         capacity: Option<Quantity>,
         /// What it asks for (`spec.resources.requests.storage`).
         requested: Option<Quantity>,
+        /// Storage expanded its volume; the filesystem grows when a Pod next mounts it
+        /// (condition `FileSystemResizePending`).
+        resize_pending: bool,
         storage_class: Option<String>,
         volume_mode: Option<String>,
         /// What its annotations say of how it is filled (strategy, copy source, import URL,
@@ -887,6 +890,7 @@ pub fn plan(obs: &ImageObservation, now: &Time) -> ImagePlan {
                     phase,
                     capacity: observed,
                     requested,
+                    resize_pending,
                     storage_class: class,
                     volume_mode,
                     fill: f,
@@ -958,14 +962,23 @@ pub fn plan(obs: &ImageObservation, now: &Time) -> ImagePlan {
                     capacity: capacity.as_ref(),
                     class: class.as_deref(),
                     persistent: in_force,
+                    resize_pending: *resize_pending,
                 };
-                resized = sizing.resized(image, obs.allows_expansion);
+                // A size below the PVC is refused, the image stays usable at the size it has.
+                resized = match sizing.shrunk(image) {
+                    Some(message) => Some(Resized {
+                        condition: Cond::new(RESIZED, false, reason::INVALID_SIZE, message),
+                        expand: None,
+                        stalled: true,
+                    }),
+                    None => sizing.resized(image, obs.allows_expansion),
+                };
                 if let Some(Resized { expand: Some(size), .. }) = &resized
                     && !deleting
+                    && !regrow
                 {
                     acts.expand_pvc = Some((name.clone(), size.clone()));
                 }
-                let shrunk = sizing.shrunk(image);
                 if let Some(Source::Blocked { phase, reason, message }) = filling {
                     (phase, Cond::new(READY, false, reason, message))
                 } else if phase.as_deref() == Some("Lost") {
@@ -985,14 +998,17 @@ pub fn plan(obs: &ImageObservation, now: &Time) -> ImagePlan {
                         image.spec.size.as_ref().map(|c| c.0.as_str()).unwrap_or_default()
                     );
                     (ImagePhase::Error, Cond::new(READY, false, reason::PVC_TOO_SMALL, message))
-                } else if let Some(message) = shrunk {
-                    (ImagePhase::Error, Cond::new(READY, false, reason::INVALID_SIZE, message))
                 } else if clone && !bound {
                     (ImagePhase::Cloning, Cond::new(READY, false, reason::CLONING, "cloning the source image"))
                 } else if !in_force && !bound {
+                    let adopted = if ours {
+                        ""
+                    } else {
+                        ", and vmkeep does not bind a PVC it adopted (bind it, or run a Pod that mounts it)"
+                    };
                     let message = format!(
                         "PersistentVolumeClaim {name} is not bound yet: clones of the image are sized from the \
-                         capacity storage gives it"
+                         capacity storage gives it{adopted}"
                     );
                     (ImagePhase::Pending, Cond::new(READY, false, reason::PVC_NOT_BOUND, message))
                 } else {
@@ -1111,7 +1127,12 @@ pub fn plan(obs: &ImageObservation, now: &Time) -> ImagePlan {
                 _ if ready.status != ConditionStatus::True => Health::of(&ready, false),
                 _ if change_pending => Health::Reconciling(&pending_cond),
                 // A non-persistent image that cannot expand is done: its clones get spec.size.
-                (_, Some(r)) if r.condition.reason != reason::EXPANSION_NOT_SUPPORTED => {
+                // Storage did its part (the filesystem grows at the next mount), or a non-persistent
+                // image cannot expand (its clones get spec.size): converged.
+                (_, Some(r))
+                    if ![reason::EXPANSION_NOT_SUPPORTED, reason::FILESYSTEM_RESIZE_PENDING]
+                        .contains(&r.condition.reason.as_str()) =>
+                {
                     Health::Reconciling(&r.condition)
                 }
                 _ => Health::Converged,
@@ -1143,6 +1164,7 @@ struct Sizing<'a> {
     capacity: Option<&'a Quantity>,
     class: Option<&'a str>,
     persistent: bool,
+    resize_pending: bool,
 }
 
 /// A `spec.size` that the PVC does not have yet: the condition, whether storage is to be asked
@@ -1206,6 +1228,21 @@ impl Sizing<'_> {
             return Some(Resized { condition, expand, stalled });
         }
         let capacity = self.capacity?;
+        if self.bound && self.resize_pending {
+            // Done as far as storage goes: converged, the guest sees it at its next start.
+            return Some(Resized {
+                condition: cond(
+                    reason::FILESYSTEM_RESIZE_PENDING,
+                    format!(
+                        "storage expanded the volume of PersistentVolumeClaim {pvc} to {}; its filesystem grows when \
+                         a Pod next mounts it",
+                        requested.0
+                    ),
+                ),
+                expand: None,
+                stalled: false,
+            });
+        }
         (self.bound && quantity::bytes(capacity) < quantity::bytes(requested)).then(|| Resized {
             condition: cond(
                 reason::EXPANDING,
@@ -1267,14 +1304,13 @@ fn image_event(
     if phase == ImagePhase::Error && entered(ready) {
         return Some(ImageEvent { warning: true, reason: ready.reason.clone(), message: ready.message.clone() });
     }
-    if let Some(r) = resized.filter(|r| r.condition.reason == reason::EXPANSION_NOT_SUPPORTED)
+    // A size storage cannot give, or one below the PVC: a Warning when it stalls the image.
+    if let Some(r) = resized
+        .filter(|r| [reason::EXPANSION_NOT_SUPPORTED, reason::INVALID_SIZE].contains(&r.condition.reason.as_str()))
         && entered(&r.condition)
     {
-        return Some(ImageEvent {
-            warning: true,
-            reason: r.condition.reason.clone(),
-            message: r.condition.message.clone(),
-        });
+        let (reason, message) = (r.condition.reason.clone(), r.condition.message.clone());
+        return Some(ImageEvent { warning: r.stalled, reason, message });
     }
     if phase == ImagePhase::Deleting && ready.reason == reason::IN_USE && entered(ready) {
         return Some(ImageEvent { warning: false, reason: reason::IN_USE.into(), message: ready.message.clone() });

@@ -92,6 +92,9 @@ pub const PVC_TOO_SMALL: &str = "PvcTooSmall";
 pub const PVC_NOT_BOUND: &str = "PvcNotBound";
 /// `spec.size` grew: storage was asked to expand the image's PVC, or it is expanded once bound.
 pub const EXPANDING: &str = "Expanding";
+/// `spec.size` grew, storage expanded the volume, and its filesystem grows when a Pod next
+/// mounts it (the PVC's `FileSystemResizePending`).
+pub const FILESYSTEM_RESIZE_PENDING: &str = "FileSystemResizePending";
 /// `spec.size` grew and the StorageClass does not allow volume expansion.
 pub const EXPANSION_NOT_SUPPORTED: &str = "ExpansionNotSupported";
 /// The image's PVC exists.

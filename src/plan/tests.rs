@@ -221,6 +221,7 @@ fn present(ours: bool, phase: &str, capacity: Option<&str>) -> ImagePvc {
         phase: Some(phase.to_owned()),
         capacity: capacity.map(q),
         requested: capacity.map(q),
+        resize_pending: false,
         storage_class: None,
         volume_mode: None,
         fill: Box::default(),
@@ -988,8 +989,11 @@ fn an_image_is_ready_once_its_pvc_exists_bound_or_not() {
     let mut shrunk = img.clone();
     shrunk.spec.size = Some(q("5Gi"));
     let plan = settle_image(&observe(&shrunk, present(true, "Bound", Some("10Gi"))));
-    assert_eq!(image_ready(&plan).1.reason, "InvalidSize");
-    assert_eq!(plan.status.phase, Some(ImagePhase::Error));
+    // The image stays usable at the size it has; the refusal is Stalled, with a Warning.
+    assert_eq!(plan.status.phase, Some(ImagePhase::Ready));
+    assert_eq!(find(&plan.status.conditions, "Resized").unwrap().reason, "InvalidSize");
+    assert_eq!(health(&plan.status.conditions)[1], (ConditionStatus::True, "InvalidSize".into()));
+    assert_eq!(plan.event.as_ref().map(|e| (e.warning, e.reason.as_str())), Some((true, "InvalidSize")));
     let lost = settle_image(&observe(&img, present(true, "Lost", Some("12Gi"))));
     let message = "PersistentVolumeClaim disk-image lost its volume";
     assert_eq!(image_ready(&lost), (Some(ImagePhase::Error), Cond::new("Ready", false, "PvcLost", message)));
@@ -1148,13 +1152,11 @@ fn mover(pvc: &str, role: Role, state: MoverState, generation: i64) -> ObservedM
 
 /// An image PVC of ours, bound, whose annotations say `fill`.
 fn filling(fill: CloneView) -> ImagePvc {
-    match present(true, "Bound", Some("24Mi")) {
-        ImagePvc::Present { fill: _, ours, vmkeep_disk, phase, capacity, requested, storage_class, volume_mode } => {
-            let fill = Box::new(fill);
-            ImagePvc::Present { ours, vmkeep_disk, phase, capacity, requested, storage_class, volume_mode, fill }
-        }
-        missing => missing,
+    let mut pvc = present(true, "Bound", Some("24Mi"));
+    if let ImagePvc::Present { fill: f, .. } = &mut pvc {
+        **f = fill;
     }
+    pvc
 }
 
 #[test]
@@ -1600,6 +1602,15 @@ fn a_grown_image_in_use_expands_its_pvc_and_stays_usable() {
     let plan = settle_image(&ImageObservation { claim: Some(holder("vm-a")), ..observe(&img, asked) });
     assert_eq!(plan.expand_pvc, None);
     assert!(find(&plan.status.conditions, "Resized").unwrap().message.starts_with("waiting for storage"));
+    // Storage expanded the volume, its filesystem grows at the next mount: converged.
+    let mut pending = present(true, "Bound", Some("10Gi"));
+    if let ImagePvc::Present { requested, resize_pending, .. } = &mut pending {
+        *requested = Some(q("20Gi"));
+        *resize_pending = true;
+    }
+    let plan = settle_image(&ImageObservation { claim: Some(holder("vm-a")), ..observe(&img, pending) });
+    assert_eq!(find(&plan.status.conditions, "Resized").unwrap().reason, "FileSystemResizePending");
+    assert_eq!(health(&plan.status.conditions)[0].0, ConditionStatus::False);
     // Given: no Resized condition, converged.
     let plan = settle_image(&ImageObservation {
         claim: Some(holder("vm-a")),
@@ -2327,7 +2338,10 @@ fn decide_on_deletion_stops_the_pod_then_releases_then_lets_go() {
     assert_eq!((plan.release, plan.remove_finalizer), (vec!["db".to_owned()], true));
     let mut gone = v.clone();
     gone.metadata.finalizers = None;
-    assert_eq!(vm_plan::decide(&observed(&gone, &t, &images, &[])), vm_plan::VmPlan::default());
+    // Without vmkeep's finalizer (foreground deletion, another finalizer): only the status says so.
+    let plan = vm_plan::decide(&observed(&gone, &t, &images, &[]));
+    assert_eq!(phase_and_reason(&plan), (Some(P::Terminating), "Terminating".into()));
+    assert_eq!(vm_plan::VmPlan { status: None, ..plan }, vm_plan::VmPlan::default());
 }
 
 #[test]

@@ -1092,11 +1092,12 @@ pub fn launcher_disks<'a>(
 /// Deletion: stop the launcher Pod, wait until it is gone, release the claims, let the VM go.
 /// Clone and volatile PVCs follow by garbage collection (or stay, after an orphaning deletion).
 fn decide_cleanup(obs: &Observed) -> VmPlan {
-    let mut plan = VmPlan::default();
+    // Shown even when vmkeep holds no finalizer on it (a foreground deletion, another finalizer):
+    // the VM is going, whatever it was.
+    let mut plan = VmPlan { status: Some(status(obs.vm, None, &Verdict::Terminating, &obs.now)), ..VmPlan::default() };
     if !obs.vm.finalizers().iter().any(|f| f == names::VM_FINALIZER) {
         return plan;
     }
-    plan.status = Some(status(obs.vm, None, &Verdict::Terminating, &obs.now));
     let mine: Vec<String> =
         obs.claims.iter().filter(|(_, s)| **s == ClaimState::Mine).map(|(i, _)| i.clone()).collect();
     match &obs.pod {

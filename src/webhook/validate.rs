@@ -49,18 +49,19 @@ pub fn image(old: Option<&Image>, new: &Image) -> Verdict {
     }
 }
 
-/// Volumes grow (the controller expands the image's PVC), never shrink: `spec.size` may go
-/// down only back from a size storage could not give (condition `Resized`, reason
-/// `ExpansionNotSupported`), and the controller still refuses anything below its PVC.
+/// Volumes grow (the controller expands the image's PVC), never shrink: `spec.size` may not go
+/// below the capacity the image has (`status.capacity`: what storage gave its PVC, or what the
+/// PVC asks for before it binds), or below the old `spec.size` while that is unknown. Going back
+/// down from a size storage never gave (an adopted PVC too small, a class that cannot expand, a
+/// typo on an unbound PVC) is allowed; the controller checks the PVC itself.
 fn size_only_grows(old: &Image, new: &Image) -> Verdict {
-    let not_given = old
-        .status
-        .as_ref()
-        .and_then(|s| plan::conditions::find(&s.conditions, plan::image::RESIZED))
-        .is_some_and(|c| c.reason == plan::reason::EXPANSION_NOT_SUPPORTED);
-    match (&old.spec.size, &new.spec.size) {
-        (Some(was), Some(now)) if quantity::bytes(now) < quantity::bytes(was) && !not_given => {
-            Err(format!("spec.size may only grow ({} -> {}): volumes do not shrink", was.0, now.0))
+    let floor = old.status.as_ref().and_then(|s| s.capacity.as_ref()).or(old.spec.size.as_ref());
+    match (floor, &new.spec.size) {
+        (Some(floor), Some(now)) if new.spec.size != old.spec.size && quantity::bytes(now) < quantity::bytes(floor) => {
+            Err(format!(
+                "spec.size may not go below the image's capacity ({} -> {}): volumes do not shrink",
+                floor.0, now.0
+            ))
         }
         _ => Ok(()),
     }
@@ -229,15 +230,13 @@ mod tests {
         let shrunk = image_spec("{source: {blank: {}}, size: 1Gi}");
         assert_eq!(
             image(Some(&old), &shrunk),
-            Err("spec.size may only grow (2Gi -> 1Gi): volumes do not shrink".into())
+            Err("spec.size may not go below the image's capacity (2Gi -> 1Gi): volumes do not shrink".into())
         );
-        // Back from a size storage could not give: allowed (the controller checks the PVC).
+        // Back from a size storage never gave (its capacity is still 2Gi): allowed.
         let mut stuck = grown.clone();
-        stuck.status = Some(parse(
-            "conditions: [{type: Resized, status: 'False', reason: ExpansionNotSupported, message: m, \
-             lastTransitionTime: '1970-01-01T00:00:01Z'}]",
-        ));
+        stuck.status = Some(parse("capacity: 2Gi"));
         assert_eq!(image(Some(&stuck), &old), Ok(()));
+        assert!(image(Some(&stuck), &shrunk).is_err(), "below what storage gave");
     }
 
     #[test]
