@@ -287,6 +287,16 @@ async fn a_rejected_vm_with_a_240_character_name_gets_its_event_and_columns_say_
         (t.status?.instances == Some(1)).then_some(())
     })
     .await;
+
+    // The holder goes: the Rejected VM no longer names it, and says how to retry.
+    env.delete_vm("a").await;
+    wait_for("the Rejected VM to say the image is free", LONG, async || {
+        let vm = env.vm(&long).await?;
+        let status = vm.status?;
+        let ready = condition(&status.conditions, "Ready")?;
+        (status.phase == Some(VirtualMachinePhase::Rejected) && ready.message.contains("free now")).then_some(())
+    })
+    .await;
 }
 
 #[tokio::test]

@@ -2264,9 +2264,14 @@ fn decide_releases_a_claim_a_rejected_vm_still_holds() {
     let (images, t) = (decide_images(), small());
     let v = with_status(vm("vm-b"), "phase: Rejected\nobservedGeneration: 1");
     let plan = vm_plan::decide(&observed(&v, &t, &images, &[("db", ClaimState::Mine)]));
-    assert_eq!((plan.release, plan.status), (vec!["db".to_owned()], None));
+    assert_eq!(plan.release, vec!["db".to_owned()]);
+    assert_eq!(plan.status.and_then(|s| s.phase), Some(P::Rejected));
     let plan = vm_plan::decide(&observed(&v, &t, &images, &[("db", ClaimState::Other { holder: "x".into() })]));
-    assert_eq!(plan, vm_plan::VmPlan::default(), "a Rejected VM that holds nothing does nothing");
+    assert_eq!(
+        vm_plan::VmPlan { status: None, ..plan },
+        vm_plan::VmPlan::default(),
+        "a Rejected VM that holds nothing only keeps its status"
+    );
 }
 
 #[test]
@@ -2301,6 +2306,33 @@ fn decide_rejects_a_reject_vm_when_a_pending_change_leaves_the_image_held() {
     let plan = vm_plan::decide(&observed(&w, &t, &images, &[("db", ClaimState::Free)]));
     assert_eq!(phase_and_reason(&plan), (Some(P::Pending), "ImageNotReady".into()));
     assert!(plan.create_pvcs.is_empty());
+}
+
+#[test]
+fn a_rejected_vm_names_the_holder_now_or_says_the_image_is_free() {
+    let images = decide_images();
+    let t = small();
+    let v = vm("vm-b");
+    let first = vm_plan::decide(&observed(&v, &t, &images, &[("db", ClaimState::Other { holder: "vm-a".into() })]));
+    let mut rejected = v.clone();
+    rejected.status = first.status.clone();
+    let ready =
+        |plan: &vm_plan::VmPlan| find(&plan.status.as_ref().unwrap().conditions, "Ready").unwrap().message.clone();
+    // Still held by vm-a: nothing changes.
+    let again =
+        vm_plan::decide(&observed(&rejected, &t, &images, &[("db", ClaimState::Other { holder: "vm-a".into() })]));
+    assert_eq!(again.status, first.status);
+    // Held by another now: named.
+    let moved =
+        vm_plan::decide(&observed(&rejected, &t, &images, &[("db", ClaimState::Other { holder: "vm-c".into() })]));
+    assert!(ready(&moved).contains("in use by VirtualMachine vm-c"), "{}", ready(&moved));
+    // Free: says so and how to retry; still Rejected, with its recorded disks.
+    let free = vm_plan::decide(&observed(&rejected, &t, &images, &[("db", ClaimState::Free)]));
+    assert!(ready(&free).starts_with("the persistent images this VM needs are free now"), "{}", ready(&free));
+    let status = free.status.unwrap();
+    assert_eq!(status.phase, Some(P::Rejected));
+    assert_eq!(status.disks, first.status.unwrap().disks);
+    assert!(free.take.is_empty());
 }
 
 #[test]

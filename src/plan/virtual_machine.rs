@@ -815,8 +815,11 @@ pub fn decide(obs: &Observed) -> VmPlan {
     let mine: Vec<String> =
         obs.claims.iter().filter(|(_, s)| **s == ClaimState::Mine).map(|(i, _)| i.clone()).collect();
     if claim::stays_rejected(vm) {
-        // A Rejected VM holds nothing; should it still hold a claim, it lets go (fenced).
-        return let_go(obs, mine, VmPlan::default());
+        // A Rejected VM holds nothing; should it still hold a claim, it lets go (fenced). Its
+        // message follows the claims: who holds the image now, or that it is free to retry.
+        let mut plan = let_go(obs, mine, VmPlan::default());
+        plan.status = Some(still_rejected(obs));
+        return plan;
     }
     let mut plan = VmPlan::default();
     let images = |n: &str| obs.images.get(n).copied();
@@ -897,6 +900,30 @@ fn held_by_other<'a>(
         (pending && vm.metadata.uid.as_deref() != Some(holder.uid.as_str()))
             .then(|| (name.to_owned(), holder.name.clone()))
     })
+}
+
+/// The status of a VM that stays Rejected: named after the image's holder now, or saying the
+/// images are free and how to retry; only `Ready`'s message moves when they are free.
+fn still_rejected(obs: &Observed) -> VirtualMachineStatus {
+    let held = obs.claims.iter().find_map(|(image, state)| match state {
+        ClaimState::Other { holder } => Some((image.clone(), holder.clone())),
+        _ => None,
+    });
+    let verdict = match &held {
+        Some((image, holder)) => Verdict::Rejected { image: image.clone(), holder: holder.clone() },
+        // Keep the verdict's shape; the message is replaced below.
+        None => Verdict::Rejected { image: String::new(), holder: String::new() },
+    };
+    let mut conditions = status(obs.vm, None, &verdict, &obs.now).conditions;
+    if held.is_none() {
+        let message = "the persistent images this VM needs are free now; Rejected is final: to retry, change this \
+                       VM's spec (e.g. onImageConflict: Wait) or delete and recreate the VM";
+        for c in conditions.iter_mut().filter(|c| c.r#type != RECONCILING) {
+            c.message = message.to_owned();
+        }
+    }
+    // Everything else stays as recorded when it was Rejected (no write unless the claims moved).
+    VirtualMachineStatus { conditions, ..obs.vm.status.clone().unwrap_or_default() }
 }
 
 /// Lets go of the claims in `mine`: released once no launcher Pod of the VM exists, else the
