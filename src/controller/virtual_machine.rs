@@ -551,7 +551,17 @@ pub fn vms_of_lease(stores: &Stores, lease: &Lease) -> Vec<ObjectRef<VirtualMach
     let Some(image) = claim::image_of(lease).cloned() else { return Vec::new() };
     let holder = claim::holder(lease);
     vms_in(stores, lease.namespace(), |vm| {
-        rules::waits_for(vm, &image) || holder.as_ref().is_some_and(|h| Some(h.uid.as_str()) == vm.uid().as_deref())
+        rules::waits_for(vm, &image)
+            || holder.as_ref().is_some_and(|h| Some(h.uid.as_str()) == vm.uid().as_deref())
+            || rejected_for(vm, &image)
+    })
+}
+
+/// Whether `vm` is Rejected for want of `image`: its message names the image's holder, so a
+/// claim change concerns it.
+fn rejected_for(vm: &VirtualMachine, image: &str) -> bool {
+    vm.status.as_ref().is_some_and(|s| {
+        s.phase == Some(VirtualMachinePhase::Rejected) && s.disks.iter().any(|d| d.image.as_deref() == Some(image))
     })
 }
 
