@@ -305,6 +305,19 @@ fn usable_image_waits_for_a_missing_deleted_disabled_or_unready_image() {
 }
 
 #[test]
+fn a_disk_smaller_than_its_image_stays_failed_while_the_image_waits() {
+    // db had 2Gi and now waits (a persistence change pending): a 1Gi disk is still Failed.
+    let img = image(
+        "db",
+        "spec: {persistent: true, type: DATABLOCK, source: {blank: {}}, size: 1Gi}\n\
+         status: {phase: Used, persistent: false, pvcName: db-image, capacity: 2Gi}",
+    );
+    let t = template("[{name: data, image: db, size: 1Gi}]");
+    let blocker = vm_plan::check_template(&t.spec, |_| Some(&img)).unwrap_err();
+    assert_eq!((blocker.phase, blocker.reason), (P::Failed, "InvalidDiskSize"));
+}
+
+#[test]
 fn usable_image_waits_while_a_persistence_change_is_pending() {
     for phase in ["Ready", "Used", "UsedPersistent"] {
         // spec says persistent, the old mode is still in force: a new user would keep it in force

@@ -192,6 +192,14 @@ pub fn check_template<'a>(
             }),
             (Some(name), None) => match usable_image(name, images(name)) {
                 Err(blocker) => {
+                    // A disk smaller than what the image last had stays Failed while the image
+                    // waits for something (GitOps health does not flap to Reconciling).
+                    let known = images(name).and_then(|i| i.status.as_ref()?.capacity.clone());
+                    if let (Some(size), Some(capacity)) = (&disk.size, &known)
+                        && quantity::bytes(size) < quantity::bytes(capacity)
+                    {
+                        return Err(disk_too_small(&disk.name, size, name, capacity));
+                    }
                     pending.get_or_insert(blocker);
                 }
                 Ok(image) => {
@@ -202,13 +210,7 @@ pub fn check_template<'a>(
                         (Some(size), Some(capacity)) => {
                             let (want, have) = (quantity::bytes(size), quantity::bytes(capacity));
                             if want < have {
-                                return Err(Blocker::failed(
-                                    reason::INVALID_DISK_SIZE,
-                                    format!(
-                                        "disk {} asks for {} but image {name} holds {}",
-                                        disk.name, size.0, capacity.0
-                                    ),
-                                ));
+                                return Err(disk_too_small(&disk.name, size, name, capacity));
                             }
                             if image.persistent && want > have {
                                 return Err(Blocker::failed(
@@ -266,6 +268,14 @@ pub fn check_template<'a>(
         Some(blocker) => Err(blocker),
         None => Ok(disks),
     }
+}
+
+/// `Failed`: a Template disk asks for less than its image holds.
+fn disk_too_small(disk: &str, size: &Quantity, image: &str, capacity: &Quantity) -> Blocker {
+    Blocker::failed(
+        reason::INVALID_DISK_SIZE,
+        format!("disk {disk} asks for {} but image {image} holds {}", size.0, capacity.0),
+    )
 }
 
 /// The disks a VM is made of, resolved from its Template and recorded in its status.
