@@ -216,8 +216,8 @@ async fn images_import_over_http_as_raw_qcow2_and_gzip_and_copies_hold_the_same_
     let qcow2 = convert(&raw, &["qemu-img convert -f raw -O qcow2 {in} {out}"]);
     let gz = convert(&raw, &["gzip -c {in} > {out}"]);
     let server = Server::start(BTreeMap::from([
-        // 24 MiB at 4 MiB/s: about 6 s, so the import shows its progress.
-        ("slow.raw".to_owned(), Reply::Body { data: Arc::new(raw.clone()), rate: Some(4 << 20) }),
+        // 24 MiB at 2 MiB/s: about 12 s, so the import shows its progress (read every 5 s).
+        ("slow.raw".to_owned(), Reply::Body { data: Arc::new(raw.clone()), rate: Some(2 << 20) }),
         ("disk.qcow2".to_owned(), Reply::Body { data: Arc::new(qcow2), rate: None }),
         ("disk.raw.gz".to_owned(), Reply::Body { data: Arc::new(gz), rate: None }),
     ]));
@@ -465,7 +465,8 @@ async fn the_seed_changes_are_lost_on_a_clone_and_survive_on_a_persistent_image_
 }
 
 /// A `WaitForFirstConsumer` class binds a PVC only when a Pod mounts it: an image that must be
-/// cloned there is bound by vmkeep's binder Pod (the source, and the csi-clone until it is done).
+/// cloned there is bound by vmkeep's binder Pod (the source, and the csi-clone, non-persistent,
+/// whose clones need its bound capacity).
 #[tokio::test]
 async fn an_image_in_a_class_that_binds_late_is_bound_when_it_must_be_cloned() {
     let Some((_node, env)) = on_node("data-late").await else { return };
@@ -483,10 +484,11 @@ async fn an_image_in_a_class_that_binds_late_is_bound_when_it_must_be_cloned() {
         ns,
         &format!(
             "apiVersion: vmkeep.io/v1alpha1\nkind: Image\nmetadata: {{name: base}}\n\
-             spec: {{size: 16Mi, storageClassName: {class}, source: {{blank: {{}}}}}}\n"
+             spec: {{persistent: true, size: 16Mi, storageClassName: {class}, source: {{blank: {{}}}}}}\n"
         ),
     );
-    // Alone, it stays unbound (its first VM will bind it) and is Ready.
+    // Persistent and alone, it stays unbound (its first VM will bind it) and is Ready. (A
+    // non-persistent image is bound at once: its clones are sized from its bound capacity.)
     wait_phase(&env, "base", ImagePhase::Ready).await;
     tokio::time::sleep(Duration::from_secs(3)).await;
     let phase = |pvc: &str| {
