@@ -34,6 +34,11 @@ self=$(realpath "$0")
 cd "$(dirname "$self")/.."
 CACHE=${VMKEEP_CACHE:-$HOME/.cache/vmkeep}
 WORK=$CACHE/images
+# One build at a time: two runs (two hack/run.sh, or run.sh beside the tests) would fill the same
+# staging folders at once.
+mkdir -p "$WORK"
+exec 9>"$WORK/.lock"
+flock 9
 REPOSITORY=${VMKEEP_IMAGE_REPOSITORY:-vmkeep}
 VERSION=$(sed -n 's/^version = "\(.*\)"$/\1/p' Cargo.toml | head -1)
 PAUSE_VERSION=1.0

@@ -141,8 +141,8 @@ fn object(generation: i64, observed: i64, conditions: &[(&str, &str, &str, &str)
 
 const CONVERGED: &[(&str, &str, &str, &str)] = &[
     ("Ready", "True", "Running", "QEMU runs the guest"),
-    ("Reconciling", "False", "Converged", "the object is Converged"),
-    ("Stalled", "False", "Converged", "the object is Converged"),
+    ("Reconciling", "False", "Converged", "the spec is in force"),
+    ("Stalled", "False", "Converged", "the spec is in force"),
 ];
 
 #[test]
@@ -194,7 +194,7 @@ fn the_health_check_follows_kstatus_on_hand_made_objects() {
         1,
         &[
             ("Ready", "False", "InvalidTemplate", "disks a, b all use CDROM images; a template may have one"),
-            ("Reconciling", "False", "Stalled", "the object is Stalled"),
+            ("Reconciling", "False", "Stalled", "it cannot get there without a change of its spec (see Stalled)"),
             ("Stalled", "True", "InvalidTemplate", "disks a, b all use CDROM images; a template may have one"),
         ],
     );
@@ -209,7 +209,7 @@ fn the_health_check_follows_kstatus_on_hand_made_objects() {
         &[
             ("Ready", "False", "TemplateNotFound", "Template t not found"),
             ("Reconciling", "True", "TemplateNotFound", "Template t not found"),
-            ("Stalled", "False", "Reconciling", "the object is Reconciling"),
+            ("Stalled", "False", "Reconciling", "on its way to what the spec asks for (see Reconciling)"),
         ],
     );
     check(&reconciling, KStatus::InProgress, "Progressing", "Template t not found");
@@ -220,7 +220,7 @@ fn the_health_check_follows_kstatus_on_hand_made_objects() {
         &[
             ("Ready", "True", "PvcReady", "the image's PVC exists"),
             ("Reconciling", "True", "InUse", "waiting for vm to let go"),
-            ("Stalled", "False", "Reconciling", "the object is Reconciling"),
+            ("Stalled", "False", "Reconciling", "on its way to what the spec asks for (see Reconciling)"),
         ],
     );
     check(&pending_change, KStatus::InProgress, "Progressing", "waiting for vm to let go");

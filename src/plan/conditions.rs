@@ -55,7 +55,14 @@ impl Health<'_> {
     /// The `Reconciling` and `Stalled` conditions, both always present (status False when they
     /// do not hold, with reason `Converged`, `Reconciling` or `Stalled` naming what does).
     pub fn conditions(self) -> [Cond; 2] {
-        let not = |r#type: &str, why: &str| Cond::new(r#type, false, why, format!("the object is {why}"));
+        let not = |r#type: &str, why: &str| {
+            let message = match why {
+                reason::CONVERGED => "the spec is in force",
+                RECONCILING => "on its way to what the spec asks for (see Reconciling)",
+                _ => "it cannot get there without a change of its spec (see Stalled)",
+            };
+            Cond::new(r#type, false, why, message)
+        };
         let with = |r#type: &str, c: &Cond| Cond::new(r#type, true, &c.reason, c.message.clone());
         match self {
             Health::Converged => [not(RECONCILING, reason::CONVERGED), not(STALLED, reason::CONVERGED)],

@@ -859,8 +859,8 @@ fn status_of_a_rejected_vm_names_image_and_holder() {
     let r = resolved(RUNNING_DISKS);
     let verdict = Verdict::Rejected { image: "db".into(), holder: "vm-b".into() };
     let s = settle(&vm("vm-a"), Some(&r), &verdict);
-    let message = "image db is persistent and already in use by VirtualMachine vm-b; Rejected is final: to retry \
-                   once it is free, change this VM's spec (e.g. onImageConflict: Wait) or delete and recreate the VM";
+    let message = "image db is persistent and already in use by VirtualMachine vm-b; this VM stays Rejected: to \
+                   retry once the image is free, change its spec (e.g. onImageConflict: Wait) or delete and recreate it";
     let mut wanted = all_false("ImageInUse", message);
     wanted[0].message = "image db is persistent and already in use by VirtualMachine vm-b".into();
     assert_eq!((s.phase, decided(&s.conditions)), (Some(P::Rejected), wanted));

@@ -598,8 +598,8 @@ pub fn status(vm: &VirtualMachine, resolved: Option<&Resolved>, verdict: &Verdic
         }
         Verdict::Rejected { image, holder } => {
             let message = format!(
-                "{}; Rejected is final: to retry once it is free, change this VM's spec (e.g. onImageConflict: \
-                 Wait) or delete and recreate the VM",
+                "{}; this VM stays Rejected: to retry once the image is free, change its spec (e.g. \
+                 onImageConflict: Wait) or delete and recreate it",
                 claim::in_use_message(image, holder)
             );
             let b = |t| Cond::new(t, false, reason::IMAGE_IN_USE, message.clone());
@@ -926,8 +926,8 @@ fn still_rejected(obs: &Observed) -> VirtualMachineStatus {
     };
     let mut conditions = status(obs.vm, None, &verdict, &obs.now).conditions;
     if held.is_none() {
-        let message = "the persistent images this VM needs are free now; Rejected is final: to retry, change this \
-                       VM's spec (e.g. onImageConflict: Wait) or delete and recreate the VM";
+        let message = "the persistent images this VM needs are free now; it stays Rejected: to retry, change its \
+                       spec (e.g. onImageConflict: Wait) or delete and recreate it";
         for c in conditions.iter_mut().filter(|c| c.r#type != RECONCILING) {
             c.message = message.to_owned();
         }
