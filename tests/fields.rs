@@ -256,6 +256,16 @@ async fn an_image_status_lost_during_a_pending_change_keeps_the_held_mode() {
     let names: Vec<String> = pvcs.items.iter().filter_map(|p| p.metadata.name.clone()).collect();
     assert_eq!(names, ["data-image"], "no clone of the held PVC");
 
+    // The holder's own status lost too: it still holds the image (not waiting for a change that
+    // waits for it), and comes back Stopped.
+    let cleared_vm = serde_json::json!({"status": null});
+    env.api::<vmkeep::api::VirtualMachine>()
+        .patch_status("a", &PatchParams::default(), &Patch::Merge(&cleared_vm))
+        .await
+        .expect("clear the VM's status");
+    env.wait_vm("a", VirtualMachinePhase::Stopped).await;
+    assert_eq!(env.claim_holder("data").await.as_deref(), Some("a"));
+
     // Deleted while held: the image says who holds it up, with an Event.
     env.api::<Image>().delete("data", &Default::default()).await.expect("delete");
     let image = env.wait_image("data", "deleting", |i| has_condition(i, "Ready", "InUse")).await;
@@ -322,4 +332,21 @@ async fn an_image_used_by_150_vms_lists_100() {
     assert!(size < 8 * 1024, "the status stays small: {size} bytes");
     let pvc = names::image_pvc("os");
     assert!(env.pvc(&pvc).await.is_some());
+}
+
+#[tokio::test]
+async fn a_deleted_image_is_not_held_by_a_clone_that_only_waits_for_it() {
+    let env = Env::new("clonewait").await;
+    apply(&env.ns, &(image("src", false) + &template("t", &[("root", Some("src"))]) + &halted("a", "t")));
+    env.wait_vm("a", VirtualMachinePhase::Stopped).await;
+    env.api::<Image>().delete("src", &Default::default()).await.expect("delete");
+    env.wait_image("src", "deleting", |i| has_condition(i, "Ready", "InUse")).await;
+    // A clone asked for after the deletion waits for it, and does not hold it.
+    apply(
+        &env.ns,
+        "apiVersion: vmkeep.io/v1alpha1\nkind: Image\nmetadata: {name: copy}\nspec: {source: {image: {name: src}}}\n",
+    );
+    env.delete_vm("a").await;
+    env.wait_gone::<Image>("src", GC).await;
+    env.wait_image("copy", "SourceNotFound", |i| has_condition(i, "Ready", "SourceNotFound")).await;
 }

@@ -31,6 +31,7 @@ use super::condition::{Condition, conditions_schema};
         json_path = ".status.conditions[?(@.type==\"PersistenceChangePending\")].status"
     ),
     printcolumn(name = "Capacity", type_ = "string", json_path = ".status.capacity"),
+    printcolumn(name = "Reason", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].reason"),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
 )]
 #[serde(rename_all = "camelCase")]

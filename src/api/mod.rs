@@ -85,7 +85,7 @@ mod tests {
         };
         assert_eq!(
             columns(Image::crd()),
-            ["TYPE", "PERSISTENT", "PHASE", "VMS", "HOLDER", "PENDING", "CAPACITY", "AGE"]
+            ["TYPE", "PERSISTENT", "PHASE", "VMS", "HOLDER", "PENDING", "CAPACITY", "REASON", "AGE"]
         );
         assert_eq!(columns(VirtualMachine::crd()), ["TEMPLATE", "PHASE", "READY", "REASON", "AGE"]);
     }

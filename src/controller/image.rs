@@ -92,6 +92,18 @@ fn pvc_view(pvc: Option<&PersistentVolumeClaim>, owner_uid: &str) -> ImagePvc {
     }
 }
 
+/// An image PVC vmkeep made concerns its Image (found by the uid label: the PVC has no owner
+/// reference): its binding, expansion and capacity.
+pub fn image_of_pvc(stores: &Stores, pvc: &PersistentVolumeClaim) -> Option<ObjectRef<Image>> {
+    let uid = pvc.labels().get(names::IMAGE_UID_LABEL)?;
+    let ns = pvc.namespace()?;
+    let images = stores.images.state();
+    let image = images.iter().find(|i| {
+        i.namespace().as_deref() == Some(ns.as_str()) && i.uid().is_some_and(|u| names::label_value(&u) == *uid)
+    })?;
+    Some(ObjectRef::from_obj(image.as_ref()))
+}
+
 /// A PVC vmkeep did not make concerns the Images that adopt it (`source.pvc`).
 pub fn images_adopting(
     stores: &Stores,
@@ -190,11 +202,23 @@ pub async fn reconcile(image: Arc<Image>, ctx: Arc<Context>) -> Result<Action, E
         }
         _ => None,
     };
-    let wanted_by_clones = ctx.stores.images.state().iter().any(|i| {
-        i.namespace().as_deref() == Some(ns.as_str())
-            && i.spec.source.image.as_ref().is_some_and(|s| s.name == name)
-            && matches!(i.status.as_ref().and_then(|s| s.phase), None | Some(ImagePhase::Pending | ImagePhase::Cloning))
-    });
+    let clones: Vec<(String, Option<ImagePhase>)> = ctx
+        .stores
+        .images
+        .state()
+        .iter()
+        .filter(|i| {
+            i.namespace().as_deref() == Some(ns.as_str())
+                && i.spec.source.image.as_ref().is_some_and(|s| s.name == name)
+        })
+        .map(|i| (i.name_any(), i.status.as_ref().and_then(|s| s.phase)))
+        .collect();
+    let wanted_by_clones =
+        clones.iter().any(|(_, p)| matches!(p, None | Some(ImagePhase::Pending | ImagePhase::Cloning)));
+    // Only clones that are copying now hold a deleted source: one still waiting gives up with it.
+    let mut cloning_now: Vec<String> =
+        clones.into_iter().filter(|(_, p)| *p == Some(ImagePhase::Cloning)).map(|(n, _)| n).collect();
+    cloning_now.sort();
     // A snapshot clone: its VolumeSnapshot (read from the API server, only while one may exist).
     let strategy = match &pvc {
         ImagePvc::Present { ours: true, fill, .. } => fill.strategy.clone(),
@@ -230,6 +254,7 @@ pub async fn reconcile(image: Arc<Image>, ctx: Arc<Context>) -> Result<Action, E
         binds_late,
         allows_expansion,
         wanted_by_clones,
+        cloning_now,
         launcher_image: &ctx.settings.launcher_image,
     };
     let now = Time(jiff::Timestamp::now());

@@ -297,7 +297,8 @@ pub async fn run(client: Client, metrics: Arc<Metrics>, settings: Settings, shut
     .default_backoff()
     .touched_objects();
     let image_ctl = {
-        let (by_image, by_pod, by_vm, by_pvc) = (stores.clone(), stores.clone(), stores.clone(), stores.clone());
+        let (by_image, by_pod, by_vm, by_pvc, by_own) =
+            (stores.clone(), stores.clone(), stores.clone(), stores.clone(), stores.clone());
         Controller::for_stream(images.subscribe(), stores.images.clone())
             .with_config(config.clone())
             .owns_stream(pvcs.subscribe_view(informer::pvc_view))
@@ -307,6 +308,8 @@ pub async fn run(client: Client, metrics: Arc<Metrics>, settings: Settings, shut
             .watches_stream(pods.subscribe_view(informer::pod_view), move |p| image::images_of_pod(&by_pod, &p))
             .watches_stream(images.subscribe(), move |i| image::clones_of(&by_image, &i))
             .watches_stream(foreign_pvcs, move |p| image::images_adopting(&by_pvc, &p))
+            // Its own PVC has no owner reference (no propagation policy may take it): by label.
+            .watches_stream(pvcs.subscribe_view(informer::pvc_view), move |p| image::image_of_pvc(&by_own, &p))
             .graceful_shutdown_on(shutdown.clone().cancelled_owned())
             .run(instrumented("Image", image::reconcile), error_policy("Image"), ctx.clone())
             .for_each(|_| async {})

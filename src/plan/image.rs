@@ -178,6 +178,9 @@ pub struct ImageObservation<'a> {
     /// Images wait to be cloned from this one (Pending or Cloning): it is kept, and bound in a
     /// `WaitForFirstConsumer` class.
     pub wanted_by_clones: bool,
+    /// The Images being cloned from this one now (phase Cloning), sorted: a deleted image stays
+    /// until they have their data (one still waiting does not hold it).
+    pub cloning_now: Vec<String>,
     /// The last progress its importer logged.
     pub progress: Option<Progress>,
     /// The image helper Pods run (the launcher image).
@@ -781,7 +784,7 @@ pub fn plan(obs: &ImageObservation, now: &Time) -> ImagePlan {
     let deleting = image.metadata.deletion_timestamp.is_some();
     let has_finalizer = image.finalizers().iter().any(|f| f == names::IMAGE_FINALIZER);
     // An Image being cloned from stays until its clones have their data (its PVC is their source).
-    let finalizer = match (deleting, has_finalizer, in_use || obs.wanted_by_clones) {
+    let finalizer = match (deleting, has_finalizer, in_use || !obs.cloning_now.is_empty()) {
         (true, true, false) => Finalizer::Remove,
         (false, false, _) => Finalizer::Add,
         _ => Finalizer::Keep,
@@ -966,6 +969,8 @@ pub fn plan(obs: &ImageObservation, now: &Time) -> ImagePlan {
                 };
                 // A size below the PVC is refused, the image stays usable at the size it has.
                 resized = match sizing.shrunk(image) {
+                    // Made again at the new size, or going: nothing to resize.
+                    _ if regrow || deleting => None,
                     Some(message) => Some(Resized {
                         condition: Cond::new(RESIZED, false, reason::INVALID_SIZE, message),
                         expand: None,
@@ -1022,12 +1027,12 @@ pub fn plan(obs: &ImageObservation, now: &Time) -> ImagePlan {
         },
     };
     // A deletion held by users says who: `kubectl delete` waits on them.
-    let ready = match (deleting, in_use || obs.wanted_by_clones) {
+    let ready = match (deleting, in_use || !obs.cloning_now.is_empty()) {
         (true, true) => {
             let by = match (&obs.claim, obs.consumers.is_empty()) {
                 (Some(holder), true) => format!("VirtualMachine {}", holder.name),
                 (_, false) => format!("VirtualMachine {}", listed(&obs.consumers)),
-                _ => "Images cloning it".to_owned(),
+                _ => format!("Image {} (cloning it)", listed(&obs.cloning_now)),
             };
             Cond::new(READY, false, reason::IN_USE, format!("deleted: waits until no longer used by {by}"))
         }
@@ -1260,13 +1265,19 @@ impl Sizing<'_> {
     /// Why `spec.size` is refused: below what the image's own PVC (blank or imported, made at
     /// `spec.size`) asks for. Volumes do not shrink.
     fn shrunk(&self, image: &Image) -> Option<String> {
-        let (want, requested) = (image.spec.size.as_ref()?, self.requested?);
+        // What the PVC has: the smaller of what it asks for and what storage gave (an expansion
+        // storage never made can be undone; more than asked is no reason to refuse).
+        let have = match (self.requested, self.capacity) {
+            (Some(r), Some(c)) => quantity::min(r, c),
+            (r, c) => r.or(c)?.clone(),
+        };
+        let want = image.spec.size.as_ref()?;
         let sized_by_spec = image.spec.source.blank.is_some() || image.spec.source.http.is_some();
-        (self.ours && sized_by_spec && quantity::bytes(want) < quantity::bytes(requested)).then(|| {
+        (self.ours && sized_by_spec && quantity::bytes(want) < quantity::bytes(&have)).then(|| {
             format!(
                 "spec.size {} is below the size of PersistentVolumeClaim {} ({}): volumes do not shrink; set spec.size \
                  to at least {}",
-                want.0, self.pvc, requested.0, requested.0
+                want.0, self.pvc, have.0, have.0
             )
         })
     }

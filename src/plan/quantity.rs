@@ -63,6 +63,14 @@ pub fn max(a: &Quantity, b: &Quantity) -> Quantity {
     }
 }
 
+/// The smaller of two quantities (the first when they are equal or one does not parse).
+pub fn min(a: &Quantity, b: &Quantity) -> Quantity {
+    match (bytes(a), bytes(b)) {
+        (Some(x), Some(y)) if y < x => b.clone(),
+        _ => a.clone(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

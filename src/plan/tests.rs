@@ -210,6 +210,7 @@ fn observe(image: &Image, pvc: ImagePvc) -> ImageObservation<'_> {
         binds_late: false,
         allows_expansion: None,
         wanted_by_clones: false,
+        cloning_now: Vec::new(),
         launcher_image: "vmkeep-launcher:test",
     }
 }
@@ -1306,12 +1307,20 @@ fn an_image_pvc_that_binds_late_is_bound_by_a_pod_when_it_must_be_cloned() {
     // In a class that binds at once, never.
     let immediate = ImageObservation { consumers: vec!["vm-a".into()], ..observe(&img, pending) };
     assert!(settle_image(&immediate).create_pods.is_empty());
-    // Deleted while an Image waits to clone it: kept until that clone has its data.
+    // Deleted while an Image clones it: kept until that clone has its data, and says which.
     let gone = deleting(img.clone());
-    let held = ImageObservation { wanted_by_clones: true, ..observe(&gone, present(true, "Bound", Some("1Gi"))) };
-    assert_eq!(settle_image(&held).finalizer, Finalizer::Keep);
-    let free = ImageObservation { wanted_by_clones: false, ..held };
-    assert_eq!(settle_image(&free).finalizer, Finalizer::Remove);
+    let cloning = vec!["copy".to_owned()];
+    let held = ImageObservation {
+        wanted_by_clones: true,
+        cloning_now: cloning,
+        ..observe(&gone, present(true, "Bound", Some("1Gi")))
+    };
+    let plan = settle_image(&held);
+    assert_eq!(plan.finalizer, Finalizer::Keep);
+    assert_eq!(image_ready(&plan).1.message, "deleted: waits until no longer used by Image copy (cloning it)");
+    // One that only waits (Pending) does not hold it: it gives up with it (no deadlock).
+    let waiting = ImageObservation { cloning_now: Vec::new(), ..held };
+    assert_eq!(settle_image(&waiting).finalizer, Finalizer::Remove);
     // Bound: the binder goes.
     let done = mover("os-image", Role::Bind, MoverState::Done(String::new()), 0);
     let bound = ImageObservation {
@@ -1640,6 +1649,19 @@ fn a_grown_image_in_use_expands_its_pvc_and_stays_usable() {
     let t = template("[{name: root, image: os, size: 10Gi}]");
     let disks = vm_plan::check_template(&t.spec, |_| Some(&os)).expect("not Failed");
     assert_eq!(disks[0].size, Some(q("20Gi")));
+}
+
+#[test]
+fn a_size_back_from_an_expansion_storage_never_made_is_not_refused() {
+    // The PVC asks for 20Gi (an expansion storage never made) and has 10Gi: 10Gi is fine.
+    let img = bound(true);
+    let mut asked = present(true, "Bound", Some("10Gi"));
+    if let ImagePvc::Present { requested, .. } = &mut asked {
+        *requested = Some(q("20Gi"));
+    }
+    let plan = settle_image(&observe(&img, asked));
+    let resized = find(&plan.status.conditions, "Resized").unwrap();
+    assert_eq!(resized.reason, "Expanding", "not InvalidSize");
 }
 
 #[test]
@@ -2346,6 +2368,20 @@ fn a_rejected_vm_names_the_holder_now_or_says_the_image_is_free() {
     assert_eq!(status.phase, Some(P::Rejected));
     assert_eq!(status.disks, first.status.unwrap().disks);
     assert!(free.take.is_empty());
+}
+
+#[test]
+fn a_vm_whose_status_is_lost_keeps_the_image_it_holds_despite_a_pending_change() {
+    // db: persistent in force, changing to non-persistent; vm-h holds it and lost its status.
+    let mut images = decide_images();
+    images[1].spec.persistent = false;
+    let (t, v) = (small(), vm("vm-h"));
+    let plan = vm_plan::decide(&observed(&v, &t, &images, &[("db", ClaimState::Mine)]));
+    assert!(plan.release.is_empty(), "it keeps its claim");
+    let status = plan.status.unwrap();
+    assert_ne!(status.phase, Some(P::Pending), "{status:?}");
+    let data = status.disks.iter().find(|d| d.name == "data").unwrap();
+    assert!(data.persistent, "the image it holds, in place");
 }
 
 #[test]

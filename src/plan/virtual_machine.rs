@@ -139,7 +139,10 @@ pub fn child_view<K: kube::Resource>(child: &K, phase: Option<&str>, capacity: O
 pub fn pvc_view(pvc: &PersistentVolumeClaim) -> u64 {
     let status = pvc.status.as_ref();
     let capacity = status.and_then(|s| s.capacity.as_ref()?.get("storage"));
-    fingerprint(&(child_view(pvc, status.and_then(|s| s.phase.as_deref()), capacity), CloneView::of(&pvc.metadata)))
+    // The slim cache keeps only FileSystemResizePending among the conditions.
+    let resizing = status.and_then(|s| s.conditions.as_ref()).map_or(0, Vec::len);
+    let view = child_view(pvc, status.and_then(|s| s.phase.as_deref()), capacity);
+    fingerprint(&(view, CloneView::of(&pvc.metadata), resizing))
 }
 
 /// What of a launcher Pod the VM controller decides from: [`child_view`] and the
@@ -832,7 +835,17 @@ pub fn decide(obs: &Observed) -> VmPlan {
         return plan;
     }
     let mut plan = VmPlan::default();
-    let images = |n: &str| obs.images.get(n).copied();
+    // An image this VM holds keeps, for it, the mode in force: a persistence change waits for it,
+    // and it must not wait for that change (a status lost in a restore resolves again).
+    let held: BTreeMap<&str, Image> = mine
+        .iter()
+        .filter_map(|name| {
+            let mut image = (*obs.images.get(name)?).clone();
+            image.spec.persistent = image.status.as_ref()?.persistent?;
+            Some((name.as_str(), image))
+        })
+        .collect();
+    let images = |n: &str| held.get(n).or_else(|| obs.images.get(n).copied());
     let resolved = match resolve_disks(vm, obs.template.map(|t| &t.spec), images) {
         Ok(resolved) => resolved,
         Err(blocker) => {
