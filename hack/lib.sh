@@ -7,16 +7,26 @@ log() { printf '[%s] %s\n' "$LOG_PREFIX" "$*" >&2; }
 die() { printf '[%s] error: %s\n' "$LOG_PREFIX" "$*" >&2; exit 1; }
 
 # apt_install PACKAGE...: installs the Debian packages that are missing (one `apt-get update`
-# per run, only when something is missing); needs root for that.
+# per run, only when something is missing); needs root for that. Installing one can remove
+# another of the list that came from elsewhere (this machine's backported qemu-utils 10 goes when
+# Debian's qemu-system-x86 7.2 comes in): those are installed again, from Debian.
 apt_updated=
+apt_missing() { # apt_missing PACKAGE...: those not installed, a line each
+  local p
+  for p in "$@"; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'ok installed' || echo "$p"; done
+}
 apt_install() {
-  local missing=() p
-  for p in "$@"; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'ok installed' || missing+=("$p"); done
-  ((${#missing[@]})) || return 0
-  [[ $(id -u) == 0 ]] || die "missing Debian packages: ${missing[*]} (run as root or install them)"
-  if [[ -z $apt_updated ]]; then apt-get update -qq; apt_updated=1; fi
-  log "installing ${missing[*]}"
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  local missing=() round
+  for round in 1 2; do
+    mapfile -t missing < <(apt_missing "$@")
+    ((${#missing[@]})) || return 0
+    [[ $(id -u) == 0 ]] || die "missing Debian packages: ${missing[*]} (run as root or install them)"
+    if [[ -z $apt_updated ]]; then apt-get update -qq; apt_updated=1; fi
+    if [[ $round == 1 ]]; then log "installing ${missing[*]}"; else log "installing again ${missing[*]} (removed by the first install)"; fi
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  done
+  mapfile -t missing < <(apt_missing "$@")
+  ((${#missing[@]} == 0)) || die "Debian packages ${missing[*]} cannot be installed beside the others of: $*"
 }
 
 # --- where cargo builds -------------------------------------------------------------------------

@@ -343,10 +343,23 @@ fn refusals(log: &Path) -> Vec<String> {
 /// that does not finish, strips the finalizers so the namespace can go.
 fn delete_vmkeep_objects(namespace: &str) -> bool {
     let kinds = "virtualmachines.vmkeep.io,images.vmkeep.io,templates.vmkeep.io";
-    let deleted = kubectl(&["delete", kinds, "--all", "-n", namespace, "--wait=true", "--timeout=90s"], None);
+    // Launcher Pods stop their guests first (ACPI, then quit at the grace period's deadline): on
+    // a loaded 2-core CI machine that once took more than 90 s for three VMs.
+    let deleted = kubectl(&["delete", kinds, "--all", "-n", namespace, "--wait=true", "--timeout=180s"], None);
     if deleted.status.success() {
         return true;
     }
+    // What held the deletion up, for the next reader of a failed run.
+    let held = kubectl(&["get", &format!("{kinds},pods,pvc,leases"), "-n", namespace, "-o", "wide"], None);
+    let status = kubectl(&["get", kinds, "-n", namespace, "-o", "yaml"], None);
+    let events = kubectl(&["get", "events", "-n", namespace, "--sort-by=.lastTimestamp"], None);
+    eprintln!(
+        "deleting the vmkeep objects of {namespace} did not finish: {}\n{}\n{}\n{}",
+        text(&deleted.stderr),
+        text(&held.stdout),
+        text(&status.stdout),
+        text(&events.stdout)
+    );
     let left = kubectl(&["get", kinds, "-n", namespace, "-o", "name"], None);
     for object in text(&left.stdout).lines() {
         let unblock = r#"{"metadata":{"finalizers":null}}"#;
