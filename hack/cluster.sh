@@ -15,6 +15,12 @@
 #                           and the image layouts in the cache stay)
 #   hack/cluster.sh status  exit 0 when the API server answers (and the node is Ready, if any);
 #                           prints the node
+#   hack/cluster.sh restart NAME [SECONDS]
+#                           stop one process of the running cluster (etcd, kube-apiserver,
+#                           kube-controller-manager, kube-scheduler, containerd, kubelet,
+#                           kube-proxy), keep it down SECONDS (default 0), start it again with
+#                           the same arguments and wait until it serves: the fault suite's
+#                           restarts and lost node (docs/reliability.md)
 #   hack/cluster.sh tools   install kubectl and helm into the cache (prints their folder)
 #   hack/cluster.sh build   only build the Kubernetes binaries into the cache
 #
@@ -624,6 +630,38 @@ record_volumes() {
   mv "$STATE/hostpath-volumes.new" "$STATE/hostpath-volumes"
 }
 
+# cmd_restart NAME [SECONDS]: NAME (one of this cluster's processes, verifiably ours) stopped,
+# down SECONDS, started again with the very argument vector it ran with (read from /proc, so
+# clusters started by an older script restart too); returns once it serves again.
+cmd_restart() {
+  local name=${1:-} down=${2:-0}
+  case $name in
+    etcd | kube-apiserver | kube-controller-manager | kube-scheduler | containerd | kubelet | kube-proxy) ;;
+    *) die "restart what? one of etcd kube-apiserver kube-controller-manager kube-scheduler containerd kubelet kube-proxy" ;;
+  esac
+  [[ $down =~ ^[0-9]+$ ]] || die "SECONDS must be a whole number, not $down"
+  [[ -f $STATE/ready ]] || die "the cluster is not up (hack/cluster.sh up)"
+  alive "$name" || die "$name is not running (or not verifiably the one this script started)"
+  local -a argv
+  mapfile -d '' -t argv <"/proc/$PROC_PID/cmdline"
+  ((${#argv[@]})) || die "cannot read the command line of $name (pid $PROC_PID)"
+  log "stopping $name (pid $PROC_PID) for $down s"
+  stop_pid "$name"
+  sleep "$down"
+  start_bg "$name" "${argv[@]}"
+  local ready
+  case $name in
+    etcd) ready=etcd_ready ;;
+    kube-apiserver) ready=apiserver_ready ;;
+    containerd) ready='ctr_ version' ;;
+    kubelet) ready=node_ready ;;
+    *) ready=true ;;
+  esac
+  # shellcheck disable=SC2086 # ready is a command and its arguments
+  wait_started "$name" 120 $ready >/dev/null 2>&1 || { tail -20 "$STATE/$name.log" >&2; die "$name did not serve again (log: $STATE/$name.log)"; }
+  log "$name runs again (pid $(cat "$STATE/$name.pid"))"
+}
+
 cmd_down() { # cmd_down [quiet]: stops, keeps the data
   record_volumes
   rm -f "$STATE/ready"
@@ -668,6 +706,7 @@ case ${1:-} in
   down) cmd_down ;;
   reset) cmd_reset ;;
   status) cmd_status ;;
+  restart) shift; cmd_restart "$@" ;;
   tools) cmd_tools ;;
   build) cmd_build ;;
   *) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 2 ;;
