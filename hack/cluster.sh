@@ -245,6 +245,7 @@ KC
 # (lib.sh: proc_start, proc_check). Nothing else is ever signalled.
 start_bg() { # start_bg NAME COMMAND...
   local name=$1; shift
+  printf '%s\0' "$@" >"$STATE/$name.argv" # for `restart`, also after the process died
   proc_start "$STATE/$name.pid" "$STATE/$name.log" "$@"
 }
 
@@ -300,6 +301,7 @@ NO_EGRESS=(FORWARD -i "$BRIDGE" ! -o "$BRIDGE" -m comment --comment vmkeep-local
 ctr_() { ctr -a "$SOCK" -n k8s.io "$@"; }
 
 # Ready and without taints (the not-ready taint goes once the node lifecycle controller sees it).
+kubelet_ready() { curl -fsS --max-time 1 "http://127.0.0.1:$KUBELET_HEALTHZ_PORT/healthz" >/dev/null 2>&1 && node_ready; }
 node_ready() {
   [[ $(kubectl_admin get node "$NODE_NAME" -o 'jsonpath={.status.conditions[?(@.type=="Ready")].status}/{.spec.taints}' 2>/dev/null) == True/ ]]
 }
@@ -641,20 +643,28 @@ cmd_restart() {
   esac
   [[ $down =~ ^[0-9]+$ ]] || die "SECONDS must be a whole number, not $down"
   [[ -f $STATE/ready ]] || die "the cluster is not up (hack/cluster.sh up)"
-  alive "$name" || die "$name is not running (or not verifiably the one this script started)"
-  local -a argv
-  mapfile -d '' -t argv <"/proc/$PROC_PID/cmdline"
-  ((${#argv[@]})) || die "cannot read the command line of $name (pid $PROC_PID)"
-  log "stopping $name (pid $PROC_PID) for $down s"
-  stop_pid "$name"
-  sleep "$down"
+  local -a argv=()
+  if alive "$name"; then
+    mapfile -d '' -t argv <"/proc/$PROC_PID/cmdline"
+    ((${#argv[@]})) || die "cannot read the command line of $name (pid $PROC_PID)"
+    log "stopping $name (pid $PROC_PID) for $down s"
+    stop_pid "$name"
+    sleep "$down"
+  elif [[ -f $STATE/$name.argv ]]; then
+    # It died (a kubelet that started while containerd was away exits): started as recorded.
+    mapfile -d '' -t argv <"$STATE/$name.argv"
+    log "$name was not running: starting it as it was started"
+  else
+    die "$name is not running (or not verifiably the one this script started), and its command line was not recorded"
+  fi
   start_bg "$name" "${argv[@]}"
   local ready
   case $name in
     etcd) ready=etcd_ready ;;
     kube-apiserver) ready=apiserver_ready ;;
     containerd) ready='ctr_ version' ;;
-    kubelet) ready=node_ready ;;
+    # Its own health first: the node's status may still say Ready from before the stop.
+    kubelet) ready=kubelet_ready ;;
     *) ready=true ;;
   esac
   # shellcheck disable=SC2086 # ready is a command and its arguments

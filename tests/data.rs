@@ -652,12 +652,3 @@ async fn a_snapshot_clone_takes_restores_and_deletes_a_volume_snapshot() {
     .await;
     let _ = kubectl(&["delete", "volumesnapshotclass", &snapshot_class], None);
 }
-
-/// Runs a closure when dropped (cleanup that must happen when an assertion fails).
-struct OnDrop<F: FnMut()>(F);
-
-impl<F: FnMut()> Drop for OnDrop<F> {
-    fn drop(&mut self) {
-        (self.0)()
-    }
-}

@@ -35,15 +35,6 @@ const LONG: Duration = Duration::from_secs(60);
 /// `hack/image.sh` installs Debian packages and downloads some on its first run.
 const IMAGE_BUILD: Duration = Duration::from_secs(900);
 
-/// Runs `cleanup` when dropped: after the happy path and after a failed assertion alike.
-struct OnDrop<F: FnMut()>(F);
-
-impl<F: FnMut()> Drop for OnDrop<F> {
-    fn drop(&mut self) {
-        (self.0)()
-    }
-}
-
 fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }

@@ -23,11 +23,21 @@ pub fn owned_by(meta: &kube::api::ObjectMeta, owner_uid: &str) -> bool {
     meta.owner_references.iter().flatten().any(|o| o.controller == Some(true) && o.uid == owner_uid)
 }
 
-/// A child as a VM plan sees it.
-pub fn child_state<K: Resource>(obj: Option<&K>, owner_uid: &str, phase: impl Fn(&K) -> Option<String>) -> Child {
+/// Whether a VM's child (disk PVC, copier Pod) is the VM's (uid `vm_uid`): controlled by it,
+/// or without any controller and labelled with its uid, as an orphaning deletion leaves it
+/// (the garbage collector strips the owner references, the label stays).
+pub fn vm_child(meta: &kube::api::ObjectMeta, vm_uid: &str) -> bool {
+    let controlled = meta.owner_references.iter().flatten().any(|o| o.controller == Some(true));
+    owned_by(meta, vm_uid)
+        || (!controlled
+            && meta.labels.as_ref().and_then(|l| l.get(names::VM_UID_LABEL)) == Some(&names::label_value(vm_uid)))
+}
+
+/// A child of the VM with `vm_uid` as its plan sees it ([`vm_child`]).
+pub fn child_state<K: Resource>(obj: Option<&K>, vm_uid: &str, phase: impl Fn(&K) -> Option<String>) -> Child {
     match obj {
         None => Child::Missing,
-        Some(o) if owned_by(o.meta(), owner_uid) => {
+        Some(o) if vm_child(o.meta(), vm_uid) => {
             Child::Ours { phase: phase(o), deleting: o.meta().deletion_timestamp.is_some() }
         }
         Some(_) => Child::Foreign,
@@ -150,7 +160,7 @@ pub async fn event<K: Resource<DynamicType = ()>>(ctx: &Context, obj: &K, warnin
 }
 
 /// The kind as a `'static` label for metrics.
-fn leak_kind<K: Resource<DynamicType = ()>>() -> &'static str {
+pub fn leak_kind<K: Resource<DynamicType = ()>>() -> &'static str {
     match K::kind(&()).as_ref() {
         "VirtualMachine" => "VirtualMachine",
         "Image" => "Image",

@@ -5,6 +5,7 @@ mod apply;
 mod events;
 mod image;
 mod informer;
+mod orphans;
 mod template;
 mod virtual_machine;
 
@@ -314,6 +315,17 @@ pub async fn run(client: Client, metrics: Arc<Metrics>, settings: Settings, shut
             .run(instrumented("Image", image::reconcile), error_policy("Image"), ctx.clone())
             .for_each(|_| async {})
     };
+    // What a VM deleted with `--cascade=orphan` leaves behind (src/controller/orphans.rs).
+    let orphan_pvcs = Controller::for_stream(pvcs.subscribe(), stores.pvcs.clone())
+        .with_config(config.clone())
+        .graceful_shutdown_on(shutdown.clone().cancelled_owned())
+        .run(orphans::reconcile, error_policy("PersistentVolumeClaim"), ctx.clone())
+        .for_each(|_| async {});
+    let orphan_pods = Controller::for_stream(pods.subscribe(), stores.pods.clone())
+        .with_config(config.clone())
+        .graceful_shutdown_on(shutdown.clone().cancelled_owned())
+        .run(orphans::reconcile, error_policy("Pod"), ctx.clone())
+        .for_each(|_| async {});
     let template_ctl = {
         let by_image = stores.clone();
         Controller::for_stream(templates.subscribe(), stores.templates.clone())
@@ -336,7 +348,7 @@ pub async fn run(client: Client, metrics: Arc<Metrics>, settings: Settings, shut
             leases.run(leases_w, synced.clone(), malformed.clone(), shutdown.clone()),
         )
     };
-    tokio::join!(informers, vm_ctl, image_ctl, template_ctl);
+    tokio::join!(informers, vm_ctl, image_ctl, template_ctl, orphan_pvcs, orphan_pods);
 }
 
 /// What the clone strategy needs of StorageClass `name` (the cluster's default class when

@@ -166,7 +166,7 @@ impl Cached {
                     clones.insert(pvc.clone(), CloneView::of(&claim.metadata));
                 }
                 if let Some(pod) = ctx.stores.pods.get(&ObjectRef::new(&names::copier_pod(&pvc)).within(ns)) {
-                    copiers.insert(pvc.clone(), MoverState::of_copier(&pod, apply::owned_by(&pod.metadata, &uid)));
+                    copiers.insert(pvc.clone(), MoverState::of_copier(&pod, apply::vm_child(&pod.metadata, &uid)));
                 }
                 (pvc, state)
             })
@@ -498,6 +498,9 @@ async fn apply(
     }
     if let Some((reason, message)) = &decided.notice {
         apply::event(ctx, vm, false, reason, message.clone()).await;
+    }
+    for pvc in &decided.delete_pvcs {
+        apply::delete_child(ctx, &pvc_api, pvc).await?;
     }
     if fenced {
         // A launcher Pod exists (one appeared since the plan was made, or the watch cannot see

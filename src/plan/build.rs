@@ -130,7 +130,9 @@ pub struct CloneOf<'a> {
 }
 
 /// The PVC of a VM's non-persistent disk: a clone of its image (`image` and `clone` set) or a
-/// volatile blank disk; owned by the VM, so it dies with it. A `csi-clone` has the source as
+/// volatile blank disk; owned by the VM and labelled with its uid ([`names::VM_UID_LABEL`]), so
+/// it dies with it whatever the deletion's propagation policy (an orphaning deletion strips the
+/// owner reference, the label stays: the VM's finalizer deletes it). A `csi-clone` has the source as
 /// `dataSource`; a `copy` is an empty PVC a copier Pod fills ([`copier_pod`]). The strategy (and
 /// a fallback's reason, and the copy's source) are recorded in annotations.
 pub fn vm_disk_pvc(
@@ -162,7 +164,10 @@ pub fn vm_disk_pvc(
         disk.pvc_name.clone().unwrap_or_else(|| names::vm_disk_pvc(&vm_name, &disk.name)),
         vm.namespace(),
         vm.controller_owner_ref(&()),
-        labels(&[(names::VM_LABEL, &names::label_value(&vm_name))]),
+        labels(&[
+            (names::VM_LABEL, &names::label_value(&vm_name)),
+            (names::VM_UID_LABEL, &names::label_value(&vm.uid().unwrap_or_default())),
+        ]),
         annotations,
         disk.size.clone().unwrap_or_else(|| Quantity("1Gi".into())),
         // The class of the image's own PVC (a clone can only be made within one class).

@@ -1936,7 +1936,11 @@ fn pvc_json(
     match owner {
         // An image PVC: no owner, the Image's uid as a label.
         Value::String(image_uid) => metadata["labels"]["vmkeep.io/image-uid"] = image_uid.into(),
-        owner => metadata["ownerReferences"] = json!([owner]),
+        // A VM's disk: owned by the VM, and labelled with its uid (found after an orphaning).
+        owner => {
+            metadata["labels"]["vmkeep.io/virtual-machine-uid"] = owner["uid"].clone();
+            metadata["ownerReferences"] = json!([owner]);
+        }
     }
     if let Some(image) = image {
         metadata["annotations"] = json!({"vmkeep.io/image": image});
@@ -2423,6 +2427,71 @@ fn decide_on_deletion_stops_the_pod_then_releases_then_lets_go() {
     let plan = vm_plan::decide(&observed(&gone, &t, &images, &[]));
     assert_eq!(phase_and_reason(&plan), (Some(P::Terminating), "Terminating".into()));
     assert_eq!(vm_plan::VmPlan { status: None, ..plan }, vm_plan::VmPlan::default());
+}
+
+#[test]
+fn decide_on_deletion_deletes_the_vms_own_disks_and_copiers_whatever_the_propagation() {
+    // Found by the fault suite: an orphaning deletion (`--cascade=orphan`) left clones and copier
+    // Pods without an owner for ever. The cleanup deletes what is the VM's own (its controller
+    // reference, or its uid label once the garbage collector stripped that), never another's.
+    let (images, t) = (decide_images(), small());
+    let mut v = with_finalizer(vm("vm-a"));
+    v.metadata.deletion_timestamp = Some(at(3000));
+    let mut obs = observed(&v, &t, &images, &[("db", ClaimState::Mine)]);
+    obs.pod = ours("Running");
+    obs.pvcs = map(&[
+        ("vm-a-root", ours("Bound")),
+        ("vm-a-scratch", Child::Ours { phase: Some("Bound".into()), deleting: true }),
+        ("vm-a-other", Child::Foreign),
+    ]);
+    obs.copiers = [
+        ("vm-a-root".to_owned(), MoverState::Running { note: None }),
+        ("vm-a-other".to_owned(), MoverState::Foreign),
+    ]
+    .into();
+    let plan = vm_plan::decide(&obs);
+    assert_eq!(plan.delete_pvcs, vec!["vm-a-root".to_owned()]);
+    assert_eq!(plan.delete_copiers, vec![names::copier_pod("vm-a-root")]);
+    assert!(!plan.remove_finalizer, "the launcher Pod still fences");
+    obs.pod = Child::Missing;
+    let plan = vm_plan::decide(&obs);
+    assert_eq!(plan.delete_pvcs, vec!["vm-a-root".to_owned()]);
+    assert!(plan.remove_finalizer);
+}
+
+#[test]
+fn a_child_left_behind_by_an_orphaning_deletion_goes_with_its_vm() {
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+    use kube::Resource;
+    use vm_plan::{LeftBehind, left_behind};
+    let v = vm("vm-a");
+    let uid = v.uid().unwrap();
+    let labelled = |owned: bool| ObjectMeta {
+        labels: Some([(names::VM_UID_LABEL.to_owned(), uid.clone())].into()),
+        owner_references: owned.then(|| vec![v.controller_owner_ref(&()).unwrap()]),
+        ..ObjectMeta::default()
+    };
+    // Owned: the garbage collector's. Not a VM's child: never touched.
+    assert_eq!(left_behind(&labelled(true), None), LeftBehind::No);
+    assert_eq!(left_behind(&ObjectMeta::default(), None), LeftBehind::No);
+    // Orphaned: deleted once its VM is gone or going; looked at again while it is not.
+    assert_eq!(left_behind(&labelled(false), None), LeftBehind::Delete);
+    assert_eq!(left_behind(&labelled(false), Some(&v)), LeftBehind::Recheck);
+    let mut going = v.clone();
+    going.metadata.deletion_timestamp = Some(at(3000));
+    assert_eq!(left_behind(&labelled(false), Some(&going)), LeftBehind::Delete);
+    let mut deleting = labelled(false);
+    deleting.deletion_timestamp = Some(at(3000));
+    assert_eq!(left_behind(&deleting, None), LeftBehind::No);
+}
+
+#[test]
+fn a_clone_and_a_copier_carry_the_vms_uid_label() {
+    let v = vm("vm-a");
+    let disk = &disks("[{name: scratch, size: 5Gi}]")[0];
+    let pvc = build::vm_disk_pvc(&v, disk, None, None, "ReadWriteOnce");
+    let uid = names::label_value(&v.uid().unwrap_or_default());
+    assert_eq!(pvc.labels().get(names::VM_UID_LABEL), Some(&uid));
 }
 
 #[test]

@@ -15,7 +15,10 @@ use std::{
 
 use k8s_openapi::{
     api::core::v1::{PersistentVolumeClaim, Pod},
-    apimachinery::pkg::{api::resource::Quantity, apis::meta::v1::Time},
+    apimachinery::pkg::{
+        api::resource::Quantity,
+        apis::meta::v1::{ObjectMeta, Time},
+    },
 };
 use kube::ResourceExt;
 
@@ -801,6 +804,8 @@ pub struct VmPlan {
     pub record_digests: Vec<(String, String)>,
     /// Copier Pods to delete (their copy is recorded).
     pub delete_copiers: Vec<String>,
+    /// The VM's own disk PVCs to delete (its deletion: see `decide_cleanup`).
+    pub delete_pvcs: Vec<String>,
     /// The status to have (written when it differs); `None` leaves it as it is.
     pub status: Option<VirtualMachineStatus>,
     /// A Warning Event `(reason, message)`, once per transition.
@@ -1035,7 +1040,10 @@ fn provision(obs: &Observed, mut plan: VmPlan, mut resolved: Resolved) -> VmPlan
                         let blank = found.is_some_and(|i| i.spec.source.blank.is_some());
                         let capacity = disk.size.as_ref().map_or(0, quantity::bytes_u64);
                         let job = build::CopyJob { target: &pvc, source, mode, blank_source: blank, capacity };
-                        let pod = build::copier_pod(vm, (names::COPY_FOR_LABEL, &name), &job, obs.launcher_image);
+                        let mut pod = build::copier_pod(vm, (names::COPY_FOR_LABEL, &name), &job, obs.launcher_image);
+                        // Found again by the VM's uid after an orphaning deletion (see decide_cleanup).
+                        let uid = names::label_value(&vm.uid().unwrap_or_default());
+                        pod.labels_mut().insert(names::VM_UID_LABEL.to_owned(), uid);
                         plan.create_copiers.push(pod);
                         copying.push(format!("copying disk {} from image {image} (copier Pod {copier})", disk.name));
                     }
@@ -1140,7 +1148,9 @@ pub fn launcher_disks<'a>(
 }
 
 /// Deletion: stop the launcher Pod, wait until it is gone, release the claims, let the VM go.
-/// Clone and volatile PVCs follow by garbage collection (or stay, after an orphaning deletion).
+/// The VM's clone and volatile PVCs and its copier Pods are deleted too, whatever the deletion's
+/// propagation policy: a non-persistent disk dies with its VM (an orphaning deletion would leave
+/// them without an owner for ever; found by the VM's uid label, [`names::VM_UID_LABEL`]).
 fn decide_cleanup(obs: &Observed) -> VmPlan {
     // Shown even when vmkeep holds no finalizer on it (a foreground deletion, another finalizer):
     // the VM is going, whatever it was.
@@ -1150,6 +1160,14 @@ fn decide_cleanup(obs: &Observed) -> VmPlan {
     }
     let mine: Vec<String> =
         obs.claims.iter().filter(|(_, s)| **s == ClaimState::Mine).map(|(i, _)| i.clone()).collect();
+    plan.delete_pvcs = (obs.pvcs.iter())
+        .filter(|(_, child)| matches!(child, Child::Ours { deleting: false, .. }))
+        .map(|(pvc, _)| pvc.clone())
+        .collect();
+    plan.delete_copiers = (obs.copiers.iter())
+        .filter(|(_, state)| !matches!(state, MoverState::Foreign))
+        .map(|(pvc, _)| names::copier_pod(pvc))
+        .collect();
     match &obs.pod {
         Child::Ours { deleting, .. } => {
             if !deleting {
@@ -1163,6 +1181,36 @@ fn decide_cleanup(obs: &Observed) -> VmPlan {
         }
     }
     plan
+}
+
+/// What becomes of a child of a VM (a disk PVC, a copier or launcher Pod, labelled with the VM's
+/// uid) that no controller owns: an orphaning deletion of the VM (`--cascade=orphan`) strips
+/// the owner references, and a VM without persistent disks has no finalizer to clean up after
+/// it, so it would stay for ever (a launcher Pod kept running). A non-persistent disk dies with
+/// its VM whatever the propagation policy (the rule of [`decide_cleanup`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LeftBehind {
+    /// Owned (the garbage collector's), not a VM's, or already going: nothing to do.
+    No,
+    /// Its VM is deleted or being deleted: delete it.
+    Delete,
+    /// Its VM exists and is not being deleted (its deletion may not have reached the cache
+    /// yet, or a user removed the owner reference): look again soon.
+    Recheck,
+}
+
+/// [`LeftBehind`] for `child`, given the VM with the uid it is labelled with (`None`: no such
+/// VM in the namespace).
+pub fn left_behind(child: &ObjectMeta, vm: Option<&VirtualMachine>) -> LeftBehind {
+    let labelled = child.labels.as_ref().is_some_and(|l| l.contains_key(names::VM_UID_LABEL));
+    let controlled = child.owner_references.iter().flatten().any(|o| o.controller == Some(true));
+    if !labelled || controlled || child.deletion_timestamp.is_some() {
+        return LeftBehind::No;
+    }
+    match vm {
+        Some(vm) if vm.metadata.deletion_timestamp.is_none() => LeftBehind::Recheck,
+        _ => LeftBehind::Delete,
+    }
 }
 
 /// Adds the status of `verdict` and the Warning it calls for (once per transition).

@@ -176,6 +176,16 @@ pub fn reached(
     actual == Some(wanted) || (wanted == Starting && actual == Some(Running))
 }
 
+/// Runs its closure when dropped: a cleanup that happens after the happy path and after a
+/// failed assertion alike.
+pub struct OnDrop<F: FnMut()>(pub F);
+
+impl<F: FnMut()> Drop for OnDrop<F> {
+    fn drop(&mut self) {
+        (self.0)()
+    }
+}
+
 /// A free port on 127.0.0.1.
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()

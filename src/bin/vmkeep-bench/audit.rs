@@ -46,6 +46,10 @@ pub struct Write {
     pub code: u16,
     /// When the API server received the request.
     pub at: Option<jiff::Timestamp>,
+    /// When it answered (`stageTimestamp` of `ResponseComplete`); read by the fault suite
+    /// (tests/chaos.rs includes this module).
+    #[allow(dead_code)]
+    pub done: Option<jiff::Timestamp>,
 }
 
 impl Write {
@@ -94,6 +98,7 @@ pub fn parse(line: &str, namespaces: &[String]) -> Option<Write> {
         name: object.get("name").and_then(Value::as_str).unwrap_or_default().to_owned(),
         code: event.pointer("/responseStatus/code").and_then(Value::as_u64).unwrap_or_default() as u16,
         at: event.get("requestReceivedTimestamp").and_then(Value::as_str).and_then(|t| t.parse().ok()),
+        done: event.get("stageTimestamp").and_then(Value::as_str).and_then(|t| t.parse().ok()),
     })
 }
 
