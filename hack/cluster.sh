@@ -643,8 +643,15 @@ cmd_restart() {
   esac
   [[ $down =~ ^[0-9]+$ ]] || die "SECONDS must be a whole number, not $down"
   [[ -f $STATE/ready ]] || die "the cluster is not up (hack/cluster.sh up)"
+  # The cluster's own shape (API address, node), not this shell's settings.
+  local config="node=$NODE pod_net=$POD_NET node_name=$NODE_NAME"
+  [[ $(cat "$STATE/config" 2>/dev/null) == "$config" ]] ||
+    die "$STATE holds a cluster with $(cat "$STATE/config" 2>/dev/null), this shell asks for $config (VMKEEP_CLUSTER_NODE, VMKEEP_POD_NET, VMKEEP_NODE_NAME)"
   local -a argv=()
-  if alive "$name"; then
+  local rc=0
+  proc_check "$STATE/$name.pid" || rc=$?
+  ((rc != 2)) || die "not restarting $name: pid $PROC_PID runs but is not verifiably ours ($PROC_WHY)"
+  if ((rc == 0)); then
     mapfile -d '' -t argv <"/proc/$PROC_PID/cmdline"
     ((${#argv[@]})) || die "cannot read the command line of $name (pid $PROC_PID)"
     log "stopping $name (pid $PROC_PID) for $down s"
@@ -665,10 +672,12 @@ cmd_restart() {
     containerd) ready='ctr_ version' ;;
     # Its own health first: the node's status may still say Ready from before the stop.
     kubelet) ready=kubelet_ready ;;
-    *) ready=true ;;
+    # No health port of theirs is bound here: still running after 3 s.
+    *) ready='sleep 3' ;;
   esac
   # shellcheck disable=SC2086 # ready is a command and its arguments
   wait_started "$name" 120 $ready >/dev/null 2>&1 || { tail -20 "$STATE/$name.log" >&2; die "$name did not serve again (log: $STATE/$name.log)"; }
+  alive "$name" || { tail -20 "$STATE/$name.log" >&2; die "$name exited after its start (log: $STATE/$name.log)"; }
   log "$name runs again (pid $(cat "$STATE/$name.pid"))"
 }
 

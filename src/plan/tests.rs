@@ -2444,11 +2444,9 @@ fn decide_on_deletion_deletes_the_vms_own_disks_and_copiers_whatever_the_propaga
         ("vm-a-scratch", Child::Ours { phase: Some("Bound".into()), deleting: true }),
         ("vm-a-other", Child::Foreign),
     ]);
-    obs.copiers = [
-        ("vm-a-root".to_owned(), MoverState::Running { note: None }),
-        ("vm-a-other".to_owned(), MoverState::Foreign),
-    ]
-    .into();
+    obs.copiers =
+        [("vm-a-root".to_owned(), MoverState::Running { note: None }), ("vm-a-other".to_owned(), MoverState::Foreign)]
+            .into();
     let plan = vm_plan::decide(&obs);
     assert_eq!(plan.delete_pvcs, vec!["vm-a-root".to_owned()]);
     assert_eq!(plan.delete_copiers, vec![names::copier_pod("vm-a-root")]);

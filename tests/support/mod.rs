@@ -243,6 +243,12 @@ impl Operator {
         self.child.try_wait().expect("try_wait")
     }
 
+    /// SIGKILL, and waits until it is gone (a crash, no goodbye).
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     /// Sends SIGTERM, as the kubelet does on Pod deletion.
     pub fn terminate(&self) {
         let ok = Command::new("kill").args(["-TERM", &self.pid().to_string()]).status().expect("kill");
