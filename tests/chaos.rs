@@ -48,7 +48,7 @@ use support::{
 };
 use vmkeep::{
     api::{
-        Image, VirtualMachine,
+        ConditionStatus, Image, VirtualMachine,
         virtual_machine::{OnImageConflict, RunStrategy, VirtualMachinePhase},
     },
     plan::{conditions::find as condition, names},
@@ -407,7 +407,13 @@ async fn unconverged(client: &Client, ns: &str, uses: &BTreeMap<String, Option<S
             (false, _, true) => (VirtualMachinePhase::Pending, Some("WaitingForImage")),
             (false, _, false) => (VirtualMachinePhase::Rejected, None),
         };
-        if status.phase != Some(want) || reason.is_some_and(|r| ready_reason(vm) != r) {
+        // Running and Stopped are Ready (a Stopped VM whose Pod still goes is not yet).
+        let ready = status.conditions.iter().any(|c| c.r#type == "Ready" && c.status == ConditionStatus::True);
+        let settled = match want {
+            VirtualMachinePhase::Running | VirtualMachinePhase::Stopped => ready,
+            _ => reason.is_none_or(|r| ready_reason(vm) == r),
+        };
+        if status.phase != Some(want) || !settled {
             why.push(format!("{name}: {:?} ({}), wants {want:?}", status.phase, ready_reason(vm)));
         }
         if let (false, true, Some(image)) = (holds, wait, &image)
@@ -679,12 +685,30 @@ async fn faults_survived_a_mixed_workload_loses_nothing_and_converges() {
     let waited = last_fault.elapsed();
     eprintln!("[chaos] converged {:.1} s after the last fault", waited.as_secs_f64());
 
-    // Quiet: a restarted operator reads everything and writes nothing.
-    let quiet_from = audit.as_mut().map(|a| a.read_new(std::slice::from_ref(&ns.name)).expect("audit"));
+    // Quiet: once the operator has stopped writing (5 s without a write of its own), a
+    // restarted one reads everything and writes nothing.
+    let mut quiet_from = Vec::new();
+    if let Some(a) = audit.as_mut() {
+        let mut calm_since = Instant::now();
+        let deadline = Instant::now() + CONVERGE;
+        while calm_since.elapsed() < Duration::from_secs(5) {
+            assert!(
+                Instant::now() < deadline,
+                "the operator kept writing for {} s after converging",
+                CONVERGE.as_secs()
+            );
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let new = a.read_new(std::slice::from_ref(&ns.name)).expect("audit");
+            if new.iter().any(|w| w.actor == audit::Actor::Operator) {
+                calm_since = Instant::now();
+            }
+            quiet_from.extend(new);
+        }
+    }
     fleet.kill(0);
     fleet.replicas[0].as_mut().unwrap().ready().await;
     tokio::time::sleep(Duration::from_secs(15)).await;
-    let mut writes = quiet_from.unwrap_or_default();
+    let mut writes = quiet_from;
     if let Some(a) = audit.as_mut() {
         let quiet: Vec<audit::Write> = a.read_new(std::slice::from_ref(&ns.name)).expect("audit");
         let by_operator: Vec<String> = quiet
@@ -926,6 +950,16 @@ async fn objects_of_other_shapes_and_a_flood_of_500_never_stall_the_watch() {
     let mut env = support::env::Env::new("chaos-input").await;
     let ns = env.ns.name.clone();
     kubectl_ok(&["apply", "-n", &ns, "-f", "-"], Some(&held_image_yaml()));
+    // A VM that will turn unreadable, whose volatile disk lost its owner reference (by hand):
+    // the sweep of what deleted VMs leave behind must not take it, as the VM still exists.
+    let kept = template_with("tv", &[("scratch", None)], "")
+        + "apiVersion: vmkeep.io/v1alpha1\nkind: VirtualMachine\nmetadata: {name: kept}\n\
+           spec: {templateRef: {name: tv}, runStrategy: Halted}\n";
+    kubectl_ok(&["apply", "-n", &ns, "-f", "-"], Some(&kept));
+    env.wait_vm("kept", VirtualMachinePhase::Stopped).await;
+    let unowned = r#"[{"op": "remove", "path": "/metadata/ownerReferences"}]"#;
+    kubectl_ok(&["patch", "pvc", "kept-scratch", "-n", &ns, "--type=json", "-p", unowned], None);
+    let scratch_uid = env.pvc("kept-scratch").await.and_then(|p| p.uid()).expect("kept's disk");
 
     // Objects written by another version of vmkeep: the VirtualMachine CRD swapped for one whose
     // schema keeps anything (as an older or newer CRD would have let them in), two written, the
@@ -934,7 +968,9 @@ async fn objects_of_other_shapes_and_a_flood_of_500_never_stall_the_watch() {
     let anything = r#"[{"op": "replace", "path": "/spec/versions/0/schema/openAPIV3Schema",
         "value": {"type": "object", "x-kubernetes-preserve-unknown-fields": true}}]"#;
     kubectl_ok(&["patch", "crd", "virtualmachines.vmkeep.io", "--type=json", "-p", anything], None);
-    let shapes = "apiVersion: vmkeep.io/v1alpha1\nkind: VirtualMachine\nmetadata: {name: older}\n\
+    let shapes = "apiVersion: vmkeep.io/v1alpha1\nkind: VirtualMachine\nmetadata: {name: kept}\n\
+                  spec: {templateRef: {name: tv}, runStrategy: Paused}\n---\n\
+                  apiVersion: vmkeep.io/v1alpha1\nkind: VirtualMachine\nmetadata: {name: older}\n\
                   spec: {template: t}\n---\n\
                   apiVersion: vmkeep.io/v1alpha1\nkind: VirtualMachine\nmetadata: {name: newer}\n\
                   spec: {templateRef: {name: t}, runStrategy: Paused, gpus: 2}\n";
@@ -944,11 +980,14 @@ async fn objects_of_other_shapes_and_a_flood_of_500_never_stall_the_watch() {
     .await;
     install_crds();
     // Each gets a Warning Event naming what cannot be read; the others flow.
-    for name in ["older", "newer"] {
+    for name in ["older", "newer", "kept"] {
         let event = env.wait_event("Malformed", name).await;
         assert_eq!(event.type_.as_deref(), Some("Warning"), "{event:?}");
         eprintln!("[chaos] {name}: {}", event.note.unwrap_or_default());
     }
+    tokio::time::sleep(Duration::from_secs(8)).await; // more than the sweep's recheck
+    let scratch = env.pvc("kept-scratch").await;
+    assert_eq!(scratch.and_then(|p| p.uid()), Some(scratch_uid), "the disk of an unreadable VM was swept");
     let current = "apiVersion: vmkeep.io/v1alpha1\nkind: VirtualMachine\nmetadata: {name: current}\n\
                    spec: {templateRef: {name: t}, runStrategy: Halted}\n";
     kubectl_ok(&["apply", "-n", &ns, "-f", "-"], Some(current));
@@ -959,7 +998,7 @@ async fn objects_of_other_shapes_and_a_flood_of_500_never_stall_the_watch() {
     kubectl_ok(&["apply", "-n", &ns, "-f", "-"], Some(fixed));
     env.wait_vm("newer", VirtualMachinePhase::Rejected).await;
     kubectl_ok(
-        &["delete", "virtualmachines", "older", "current", "newer", "-n", &ns, "--wait=true", "--timeout=120s"],
+        &["delete", "virtualmachines", "older", "current", "newer", "kept", "-n", &ns, "--wait=true", "--timeout=120s"],
         None,
     );
 

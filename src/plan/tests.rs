@@ -2474,9 +2474,9 @@ fn a_child_left_behind_by_an_orphaning_deletion_goes_with_its_vm() {
     assert_eq!(left_behind(&ObjectMeta::default(), None), LeftBehind::No);
     // Orphaned: deleted once its VM is gone or going; looked at again while it is not.
     assert_eq!(left_behind(&labelled(false), None), LeftBehind::Delete);
-    assert_eq!(left_behind(&labelled(false), Some(&v)), LeftBehind::Recheck);
-    let mut going = v.clone();
-    going.metadata.deletion_timestamp = Some(at(3000));
+    assert_eq!(left_behind(&labelled(false), Some(&v.metadata)), LeftBehind::Recheck);
+    let mut going = v.metadata.clone();
+    going.deletion_timestamp = Some(at(3000));
     assert_eq!(left_behind(&labelled(false), Some(&going)), LeftBehind::Delete);
     let mut deleting = labelled(false);
     deleting.deletion_timestamp = Some(at(3000));

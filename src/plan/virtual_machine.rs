@@ -1199,16 +1199,17 @@ pub enum LeftBehind {
     Recheck,
 }
 
-/// [`LeftBehind`] for `child`, given the VM with the uid it is labelled with (`None`: no such
-/// VM in the namespace).
-pub fn left_behind(child: &ObjectMeta, vm: Option<&VirtualMachine>) -> LeftBehind {
+/// [`LeftBehind`] for `child`, given the metadata of the VM with the uid it is labelled with
+/// (`None`: no such VM in the namespace, as the API server says: a VM that vmkeep cannot read
+/// is left out of its cache but still exists).
+pub fn left_behind(child: &ObjectMeta, vm: Option<&ObjectMeta>) -> LeftBehind {
     let labelled = child.labels.as_ref().is_some_and(|l| l.contains_key(names::VM_UID_LABEL));
     let controlled = child.owner_references.iter().flatten().any(|o| o.controller == Some(true));
     if !labelled || controlled || child.deletion_timestamp.is_some() {
         return LeftBehind::No;
     }
     match vm {
-        Some(vm) if vm.metadata.deletion_timestamp.is_none() => LeftBehind::Recheck,
+        Some(vm) if vm.deletion_timestamp.is_none() => LeftBehind::Recheck,
         _ => LeftBehind::Delete,
     }
 }
