@@ -184,7 +184,8 @@ impl Claims {
         let selector = format!("{}={}", names::VM_LABEL, names::label_value(&h.name));
         let mut launchers =
             pods.list_metadata(&ListParams::default().labels(&selector)).await.map_err(read("Pods"))?.items;
-        let by_name = pods.get_metadata_opt(&names::launcher_pod(&h.name)).await.map_err(read("a launcher Pod"))?;
+        let by_name =
+            pods.get_metadata_opt(&names::launcher_pod(namespace, &h.name)).await.map_err(read("a launcher Pod"))?;
         launchers.extend(by_name);
         if rules::fenced(launchers.iter().map(|p| &p.metadata), h) {
             return Ok(Release::Fenced);

@@ -221,10 +221,13 @@ impl Workload {
         self.seq += 1;
         let mut name = format!("vm-{:04}", self.seq);
         if self.rng.u32(0..10) == 0 {
-            // 169 characters: as long as a name can be whose Pods (`<vm>-root-copy`) still run
-            // in this namespace: the kubelet's log folder `<namespace>_<pod>_<uid>` must fit in
-            // 255 bytes (docs/reliability.md, "What it found").
-            name += &format!("-{}", "long".repeat(40));
+            // 253 characters, the longest name there is: its Pods must still get names the
+            // kubelet can start in this namespace (docs/reliability.md, "What it found").
+            name.push('-');
+            while name.len() < 253 {
+                name.push_str("long");
+            }
+            name.truncate(253);
         }
         let pick = self.rng.usize(0..self.images + 2);
         let (template, image) = match pick {
@@ -522,7 +525,7 @@ fn lifetimes(writes: &[&audit::Write]) -> Vec<(jiff::Timestamp, Option<jiff::Tim
 
 /// From the audit log: no two launcher Pods of one persistent image alive at once; no image PVC
 /// deleted before its Image was, or while a launcher Pod mounting it was alive.
-fn check_audit(writes: &[audit::Write], model: &Model, images: &BTreeSet<String>) -> Vec<String> {
+fn check_audit(ns: &str, writes: &[audit::Write], model: &Model, images: &BTreeSet<String>) -> Vec<String> {
     let mut bad = Vec::new();
     let mut by_pod: BTreeMap<&str, Vec<&audit::Write>> = BTreeMap::new();
     for w in writes.iter().filter(|w| w.resource == "pods") {
@@ -530,7 +533,7 @@ fn check_audit(writes: &[audit::Write], model: &Model, images: &BTreeSet<String>
     }
     let mut per_image: BTreeMap<String, Vec<(String, jiff::Timestamp, Option<jiff::Timestamp>)>> = BTreeMap::new();
     for (vm, image) in &model.uses {
-        let (Some(image), Some(writes)) = (image, by_pod.get(names::launcher_pod(vm).as_str())) else { continue };
+        let (Some(image), Some(writes)) = (image, by_pod.get(names::launcher_pod(ns, vm).as_str())) else { continue };
         for (from, to) in lifetimes(writes) {
             per_image.entry(image.clone()).or_default().push((vm.clone(), from, to));
         }
@@ -766,7 +769,7 @@ async fn faults_survived_a_mixed_workload_loses_nothing_and_converges() {
     }
     let model = model.lock().unwrap();
     if audit.is_some() {
-        audited = check_audit(&writes, &model, &pvc_uids.keys().cloned().collect());
+        audited = check_audit(&ns.name, &writes, &model, &pvc_uids.keys().cloned().collect());
     }
 
     let report = json!({
@@ -865,14 +868,17 @@ async fn a_lost_node_keeps_each_claim_with_its_pod_until_the_pod_is_really_gone(
     let lost = tokio::spawn(restart("kubelet", 70));
     tokio::time::sleep(Duration::from_secs(3)).await;
     env.delete_vm("a").await;
-    let pod = names::launcher_pod("a");
+    let pod = names::launcher_pod(&env.ns.name, "a");
     let until = Instant::now() + Duration::from_secs(55);
     let mut checks = 0;
     while Instant::now() < until {
         let a_pod = env.pod(&pod).await.expect("a's launcher Pod stays while its node is lost");
         assert!(a_pod.metadata.deletion_timestamp.is_some() || checks < 5, "a's Pod is not even Terminating");
         assert_eq!(env.claim_holder("p").await.as_deref(), Some("a"), "the claim left a while its Pod exists");
-        assert!(env.pod(&names::launcher_pod("b")).await.is_none(), "b got a launcher while a's Pod exists");
+        assert!(
+            env.pod(&names::launcher_pod(&env.ns.name, "b")).await.is_none(),
+            "b got a launcher while a's Pod exists"
+        );
         let b = env.vm("b").await.expect("b");
         assert_eq!(ready_reason(&b), "WaitingForImage", "b: {:?}", b.status);
         checks += 1;

@@ -268,8 +268,11 @@ async fn images_import_over_http_as_raw_qcow2_and_gzip_and_copies_hold_the_same_
     assert!(per_image <= 16.0, "{writes} API writes for 3 imported images");
     for name in ["raw", "qcow", "gz"] {
         let pvc = names::image_pvc(name);
-        assert!(env.pod(&names::importer_pod(&pvc)).await.is_none(), "the importer of {name} is gone");
-        assert!(env.pod(&names::size_probe_pod(&pvc)).await.is_none(), "the size probe of {name} is gone");
+        assert!(env.pod(&names::importer_pod(&env.ns.name, &pvc)).await.is_none(), "the importer of {name} is gone");
+        assert!(
+            env.pod(&names::size_probe_pod(&env.ns.name, &pvc)).await.is_none(),
+            "the size probe of {name} is gone"
+        );
     }
 
     // A copy clone holds the same digest; a clone into another class falls back to copy, saying why.
@@ -343,7 +346,7 @@ async fn a_bad_checksum_a_404_and_a_flaky_server_end_as_they_should() {
     let flaky_log = std::thread::spawn({
         let ns = env.ns.name.clone();
         move || {
-            let pod = names::importer_pod(&names::image_pvc("flaky"));
+            let pod = names::importer_pod(&ns, &names::image_pvc("flaky"));
             let mut seen = std::collections::BTreeSet::new();
             for _ in 0..120 {
                 let out = kubectl(&["logs", "-n", &ns, &pod], None);
@@ -370,7 +373,10 @@ async fn a_bad_checksum_a_404_and_a_flaky_server_end_as_they_should() {
     assert_eq!(ready_reason(&not_qcow).0, "UnsupportedFormat", "{not_qcow:?}");
     // A terminal failure stays until the spec changes (its Pod ended, kept for its log): no
     // retry storm.
-    let pod = env.pod(&names::importer_pod(&names::image_pvc("missing"))).await.expect("the failed importer stays");
+    let pod = env
+        .pod(&names::importer_pod(&env.ns.name, &names::image_pvc("missing")))
+        .await
+        .expect("the failed importer stays");
     assert_eq!(pod.status.and_then(|s| s.phase).as_deref(), Some("Succeeded"), "it ended for good");
 }
 
@@ -509,7 +515,7 @@ async fn an_image_in_a_class_that_binds_late_is_bound_when_it_must_be_cloned() {
         })
         .await;
         wait_for(&format!("the binder of {pvc} to go"), Duration::from_secs(30), async || {
-            env.pod(&names::binder_pod(pvc)).await.is_none().then_some(())
+            env.pod(&names::binder_pod(&env.ns.name, pvc)).await.is_none().then_some(())
         })
         .await;
     }

@@ -163,7 +163,7 @@ async fn holder_and_waiter(env: &Env, round: usize) -> (String, String, String) 
     let (holder, waiter) = (format!("h{round}"), format!("w{round}"));
     apply(&env.ns, &vm(&holder, "t", "Reject"));
     env.wait_vm(&holder, VirtualMachinePhase::Starting).await;
-    let pod = names::launcher_pod(&holder);
+    let pod = names::launcher_pod(&env.ns.name, &holder);
     wait_bound(env, &pod).await;
     apply(&env.ns, &vm(&waiter, "t", "Wait"));
     wait_for("the waiter to wait", LONG, async || {
@@ -176,7 +176,7 @@ async fn holder_and_waiter(env: &Env, round: usize) -> (String, String, String) 
 /// Deletes a waiting VM's successor at the end of a round: its Pod (bound) needs the kubelet.
 async fn delete_running(env: &Env, vm: &str) {
     env.delete_vm(vm).await;
-    let pod = names::launcher_pod(vm);
+    let pod = names::launcher_pod(&env.ns.name, vm);
     if env.pod(&pod).await.is_some() {
         wait_terminating(env, &pod).await;
         kubelet_confirms(env, &pod).await;
@@ -197,7 +197,7 @@ async fn fault1_foreground_deletion_never_touches_a_held_persistent_disk() {
         let phase = if run == "Always" { VirtualMachinePhase::Starting } else { VirtualMachinePhase::Stopped };
         env.wait_vm(&a, phase).await;
         if run == "Always" {
-            wait_bound(&env, &names::launcher_pod(&a)).await;
+            wait_bound(&env, &names::launcher_pod(&env.ns.name, &a)).await;
         }
         let pvc_name = format!("{data}-image");
         let pvc_uid = env.pvc(&pvc_name).await.expect("image PVC").uid();
@@ -221,7 +221,7 @@ async fn fault1_foreground_deletion_never_touches_a_held_persistent_disk() {
         // The holder goes with foreground propagation too: the claim moves only after its Pod.
         delete_with(&env, "virtualmachine", &a, "foreground");
         if run == "Always" {
-            let pod = names::launcher_pod(&a);
+            let pod = names::launcher_pod(&env.ns.name, &a);
             wait_terminating(&env, &pod).await;
             assert_eq!(env.claim_holder(&data).await.as_deref(), Some(a.as_str()), "released before the Pod went");
             kubelet_confirms(&env, &pod).await;
@@ -247,7 +247,10 @@ async fn fault2_orphan_deletion_moves_the_claim_only_after_the_pod_is_gone() {
         wait_terminating(&env, &pod).await;
         for _ in 0..5 {
             assert_eq!(env.claim_holder("data").await.as_deref(), Some(holder.as_str()), "round {round}");
-            assert!(env.pod(&names::launcher_pod(&waiter)).await.is_none(), "round {round}: a second Pod");
+            assert!(
+                env.pod(&names::launcher_pod(&env.ns.name, &waiter)).await.is_none(),
+                "round {round}: a second Pod"
+            );
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
         kubelet_confirms(&env, &pod).await;
@@ -467,7 +470,10 @@ async fn a_launcher_relabelled_out_of_vmkeeps_watch_still_fences_the_claim() {
     env.delete_vm(&holder).await;
     for _ in 0..15 {
         assert_eq!(env.claim_holder("data").await.as_deref(), Some(holder.as_str()), "released while {pod} exists");
-        assert!(env.pod(&names::launcher_pod(&waiter)).await.is_none(), "a second Pod while {pod} exists");
+        assert!(
+            env.pod(&names::launcher_pod(&env.ns.name, &waiter)).await.is_none(),
+            "a second Pod while {pod} exists"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     kubelet_confirms(&env, &pod).await;

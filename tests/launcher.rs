@@ -141,7 +141,16 @@ impl Follow {
         let child = Command::new(kubectl_path())
             .args(["--kubeconfig"])
             .arg(kubeconfig())
-            .args(["logs", "-f", "-n", &env.ns.name, &names::launcher_pod(vm), "-c", "launcher", "--tail=5"])
+            .args([
+                "logs",
+                "-f",
+                "-n",
+                &env.ns.name,
+                &names::launcher_pod(&env.ns.name, vm),
+                "-c",
+                "launcher",
+                "--tail=5",
+            ])
             .stdout(out)
             .stderr(Stdio::null())
             .spawn()
@@ -300,7 +309,7 @@ async fn a_vm_boots_its_guest_powers_off_on_halted_and_boots_again_with_its_disk
     assert!(event.note.as_deref().unwrap_or_default().starts_with("QEMU runs the guest with"), "{event:?}");
     let console = console_until(&env, "a", "vmkeep-guest: ready", Duration::from_secs(30));
     assert!(console.contains("vmkeep-guest: up as a"), "kubectl vmkeep console:\n{console}");
-    let pod: Pod = env.api().get(&names::launcher_pod("a")).await.expect("launcher");
+    let pod: Pod = env.api().get(&names::launcher_pod(&env.ns.name, "a")).await.expect("launcher");
     let memory = launcher_memory(&pod.uid().expect("uid"), 256);
 
     // Halted: the power button; the guest flushes and powers off; disks and claim stay.
@@ -308,7 +317,7 @@ async fn a_vm_boots_its_guest_powers_off_on_halted_and_boots_again_with_its_disk
     tokio::time::sleep(Duration::from_secs(1)).await;
     let pressed = Instant::now();
     plugin_ok(&env, &["stop", "a"]);
-    env.wait_gone::<Pod>(&names::launcher_pod("a"), Duration::from_secs(60)).await;
+    env.wait_gone::<Pod>(&names::launcher_pod(&env.ns.name, "a"), Duration::from_secs(60)).await;
     let to_gone = pressed.elapsed();
     env.wait_vm("a", P::Stopped).await;
     let stopped = follow.text();
@@ -359,7 +368,7 @@ async fn a_guest_that_powers_off_is_restarted_and_one_that_ignores_the_button_is
     assert_eq!(exit.message, "the guest powered off");
     assert!(env.operator.counter("launcher_restarts", "") >= 1, "vmkeep_launcher_restarts_total");
     env.delete_vm("q").await;
-    env.wait_gone::<Pod>(&names::launcher_pod("q"), Duration::from_secs(60)).await;
+    env.wait_gone::<Pod>(&names::launcher_pod(&env.ns.name, "q"), Duration::from_secs(60)).await;
 
     // A guest that ignores the power button: QEMU is told to quit at the launcher's deadline
     // (grace 15 s - 5 s margin) and the VM still stops.
@@ -370,7 +379,7 @@ async fn a_guest_that_powers_off_is_restarted_and_one_that_ignores_the_button_is
     tokio::time::sleep(Duration::from_secs(1)).await;
     let pressed = Instant::now();
     plugin_ok(&env, &["stop", "s"]);
-    env.wait_gone::<Pod>(&names::launcher_pod("s"), Duration::from_secs(60)).await;
+    env.wait_gone::<Pod>(&names::launcher_pod(&env.ns.name, "s"), Duration::from_secs(60)).await;
     let to_gone = pressed.elapsed();
     env.wait_vm("s", P::Stopped).await;
     let stopped = follow.text();
@@ -436,7 +445,7 @@ async fn two_vms_of_one_template_run_at_once_each_on_its_own_copy() {
         assert!(log.contains(&format!("up as {name}")), "{log}");
         assert!(log.contains("disk vdb markers: none"), "{name}'s volatile disk is its own:\n{log}");
         assert!(
-            env.pod(&names::copier_pod(&names::vm_disk_pvc(name, "root"))).await.is_none(),
+            env.pod(&names::copier_pod(&env.ns.name, &names::vm_disk_pvc(name, "root"))).await.is_none(),
             "the copier Pod is gone once the copy is recorded"
         );
     }

@@ -1,7 +1,8 @@
 //! On a node whose Pods really run: a VM reaches `Running` with its launcher Pod Ready on the
 //! node, and the claim on a persistent image moves to a waiting VM only after the kubelet has
 //! confirmed the old launcher Pod gone, even when that Pod ignores SIGTERM for its whole grace
-//! period (a guest that does not shut down).
+//! period (a guest that does not shut down). The waiting VM has the longest name there is (253
+//! characters), so its Pods (launcher and copier) must get names the kubelet can start.
 //!
 //! Needs a schedulable node (skipped, saying so, on a cluster without one). The SIGTERM part
 //! stops the launcher's process with SIGSTOP from this machine, so it runs on the local cluster
@@ -27,9 +28,18 @@ metadata: {name: data}
 spec: {persistent: true, size: 1Gi, source: {blank: {}}}
 ---
 apiVersion: vmkeep.io/v1alpha1
+kind: Image
+metadata: {name: scratch}
+spec: {size: 64Mi, source: {blank: {}}}
+---
+apiVersion: vmkeep.io/v1alpha1
 kind: Template
 metadata: {name: t}
-spec: {cpu: 1, memory: 128Mi, launcher: {terminationGracePeriodSeconds: 20}, disks: [{name: data, image: data}]}
+spec:
+  cpu: 1
+  memory: 128Mi
+  launcher: {terminationGracePeriodSeconds: 20}
+  disks: [{name: data, image: data}, {name: scratch, image: scratch}]
 ---
 apiVersion: vmkeep.io/v1alpha1
 kind: VirtualMachine
@@ -37,12 +47,22 @@ metadata: {name: a}
 spec: {templateRef: {name: t}}
 "#;
 
-const WAITER: &str = r#"
-apiVersion: vmkeep.io/v1alpha1
-kind: VirtualMachine
-metadata: {name: b}
-spec: {templateRef: {name: t}, onImageConflict: Wait}
-"#;
+/// The waiting VM: `b-longlong...`, 253 characters. Its Pods' names shortened to what the
+/// kubelet can start (the namespace and the Pod name together at most 217 characters: the
+/// kubelet's log folder `<namespace>_<pod>_<uid>` has at most 255 bytes); a Pod of a longer name
+/// is valid but never starts.
+fn waiter() -> (String, String) {
+    let mut name = "b-".to_owned();
+    while name.len() < 253 {
+        name.push_str("long");
+    }
+    name.truncate(253);
+    let yaml = format!(
+        "apiVersion: vmkeep.io/v1alpha1\nkind: VirtualMachine\nmetadata: {{name: {name}}}\n\
+         spec: {{templateRef: {{name: t}}, onImageConflict: Wait}}\n"
+    );
+    (name, yaml)
+}
 
 /// The uid of the VM holding the claim on image `data`, if any.
 async fn holder(env: &Env) -> Option<String> {
@@ -78,16 +98,17 @@ async fn a_claim_moves_only_after_the_kubelet_confirms_the_launcher_gone() {
     })
     .await;
     eprintln!("apply -> VM a Running: {:.1} s", applied.elapsed().as_secs_f64());
-    let launcher = env.pod(&names::launcher_pod("a")).await.expect("a's launcher Pod");
+    let launcher = env.pod(&names::launcher_pod(&env.ns.name, "a")).await.expect("a's launcher Pod");
     let spec = launcher.spec.clone().expect("spec");
     assert_eq!(spec.node_name.as_deref(), Some(node.as_str()), "the launcher runs on the node");
-    let log = kubectl_ok(&["logs", "-n", &ns.name, &names::launcher_pod("a")], None);
+    let log = kubectl_ok(&["logs", "-n", &ns.name, &names::launcher_pod(&env.ns.name, "a")], None);
     assert!(log.contains("vmkeep-launcher: accelerator="), "the launcher's log (kubectl logs):\n{log}");
     let a_uid = env.vm("a").await.expect("a").uid().expect("uid");
 
-    apply(ns, WAITER);
+    let (b_name, waiter) = waiter();
+    apply(ns, &waiter);
     let b = wait_for("VirtualMachine b to wait for the image", LONG, async || {
-        let vm = env.vm("b").await?;
+        let vm = env.vm(&b_name).await?;
         let conditions = &vm.status.as_ref()?.conditions;
         (condition(conditions, "ImagesClaimed")?.reason == "WaitingForImage").then_some(vm)
     })
@@ -113,7 +134,7 @@ async fn a_claim_moves_only_after_the_kubelet_confirms_the_launcher_gone() {
     let moved_at = wait_for("the claim to move to b", Duration::from_secs(grace as u64 + 90), async || {
         // Read the claim first: once it names b, a's launcher must already be gone.
         let holder = holder(&env).await;
-        let pod = env.pod(&names::launcher_pod("a")).await;
+        let pod = env.pod(&names::launcher_pod(&env.ns.name, "a")).await;
         match (&holder, &pod) {
             (Some(h), Some(pod)) if *h == b_uid => {
                 panic!("the claim moved to b while a's launcher Pod still exists: {:?}", pod.metadata)
@@ -142,9 +163,15 @@ async fn a_claim_moves_only_after_the_kubelet_confirms_the_launcher_gone() {
         (moved_at - gone_at).as_secs_f64()
     );
     wait_for("VirtualMachine b to run", LONG, async || {
-        (env.vm_phase("b").await == Some(VirtualMachinePhase::Running)).then_some(())
+        (env.vm_phase(&b_name).await == Some(VirtualMachinePhase::Running)).then_some(())
     })
     .await;
-    kubectl_ok(&["delete", "virtualmachines.vmkeep.io", "b", "-n", &ns.name, "--timeout=90s"], None);
+    // Its Pods ran under names that fit: the launcher's is the one the status names.
+    let b_pod = names::launcher_pod(&ns.name, &b_name);
+    assert!(ns.name.len() + b_pod.len() <= 217, "{} + {b_pod}", ns.name);
+    let b_vm = env.vm(&b_name).await.expect("b");
+    assert_eq!(b_vm.status.and_then(|s| s.launcher_pod), Some(b_pod.clone()));
+    assert!(env.pod(&b_pod).await.is_some(), "b's launcher Pod {b_pod}");
+    kubectl_ok(&["delete", "virtualmachines.vmkeep.io", &b_name, "-n", &ns.name, "--timeout=90s"], None);
     kubectl_ok(&["delete", "images,templates", "--all", "-n", &ns.name, "--timeout=90s"], None);
 }

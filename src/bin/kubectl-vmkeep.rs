@@ -18,7 +18,7 @@ use anyhow::{Context as _, bail};
 use clap::{CommandFactory, Parser, Subcommand};
 use k8s_openapi::api::core::v1::Pod;
 use kube::{
-    Api, Client, Config,
+    Api, Client, Config, ResourceExt,
     api::{AttachParams, DeleteParams, Patch, PatchParams},
     config::{KubeConfigOptions, Kubeconfig},
 };
@@ -137,12 +137,18 @@ async fn run_strategy(vms: &Api<VirtualMachine>, name: &str, wanted: RunStrategy
     Ok(())
 }
 
+/// The launcher Pod of `vm`: the one its status names, else the name vmkeep gives it.
+fn launcher_pod(vm: &VirtualMachine) -> String {
+    let status = vm.status.as_ref().and_then(|s| s.launcher_pod.clone());
+    status.unwrap_or_else(|| names::launcher_pod(&vm.namespace().unwrap_or_default(), &vm.name_any()))
+}
+
 async fn restart(vms: &Api<VirtualMachine>, pods: &Api<Pod>, name: &str) -> anyhow::Result<()> {
     let vm = get(vms, name).await?;
     if vm.spec.run_strategy == RunStrategy::Halted {
         bail!("VirtualMachine {name} is halted; power it on with: kubectl vmkeep start {name}");
     }
-    let pod = names::launcher_pod(name);
+    let pod = launcher_pod(&vm);
     match pods.delete(&pod, &DeleteParams::default()).await {
         Ok(_) => println!("VirtualMachine {name}: launcher Pod {pod} stops the guest; a new one will boot it"),
         Err(kube::Error::Api(e)) if e.code == 404 => {
@@ -169,7 +175,7 @@ async fn console(vms: &Api<VirtualMachine>, pods: &Api<Pod>, name: &str) -> anyh
     }
     let params = AttachParams::default().container(LAUNCHER_CONTAINER).stdin(true).stdout(true).stderr(true);
     let mut attached = pods
-        .exec(&names::launcher_pod(name), ["/vmkeep", "console"], &params)
+        .exec(&launcher_pod(&vm), ["/vmkeep", "console"], &params)
         .await
         .with_context(|| format!("cannot attach to the launcher of VirtualMachine {name}"))?;
     let (Some(mut remote_in), Some(mut remote_out), Some(mut remote_err)) =

@@ -325,7 +325,7 @@ pub async fn reconcile(image: Arc<Image>, ctx: Arc<Context>) -> Result<Action, E
             // Taken by a Pod that is not this Image's (the cache only sees vmkeep's Pods).
             let pod_name = pod.name_any();
             warn!(image = %name, pod = %pod_name, "a helper Pod's name is taken");
-            if let Some(role) = Role::of(&own_pvc, &pod_name) {
+            if let Some(role) = Role::of(&ns, &own_pvc, &pod_name) {
                 observation.movers.retain(|m| m.name != pod_name);
                 observation.movers.push(ObservedMover {
                     name: pod_name,
@@ -374,7 +374,7 @@ async fn launcher_mounting(pod_api: &Api<Pod>, pvc: &str) -> Result<Option<Strin
 
 /// The Image's helper Pods at their names (importer, size probe, copier), from the cache.
 fn movers(ctx: &Context, ns: &str, pvc: &str, image_uid: &str) -> Vec<ObservedMover> {
-    Role::pods(pvc)
+    Role::pods(ns, pvc)
         .into_iter()
         .filter_map(|(role, pod_name)| {
             let pod = ctx.stores.pods.get(&ObjectRef::new(&pod_name).within(ns))?;
@@ -410,7 +410,7 @@ fn import_outcome(message: &str) -> Option<Result<String, String>> {
 
 /// Whether VM `name` runs (or starts or stops): its launcher Pod exists, or it is not `Stopped`.
 fn vm_runs(ctx: &Context, ns: &str, vm: &VirtualMachine) -> bool {
-    let launcher = ctx.stores.pods.get(&ObjectRef::new(&names::launcher_pod(&vm.name_any())).within(ns));
+    let launcher = ctx.stores.pods.get(&ObjectRef::new(&names::launcher_pod(ns, &vm.name_any())).within(ns));
     launcher.is_some() || vm.status.as_ref().and_then(|s| s.phase) != Some(VirtualMachinePhase::Stopped)
 }
 

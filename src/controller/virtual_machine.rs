@@ -165,13 +165,13 @@ impl Cached {
                 if let (Some(claim), Child::Ours { .. }) = (&cached, &state) {
                     clones.insert(pvc.clone(), CloneView::of(&claim.metadata));
                 }
-                if let Some(pod) = ctx.stores.pods.get(&ObjectRef::new(&names::copier_pod(&pvc)).within(ns)) {
+                if let Some(pod) = ctx.stores.pods.get(&ObjectRef::new(&names::copier_pod(ns, &pvc)).within(ns)) {
                     copiers.insert(pvc.clone(), MoverState::of_copier(&pod, apply::vm_child(&pod.metadata, &uid)));
                 }
                 (pvc, state)
             })
             .collect();
-        let pod_name = names::launcher_pod(&vm.name_any());
+        let pod_name = names::launcher_pod(ns, &vm.name_any());
         let (pod, launcher) = match ctx.stores.pods.get(&ObjectRef::new(&pod_name).within(ns)) {
             None => (Child::Missing, LauncherView::default()),
             Some(p) if rules::launcher_of(&p.metadata, &vm.name_any(), &uid) => (
@@ -375,7 +375,7 @@ async fn accelerator(ctx: &Context, ns: &str, vm: &VirtualMachine) -> Option<(St
         limit_bytes: Some(ACCELERATOR_LOG_BYTES),
         ..Default::default()
     };
-    match api.logs(&names::launcher_pod(&vm.name_any()), &params).await {
+    match api.logs(&names::launcher_pod(ns, &vm.name_any()), &params).await {
         Ok(log) => spec::parse_accelerator(&log),
         Err(error) => {
             warn!(%error, "cannot read the launcher's log for its accelerator");
@@ -475,7 +475,7 @@ async fn apply(
             return Ok(Applied::Learned(Fact::Taken("Pod", copier.name_any())));
         }
     }
-    let pod_name = names::launcher_pod(&vm.name_any());
+    let pod_name = names::launcher_pod(ns, &vm.name_any());
     match &decided.pod {
         Some(PodChange::Create(pod)) => {
             let copies = copies_now(&pod_api, pod.as_ref()).await?;

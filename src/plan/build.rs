@@ -216,7 +216,7 @@ pub fn copier_pod<K: Resource<DynamicType = ()>>(owner: &K, label: (&str, &str),
     }
     helper_pod(
         owner,
-        names::copier_pod(job.target),
+        names::copier_pod(&owner.meta().namespace.clone().unwrap_or_default(), job.target),
         labels(&[(label.0, &names::label_value(label.1))]),
         PodSpec {
             restart_policy: Some("OnFailure".into()),
@@ -362,8 +362,8 @@ pub fn importer_pod(image: &Image, pvc: &str, job: &ImportJob, launcher_image: &
         args.push(format!("{flag}={path}"));
     }
     let name = match job.target {
-        Some(target) => names::importer_pod(target),
-        None => names::size_probe_pod(pvc),
+        Some(target) => names::importer_pod(&image.namespace().unwrap_or_default(), target),
+        None => names::size_probe_pod(&image.namespace().unwrap_or_default(), pvc),
     };
     let mut pod = helper_pod(
         image,
@@ -437,7 +437,7 @@ pub fn binder_pod(image: &Image, pvc: &str, mode: VolumeMode, launcher_image: &s
     mount_pvc("disk", pvc, true, mode, &mut volumes, &mut mounts, &mut devices);
     helper_pod(
         image,
-        names::binder_pod(pvc),
+        names::binder_pod(&image.namespace().unwrap_or_default(), pvc),
         labels(&[(names::TRANSFER_FOR_LABEL, &names::label_value(&image.name_any()))]),
         PodSpec {
             restart_policy: Some("Never".into()),
@@ -623,7 +623,7 @@ pub fn launcher_pod(vm: &VirtualMachine, inputs: &LauncherInputs) -> Pod {
     ]);
     helper_pod(
         vm,
-        names::launcher_pod(&vm_name),
+        names::launcher_pod(&vm.namespace().unwrap_or_default(), &vm_name),
         labels,
         PodSpec {
             // A guest that powers itself off is started again, with the kubelet's back-off.

@@ -74,18 +74,18 @@ pub enum Role {
 
 impl Role {
     /// Every role, with the name of its Pod for image PVC `pvc`.
-    pub fn pods(pvc: &str) -> [(Role, String); 4] {
+    pub fn pods(namespace: &str, pvc: &str) -> [(Role, String); 4] {
         [
-            (Role::Import, names::importer_pod(pvc)),
-            (Role::Probe, names::size_probe_pod(pvc)),
-            (Role::Copy, names::copier_pod(pvc)),
-            (Role::Bind, names::binder_pod(pvc)),
+            (Role::Import, names::importer_pod(namespace, pvc)),
+            (Role::Probe, names::size_probe_pod(namespace, pvc)),
+            (Role::Copy, names::copier_pod(namespace, pvc)),
+            (Role::Bind, names::binder_pod(namespace, pvc)),
         ]
     }
 
     /// The role of the helper Pod `pod` of image PVC `pvc`, if it is one.
-    pub fn of(pvc: &str, pod: &str) -> Option<Role> {
-        Role::pods(pvc).into_iter().find(|(_, name)| name == pod).map(|(role, _)| role)
+    pub fn of(namespace: &str, pvc: &str, pod: &str) -> Option<Role> {
+        Role::pods(namespace, pvc).into_iter().find(|(_, name)| name == pod).map(|(role, _)| role)
     }
 
     fn as_str(self) -> &'static str {
@@ -307,6 +307,7 @@ pub fn spec_error(spec: &ImageSpec) -> Option<(&'static str, String)> {
 
 fn source(obs: &ImageObservation) -> Source {
     let image = obs.image;
+    let ns = image.namespace().unwrap_or_default();
     let spec = &image.spec;
     let own_pvc = names::image_pvc(&image.name_any());
     let src = &spec.source;
@@ -359,14 +360,14 @@ fn source(obs: &ImageObservation) -> Source {
                 },
             },
             Some(MoverState::Failed(why)) => import_failure(why, "finding the image's size"),
-            Some(MoverState::Foreign) => foreign(&names::size_probe_pod(&own_pvc)),
+            Some(MoverState::Foreign) => foreign(&names::size_probe_pod(&ns, &own_pvc)),
             Some(MoverState::Running { note }) => Source::Blocked {
                 phase: ImagePhase::Importing,
                 reason: reason::SIZING,
                 message: format!(
                     "finding the size of {} (spec.size is not set; Pod {}){}{}",
                     http.url,
-                    names::size_probe_pod(&own_pvc),
+                    names::size_probe_pod(&ns, &own_pvc),
                     note.as_deref().map(|n| format!(": {n}")).unwrap_or_default(),
                     retrying_after(obs)
                 ),
@@ -619,6 +620,7 @@ fn foreign(pod: &str) -> Source {
 /// recorded. `None` when its data is complete (or it needs none).
 fn fill(obs: &ImageObservation, pvc: &str, view: &CloneView, plan: &mut ImagePlan) -> Option<Source> {
     let image = obs.image;
+    let ns = image.namespace().unwrap_or_default();
     if !view.data_pending() || image.metadata.deletion_timestamp.is_some() {
         return None;
     }
@@ -646,7 +648,7 @@ fn fill(obs: &ImageObservation, pvc: &str, view: &CloneView, plan: &mut ImagePla
                     working(format!(
                         "importing {} (Pod {})",
                         view.import_source.as_deref().unwrap_or_default(),
-                        names::importer_pod(pvc)
+                        names::importer_pod(&ns, pvc)
                     ))
                 }
                 _ => {
@@ -676,7 +678,7 @@ fn fill(obs: &ImageObservation, pvc: &str, view: &CloneView, plan: &mut ImagePla
                         (names::GENERATION_ANNOTATION.to_owned(), generation.unwrap_or_default().to_string()),
                     ]));
                     plan.create_pods.push(pod);
-                    working(format!("copying PersistentVolumeClaim {source} (Pod {})", names::copier_pod(pvc)))
+                    working(format!("copying PersistentVolumeClaim {source} (Pod {})", names::copier_pod(&ns, pvc)))
                 }
             };
         }
@@ -847,8 +849,10 @@ pub fn plan(obs: &ImageObservation, now: &Time) -> ImagePlan {
                 acts.create_pods.extend(build::importer_pod(image, &pvc, &job, obs.launcher_image));
             }
             let url = image.spec.source.http.as_ref().map(|h| h.url.as_str()).unwrap_or_default();
-            let message =
-                format!("finding the size of {url} (spec.size is not set; Pod {})", names::size_probe_pod(&pvc));
+            let message = format!(
+                "finding the size of {url} (spec.size is not set; Pod {})",
+                names::size_probe_pod(&image.namespace().unwrap_or_default(), &pvc)
+            );
             (ImagePhase::Importing, Cond::new(READY, false, reason::SIZING, message))
         }
         Source::Pvc { name, create, clone } => match (&obs.pvc, create) {
@@ -1088,7 +1092,7 @@ pub fn plan(obs: &ImageObservation, now: &Time) -> ImagePlan {
         .map(|m| TransferPod { name: m.name.clone(), role: m.role.as_str().into(), phase: m.phase.clone() })
         .chain(acts.create_pods.iter().filter_map(|p| {
             let name = p.name_any();
-            let role = Role::of(&names::image_pvc(&image.name_any()), &name)?;
+            let role = Role::of(&image.namespace().unwrap_or_default(), &names::image_pvc(&image.name_any()), &name)?;
             Some(TransferPod { name, role: role.as_str().into(), phase: None })
         }))
         .next();

@@ -52,19 +52,19 @@ pub const IMPORT_SOURCE_ANNOTATION: &str = "vmkeep.io/import-source";
 pub const IMPORT_RETRIES_ANNOTATION: &str = "vmkeep.io/import-retries";
 
 /// The importer Pod that fills image PVC `pvc` from a URL: `<pvc>-import`.
-pub fn importer_pod(pvc: &str) -> String {
-    fit(&format!("{pvc}-import"), 253)
+pub fn importer_pod(namespace: &str, pvc: &str) -> String {
+    pod(namespace, &format!("{pvc}-import"))
 }
 
 /// The Pod that finds the size of an import without `spec.size`: `<pvc>-size`.
-pub fn size_probe_pod(pvc: &str) -> String {
-    fit(&format!("{pvc}-size"), 253)
+pub fn size_probe_pod(namespace: &str, pvc: &str) -> String {
+    pod(namespace, &format!("{pvc}-size"))
 }
 
 /// The Pod that mounts image PVC `pvc` once so that a `WaitForFirstConsumer` class binds it:
 /// `<pvc>-bind`.
-pub fn binder_pod(pvc: &str) -> String {
-    fit(&format!("{pvc}-bind"), 253)
+pub fn binder_pod(namespace: &str, pvc: &str) -> String {
+    pod(namespace, &format!("{pvc}-bind"))
 }
 
 /// The VolumeSnapshot a `snapshot` clone PVC `pvc` is made from: `<pvc>-snapshot`.
@@ -76,8 +76,8 @@ pub fn snapshot(pvc: &str) -> String {
 pub const SNAPSHOT_ANNOTATION: &str = "vmkeep.io/snapshot";
 
 /// The copier Pod that fills a `copy` clone PVC: `<pvc>-copy`.
-pub fn copier_pod(pvc: &str) -> String {
-    fit(&format!("{pvc}-copy"), 253)
+pub fn copier_pod(namespace: &str, pvc: &str) -> String {
+    pod(namespace, &format!("{pvc}-copy"))
 }
 
 /// The PVC of a VM's disk: `<vm>-<disk>`.
@@ -86,8 +86,8 @@ pub fn vm_disk_pvc(vm: &str, disk: &str) -> String {
 }
 
 /// The launcher Pod of a VM: `<vm>-launcher`.
-pub fn launcher_pod(vm: &str) -> String {
-    fit(&format!("{vm}-launcher"), 253)
+pub fn launcher_pod(namespace: &str, vm: &str) -> String {
+    pod(namespace, &format!("{vm}-launcher"))
 }
 
 /// The Pod volume of a VM disk (a DNS label: at most 63 characters).
@@ -103,6 +103,27 @@ pub fn image_pvc(image: &str) -> String {
 /// The Lease that is the exclusive claim on a persistent Image.
 pub fn claim_lease(image: &str) -> String {
     fit(&format!("vmkeep-claim-{image}"), 253)
+}
+
+/// The longest Pod name the kubelet can start in `namespace`. It keeps each Pod's logs in
+/// `/var/log/pods/<namespace>_<pod>_<uid>`, a single path component, which Linux filesystems
+/// limit to 255 bytes (`NAME_MAX`); with the 36-character uid and two `_` that leaves 217 for
+/// the namespace and the Pod's name together. A longer name (valid up to 253) makes a Pod the
+/// kubelet never starts: its sandbox fails with "file name too long", again every few seconds,
+/// and nothing shows in the Pod's status (the kubelet's `BuildPodLogsDirectory`; found by the
+/// fault suite, docs/reliability.md). At most 253, at least 154 (namespaces have at most 63).
+pub fn pod_name_max(namespace: &str) -> usize {
+    POD_LOG_DIRECTORY_MAX.saturating_sub(namespace.len()).min(253)
+}
+
+/// `NAME_MAX` (255) less a Pod uid (36) and the two `_` of the kubelet's Pod log folder name.
+const POD_LOG_DIRECTORY_MAX: usize = 255 - 36 - 2;
+
+/// A Pod name in `namespace`: `name`, or a shorter one made by [`fit`] when the kubelet could
+/// not start a Pod of that name ([`pod_name_max`]). A name that fits is kept as it is, so every
+/// Pod made before this rule keeps its name.
+fn pod(namespace: &str, name: &str) -> String {
+    fit(name, pod_name_max(namespace))
 }
 
 /// A label value naming an object (label values have at most 63 characters).
@@ -144,5 +165,28 @@ mod tests {
         assert_eq!(label_value(&a).len(), 63);
         assert_eq!(disk_volume(&"d".repeat(63)).len(), 63);
         assert!(!fit(&format!("{}.{}", "x".repeat(45), "y".repeat(40)), 63).contains(".-"));
+    }
+
+    #[test]
+    fn pod_names_fit_the_kubelets_log_folder() {
+        // The kubelet's folder is `<namespace>_<pod>_<uid>`: at most 255 bytes.
+        let folder = |ns: &str, pod: &str| ns.len() + 1 + pod.len() + 1 + 36;
+        assert_eq!(launcher_pod("default", "vm-a"), "vm-a-launcher");
+        for ns in ["a", "chaos-1733145600-12345678", &"n".repeat(63)] {
+            for vm in [5, 150, 208, 253] {
+                let vm = "v".repeat(vm);
+                for pod in [launcher_pod(ns, &vm), copier_pod(ns, &vm_disk_pvc(&vm, "root")), importer_pod(ns, &vm)] {
+                    assert!(folder(ns, &pod) <= 255, "{ns}/{pod}: {}", folder(ns, &pod));
+                    assert!(pod.len() <= 253);
+                }
+            }
+        }
+        // A 208-character VM in a 26-character namespace: its launcher's folder would be 282 bytes.
+        let (ns, vm) = ("x".repeat(26), "v".repeat(208));
+        let pod = launcher_pod(&ns, &vm);
+        assert_eq!(pod.len(), 217 - 26);
+        assert_ne!(pod, launcher_pod(&ns, &format!("{}w", "v".repeat(207))));
+        assert_eq!(pod_name_max(""), 217);
+        assert_eq!(pod_name_max(&"n".repeat(63)), 154);
     }
 }

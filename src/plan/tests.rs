@@ -1160,7 +1160,7 @@ fn a_clone_copies_its_source_pvc_at_the_larger_size_in_the_source_class() {
 
 /// A helper Pod of image PVC `pvc` in `state`, made for generation `generation`.
 fn mover(pvc: &str, role: Role, state: MoverState, generation: i64) -> ObservedMover {
-    let name = Role::pods(pvc).into_iter().find(|(r, _)| *r == role).map(|(_, n)| n).unwrap();
+    let name = Role::pods("ns", pvc).into_iter().find(|(r, _)| *r == role).map(|(_, n)| n).unwrap();
     ObservedMover { name, role, state, phase: Some("Running".into()), generation: Some(generation) }
 }
 
@@ -2449,7 +2449,7 @@ fn decide_on_deletion_deletes_the_vms_own_disks_and_copiers_whatever_the_propaga
             .into();
     let plan = vm_plan::decide(&obs);
     assert_eq!(plan.delete_pvcs, vec!["vm-a-root".to_owned()]);
-    assert_eq!(plan.delete_copiers, vec![names::copier_pod("vm-a-root")]);
+    assert_eq!(plan.delete_copiers, vec![names::copier_pod("ns", "vm-a-root")]);
     assert!(!plan.remove_finalizer, "the launcher Pod still fences");
     obs.pod = Child::Missing;
     let plan = vm_plan::decide(&obs);

@@ -671,7 +671,9 @@ pub fn status(vm: &VirtualMachine, resolved: Option<&Resolved>, verdict: &Verdic
     }
     let record = !matches!(verdict, Verdict::Blocked { claimed: false, .. });
     let launcher_pod = match verdict {
-        Verdict::Provisioned { pod: Child::Ours { .. }, .. } => Some(names::launcher_pod(&vm.name_any())),
+        Verdict::Provisioned { pod: Child::Ours { .. }, .. } => {
+            Some(names::launcher_pod(&vm.namespace().unwrap_or_default(), &vm.name_any()))
+        }
         _ => None,
     };
     // What the launcher shows while its Pod exists and is not going; the last exit stays.
@@ -979,15 +981,19 @@ fn provision(obs: &Observed, mut plan: VmPlan, mut resolved: Resolved) -> VmPlan
     let mut pvcs = obs.pvcs.clone();
     let mut pod = obs.pod.clone();
     let mut copiers = obs.copiers.clone();
-    let pod_name = names::launcher_pod(&name);
+    let ns = vm.namespace().unwrap_or_default();
+    let pod_name = names::launcher_pod(&ns, &name);
     for (kind, taken) in &obs.taken {
         match *kind {
             "Pod" if *taken == pod_name => pod = Child::Foreign,
             // A copier's name taken by a Pod that is not the VM's (the Pod cache only sees
             // vmkeep's own).
             "Pod" => {
-                let disk =
-                    resolved.disks.iter().filter_map(|d| d.pvc_name.as_ref()).find(|p| names::copier_pod(p) == *taken);
+                let disk = resolved
+                    .disks
+                    .iter()
+                    .filter_map(|d| d.pvc_name.as_ref())
+                    .find(|p| names::copier_pod(&ns, p) == *taken);
                 if let Some(pvc) = disk {
                     copiers.insert(pvc.clone(), MoverState::Foreign);
                 }
@@ -1026,7 +1032,7 @@ fn provision(obs: &Observed, mut plan: VmPlan, mut resolved: Resolved) -> VmPlan
         let Some(mut view) = planned.get(&pvc).or_else(|| obs.clones.get(&pvc)).cloned() else { continue };
         if view.copy_pending() && children.conflict.is_none() && obs.pod == Child::Missing {
             let image = disk.image.clone().unwrap_or_default();
-            let copier = names::copier_pod(&pvc);
+            let copier = names::copier_pod(&ns, &pvc);
             match copiers.get(&pvc) {
                 Some(MoverState::Done(digest)) => {
                     plan.record_digests.push((pvc.clone(), digest.clone()));
@@ -1166,7 +1172,7 @@ fn decide_cleanup(obs: &Observed) -> VmPlan {
         .collect();
     plan.delete_copiers = (obs.copiers.iter())
         .filter(|(_, state)| !matches!(state, MoverState::Foreign))
-        .map(|(pvc, _)| names::copier_pod(pvc))
+        .map(|(pvc, _)| names::copier_pod(&obs.vm.namespace().unwrap_or_default(), pvc))
         .collect();
     match &obs.pod {
         Child::Ours { deleting, .. } => {

@@ -23,7 +23,7 @@ pub fn skip_reason() -> Option<&'static str> {
 
 /// The launcher's log (what `kubectl logs` shows), or an empty string.
 pub fn log(env: &Env, vm: &str) -> String {
-    let out = kubectl(&["logs", "-n", &env.ns.name, &names::launcher_pod(vm), "-c", "launcher"], None);
+    let out = kubectl(&["logs", "-n", &env.ns.name, &names::launcher_pod(&env.ns.name, vm), "-c", "launcher"], None);
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
