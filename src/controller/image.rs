@@ -29,6 +29,7 @@ use crate::{
     claim::{self, Release},
     mover::import::{self, ImportResult, Progress},
     plan::{
+        cached::{CachedPod, CachedPvc},
         build,
         clone::{self, Chosen, CloneStrategy},
         conditions::find,
@@ -56,12 +57,12 @@ fn uses(vm: &VirtualMachine, image: &str, holder_uid: Option<&str>) -> bool {
 
 /// Whether `pvc` was made by vmkeep for the Image with `image_uid`: its image-uid label, or
 /// (made by an older version) its controller reference.
-fn made_for(pvc: &PersistentVolumeClaim, image_uid: &str) -> bool {
+fn made_for(pvc: &CachedPvc, image_uid: &str) -> bool {
     pvc.labels().get(names::IMAGE_UID_LABEL) == Some(&names::label_value(image_uid))
         || apply::owned_by(&pvc.metadata, image_uid)
 }
 
-fn pvc_view(pvc: Option<&PersistentVolumeClaim>, owner_uid: &str) -> ImagePvc {
+fn pvc_view(pvc: Option<&CachedPvc>, owner_uid: &str) -> ImagePvc {
     match pvc {
         None => ImagePvc::Missing,
         Some(p) => {
@@ -94,7 +95,7 @@ fn pvc_view(pvc: Option<&PersistentVolumeClaim>, owner_uid: &str) -> ImagePvc {
 
 /// An image PVC vmkeep made concerns its Image (found by the uid label: the PVC has no owner
 /// reference): its binding, expansion and capacity.
-pub fn image_of_pvc(stores: &Stores, pvc: &PersistentVolumeClaim) -> Option<ObjectRef<Image>> {
+pub fn image_of_pvc(stores: &Stores, pvc: &CachedPvc) -> Option<ObjectRef<Image>> {
     let uid = pvc.labels().get(names::IMAGE_UID_LABEL)?;
     let ns = pvc.namespace()?;
     let images = stores.images.state();
@@ -147,9 +148,11 @@ pub async fn reconcile(image: Arc<Image>, ctx: Arc<Context>) -> Result<Action, E
 
     // The PVC: ours from the cache; an adopted one (not labelled by vmkeep) from the API.
     let pvc_api: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), &ns);
+    // Reads decode into the cached form: what the decisions read, nothing else.
+    let pvc_read: Api<CachedPvc> = Api::namespaced(ctx.client.clone(), &ns);
     let adopted = image.spec.source.pvc.as_ref().map(|p| p.name.clone());
     let pvc = match &adopted {
-        Some(pvc_name) => pvc_view(pvc_api.get_opt(pvc_name).await?.as_ref(), &uid),
+        Some(pvc_name) => pvc_view(pvc_read.get_opt(pvc_name).await?.as_ref(), &uid),
         None => {
             let cached = ctx.stores.pvcs.get(&ObjectRef::new(&names::image_pvc(&name)).within(&ns));
             if let Some(pvc) = cached.as_deref()
@@ -266,7 +269,7 @@ pub async fn reconcile(image: Arc<Image>, ctx: Arc<Context>) -> Result<Action, E
     if let Some(request) = &decided.create_pvc {
         let pvc = build::image_pvc(&image, request, &ctx.settings.access_mode);
         if !apply::create_child(&ctx, &pvc_api, &pvc, &uid).await? {
-            observation.pvc = pvc_view(pvc_api.get_opt(&request.name).await?.as_ref(), &uid);
+            observation.pvc = pvc_view(pvc_read.get_opt(&request.name).await?.as_ref(), &uid);
             decided = plan::plan(&observation, &now);
         }
     }
@@ -560,7 +563,7 @@ pub fn image_of_lease(lease: Lease) -> Option<ObjectRef<Image>> {
 
 /// A helper Pod change concerns its Image; a launcher Pod change concerns the images its VM holds claims on (by the VM uid recorded on
 /// the Pod, or its owner): when the VM was removed by force, the Pod's end frees them.
-pub fn images_of_pod(stores: &Stores, pod: &Pod) -> Vec<ObjectRef<Image>> {
+pub fn images_of_pod(stores: &Stores, pod: &CachedPod) -> Vec<ObjectRef<Image>> {
     let Some(ns) = pod.namespace() else { return Vec::new() };
     // An Image's own helper Pod (importer, size probe, copier) concerns that Image.
     if let Some(owner) = pod.owner_references().iter().find(|o| o.kind == "Image" && o.controller == Some(true)) {

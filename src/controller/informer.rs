@@ -13,12 +13,8 @@
 //! every cache to be ready could wait for ever. Here each watch runs as its own task.
 
 use futures::{Stream, StreamExt};
-use k8s_openapi::api::core::v1::{
-    ContainerStatus, PersistentVolumeClaim, PersistentVolumeClaimSpec, PersistentVolumeClaimStatus, Pod, PodSpec,
-    PodStatus,
-};
 use kube::{
-    Api, Resource, ResourceExt,
+    Api, Resource,
     core::{DeserializeGuard, error_boundary::InvalidObject},
     runtime::{
         WatchStreamExt,
@@ -34,7 +30,10 @@ use tokio::sync::{mpsc, watch};
 
 use crate::{
     metrics::{MalformedLabels, Metrics},
-    plan::{reason, virtual_machine as plan},
+    plan::{
+        cached::{CachedPod, CachedPvc},
+        reason, virtual_machine as plan,
+    },
     write::Writes,
 };
 use tokio_util::sync::CancellationToken;
@@ -47,7 +46,6 @@ pub struct Informer<K: Resource<DynamicType = ()> + 'static> {
     subscribers: Vec<Subscriber<K>>,
     api: Api<DeserializeGuard<K>>,
     config: watcher::Config,
-    slim: fn(&mut K),
 }
 
 /// Where an unreadable object is reported: a Warning Event on it, and a metric.
@@ -102,14 +100,10 @@ impl<K> Informer<K>
 where
     K: Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
 {
-    /// `slim` drops what vmkeep never reads from a `K` before it is cached (see [`Self::run`]).
-    pub fn new(
-        api: Api<DeserializeGuard<K>>,
-        config: watcher::Config,
-        slim: fn(&mut K),
-    ) -> (Self, reflector::store::Writer<K>) {
+    /// The watch of `api` with `config`; what the cache keeps of each object is [`for_cache`].
+    pub fn new(api: Api<DeserializeGuard<K>>, config: watcher::Config) -> (Self, reflector::store::Writer<K>) {
         let (store, writer) = reflector::store();
-        (Self { store, subscribers: Vec::new(), api, config, slim }, writer)
+        (Self { store, subscribers: Vec::new(), api, config }, writer)
     }
 
     /// A stream of every object the watch touches from now on (as controller triggers want it).
@@ -136,9 +130,8 @@ where
         futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|k| (Ok(k), rx)) })
     }
 
-    /// Runs the watch until `shutdown`: updates the cache, then tells every subscriber.
-    /// `managedFields` are dropped first (vmkeep never reads them and they are most of an
-    /// object's size), then whatever this kind's `slim` drops.
+    /// Runs the watch until `shutdown`: updates the cache ([`for_cache`]), then tells every
+    /// subscriber.
     pub async fn run(
         mut self,
         mut writer: reflector::store::Writer<K>,
@@ -147,14 +140,12 @@ where
         shutdown: CancellationToken,
     ) {
         let mut listed = false;
-        let slim = self.slim;
         let store = self.store.clone();
         let mut events = watcher::watcher(self.api, self.config)
             .default_backoff()
             .modify(move |o| {
-                o.managed_fields_mut().clear();
                 if let Ok(o) = &mut o.0 {
-                    slim(o);
+                    for_cache(o);
                 }
             })
             .filter_map(move |event| {
@@ -266,121 +257,20 @@ impl<K: Resource<DynamicType = ()> + Clone + 'static> Subscriber<K> {
 }
 
 /// [`plan::pvc_view`] of a PVC.
-pub fn pvc_view(pvc: &PersistentVolumeClaim) -> u64 {
+pub fn pvc_view(pvc: &CachedPvc) -> u64 {
     plan::pvc_view(pvc)
 }
 
 /// [`plan::pod_view`] of a Pod.
-pub fn pod_view(pod: &Pod) -> u64 {
+pub fn pod_view(pod: &CachedPod) -> u64 {
     plan::pod_view(pod)
 }
 
-/// Keeps every field.
-pub fn keep<K>(_: &mut K) {}
-
-/// A launcher Pod as the controllers read it: metadata (owner, deletion), its node, its phase,
-/// its Ready condition and the launcher container's state, last state and restart count (what
-/// [`plan::LauncherView`] reads). Its spec (containers, volumes, security settings, what
-/// admission added) is most of its size, and with thousands of VMs most of the operator's memory.
-pub fn slim_pod(pod: &mut Pod) {
-    pod.spec =
-        pod.spec.take().map(|s| PodSpec { node_name: s.node_name, containers: Vec::new(), ..Default::default() });
-    pod.status = pod.status.take().map(|s| PodStatus {
-        phase: s.phase,
-        conditions: s
-            .conditions
-            .map(|cs| cs.into_iter().filter(|c| c.type_ == "Ready" || c.type_ == "PodScheduled").collect()),
-        container_statuses: s.container_statuses.map(|cs| {
-            cs.into_iter()
-                .map(|c| ContainerStatus {
-                    name: c.name,
-                    restart_count: c.restart_count,
-                    ready: c.ready,
-                    state: c.state,
-                    last_state: c.last_state,
-                    ..Default::default()
-                })
-                .collect()
-        }),
-        ..Default::default()
-    });
-}
-
-/// A PVC as the controllers read it: owner, deletion, size, class, volume mode, phase and
-/// capacity. Annotations the binder and provisioner add, access modes, data sources and
-/// conditions are dropped.
-pub fn slim_pvc(pvc: &mut PersistentVolumeClaim) {
-    // vmkeep's own annotations stay (a clone's strategy and digest).
-    pvc.metadata.annotations = pvc
-        .metadata
-        .annotations
-        .take()
-        .map(|a| {
-            a.into_iter().filter(|(k, _)| k.starts_with("vmkeep.io/")).collect::<std::collections::BTreeMap<_, _>>()
-        })
-        .filter(|a| !a.is_empty());
-    pvc.metadata.finalizers = None;
-    pvc.spec = pvc.spec.take().map(|s| PersistentVolumeClaimSpec {
-        resources: s.resources,
-        storage_class_name: s.storage_class_name,
-        volume_mode: s.volume_mode,
-        ..Default::default()
-    });
-    pvc.status = pvc.status.take().map(|s| PersistentVolumeClaimStatus {
-        phase: s.phase,
-        capacity: s.capacity,
-        // Only this one is read (an expansion waiting for a Pod to mount the volume); usually none.
-        conditions: s.conditions.map(|c| c.into_iter().filter(|c| c.type_ == "FileSystemResizePending").collect()),
-        ..Default::default()
-    });
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_slim_pod_keeps_what_the_controllers_read() {
-        let mut pod: Pod = serde_json::from_value(serde_json::json!({
-            "metadata": {"name": "vm-a-launcher", "ownerReferences": [
-                {"apiVersion": "vmkeep.io/v1alpha1", "kind": "VirtualMachine", "name": "vm-a", "uid": "u1"}]},
-            "spec": {"containers": [{"name": "launcher", "image": "launcher:1"}]},
-            "status": {"phase": "Running", "conditions": [{"type": "Ready", "status": "True"}]},
-        }))
-        .unwrap();
-        slim_pod(&mut pod);
-        assert_eq!(pod.metadata.owner_references.as_ref().map(Vec::len), Some(1));
-        assert_eq!(pod.spec.as_ref().map(|s| s.containers.len()), Some(0));
-        let status = pod.status.unwrap();
-        assert_eq!(status.phase.as_deref(), Some("Running"));
-        assert_eq!(status.conditions.map(|c| c.len()), Some(1), "Ready is kept");
-    }
-
-    #[test]
-    fn a_slim_pvc_keeps_what_the_controllers_read() {
-        let mut pvc: PersistentVolumeClaim = serde_json::from_value(serde_json::json!({
-            "metadata": {"name": "vm-a-root", "annotations": {"pv.kubernetes.io/bind-completed": "yes"},
-                "ownerReferences": [{"apiVersion": "v1", "kind": "VirtualMachine", "name": "vm-a", "uid": "u1"}]},
-            "spec": {"accessModes": ["ReadWriteOnce"], "storageClassName": "standard", "volumeMode": "Block",
-                "resources": {"requests": {"storage": "1Gi"}}, "volumeName": "pv-1"},
-            "status": {"phase": "Bound", "capacity": {"storage": "2Gi"}, "accessModes": ["ReadWriteOnce"]},
-        }))
-        .unwrap();
-        slim_pvc(&mut pvc);
-        assert!(pvc.metadata.annotations.is_none(), "only vmkeep's annotations are kept");
-        assert_eq!(pvc.metadata.owner_references.as_ref().map(Vec::len), Some(1));
-        let spec = pvc.spec.unwrap();
-        assert_eq!(
-            (spec.storage_class_name.as_deref(), spec.volume_mode.as_deref()),
-            (Some("standard"), Some("Block"))
-        );
-        assert_eq!(spec.resources.and_then(|r| r.requests).map(|r| r["storage"].0.clone()), Some("1Gi".into()));
-        assert!(spec.access_modes.is_none() && spec.volume_name.is_none());
-        let status = pvc.status.unwrap();
-        assert_eq!(status.phase.as_deref(), Some("Bound"));
-        assert_eq!(status.capacity.map(|c| c["storage"].0.clone()), Some("2Gi".into()));
-        assert!(status.access_modes.is_none());
-    }
+/// What the cache keeps of `obj`: all but its `managedFields` (vmkeep never reads them and they
+/// are most of an object's size). Pods and PVCs are cached in the compact forms of
+/// [`crate::plan::cached`], which keep far less.
+pub fn for_cache<K: Resource>(obj: &mut K) {
+    obj.meta_mut().managed_fields = None;
 }
 
 #[cfg(test)]
@@ -424,7 +314,7 @@ mod malformed_tests {
 mod subscriber_tests {
     use super::*;
 
-    fn pvc(rv: &str, phase: &str, annotation: &str) -> PersistentVolumeClaim {
+    fn pvc(rv: &str, phase: &str, annotation: &str) -> CachedPvc {
         serde_json::from_value(serde_json::json!({
             "metadata": {"name": "vm-a-root", "namespace": "ns", "uid": "u1", "resourceVersion": rv,
                 "annotations": {"pv.kubernetes.io/bind-completed": annotation}},

@@ -4,7 +4,7 @@
 mod apply;
 mod events;
 mod image;
-mod informer;
+pub mod informer;
 mod orphans;
 mod template;
 mod virtual_machine;
@@ -15,7 +15,7 @@ use futures::{FutureExt, StreamExt, future::BoxFuture};
 use informer::Informer;
 use k8s_openapi::api::{
     coordination::v1::Lease,
-    core::v1::{PersistentVolumeClaim, Pod},
+    core::v1::PersistentVolumeClaim,
     storage::v1::StorageClass,
 };
 use kube::{
@@ -38,6 +38,7 @@ use crate::{
     claim::{self, Claims},
     metrics::{FailureLabels, Metrics, ReconcileLabels},
     plan::{
+        cached::{CachedPod, CachedPvc},
         build,
         clone::{self, ClassInfo, CloneStrategy},
         names, virtual_machine as plan,
@@ -80,8 +81,9 @@ pub struct Stores {
     pub images: Store<Image>,
     pub templates: Store<Template>,
     pub vms: Store<VirtualMachine>,
-    pub pvcs: Store<PersistentVolumeClaim>,
-    pub pods: Store<Pod>,
+    /// vmkeep's PVCs and Pods, in their compact cached forms.
+    pub pvcs: Store<CachedPvc>,
+    pub pods: Store<CachedPod>,
     pub leases: Store<Lease>,
     /// How many of the [`KINDS`] caches have listed once.
     synced: tokio::sync::watch::Receiver<usize>,
@@ -224,18 +226,18 @@ pub async fn run(client: Client, metrics: Arc<Metrics>, settings: Settings, shut
         informer::Malformed { recorder: recorder.clone(), metrics: metrics.clone(), writes: writes.clone() };
     let (synced, synced_rx) = tokio::sync::watch::channel(0);
     let synced = Arc::new(synced);
-    let (mut images, images_w) = Informer::new(settings.api::<DeserializeGuard<Image>>(&client), all(), informer::keep);
+    let (mut images, images_w) = Informer::new(settings.api::<DeserializeGuard<Image>>(&client), all());
     let (mut templates, templates_w) =
-        Informer::new(settings.api::<DeserializeGuard<Template>>(&client), all(), informer::keep);
+        Informer::new(settings.api::<DeserializeGuard<Template>>(&client), all());
     let (mut vms, vms_w) =
-        Informer::new(settings.api::<DeserializeGuard<VirtualMachine>>(&client), all(), informer::keep);
+        Informer::new(settings.api::<DeserializeGuard<VirtualMachine>>(&client), all());
     // Children and claims: only what vmkeep made (label-selected).
     let (mut pvcs, pvcs_w) =
-        Informer::new(settings.api::<DeserializeGuard<PersistentVolumeClaim>>(&client), managed(), informer::slim_pvc);
+        Informer::new(settings.api::<DeserializeGuard<CachedPvc>>(&client), managed());
     let (mut pods, pods_w) =
-        Informer::new(settings.api::<DeserializeGuard<Pod>>(&client), managed(), informer::slim_pod);
+        Informer::new(settings.api::<DeserializeGuard<CachedPod>>(&client), managed());
     let (mut leases, leases_w) =
-        Informer::new(settings.api::<DeserializeGuard<Lease>>(&client), managed(), informer::keep);
+        Informer::new(settings.api::<DeserializeGuard<Lease>>(&client), managed());
 
     let stores = Stores {
         images: images.store.clone(),

@@ -33,6 +33,7 @@ use crate::{
     claim::{self, Release},
     launcher::spec,
     plan::{
+        cached::CachedPod,
         build,
         claim::{self as rules, ClaimState},
         clone::{self, Chosen, ClassInfo, CloneStrategy},
@@ -336,7 +337,7 @@ fn saving(ctx: &Context, ns: &str, vm: &VirtualMachine, cached: &Cached) -> Vec<
 
 /// The copies (Image copier Pods, by their `vmkeep.io/copy-source`) that read one of `disks`
 /// now, as messages.
-fn copies_of<'a>(pods: impl Iterator<Item = &'a Pod>, disks: &BTreeSet<String>) -> Vec<String> {
+fn copies_of<'a>(pods: impl Iterator<Item = &'a CachedPod>, disks: &BTreeSet<String>) -> Vec<String> {
     pods.filter(|p| p.metadata.deletion_timestamp.is_none())
         .filter(|p| p.annotations().get(names::COPY_SOURCE_ANNOTATION).is_some_and(|s| disks.contains(s)))
         .filter(|p| !matches!(p.status.as_ref().and_then(|s| s.phase.as_deref()), Some("Succeeded" | "Failed")))
@@ -361,7 +362,9 @@ async fn copies_now(pod_api: &Api<Pod>, launcher: &Pod) -> Result<Vec<String>, E
         return Ok(Vec::new());
     }
     let params = kube::api::ListParams::default().labels(names::TRANSFER_FOR_LABEL);
-    let pods = pod_api.list(&params).await?;
+    let pods = Api::<CachedPod>::namespaced(pod_api.clone().into_client(), &launcher.namespace().unwrap_or_default())
+        .list(&params)
+        .await?;
     Ok(copies_of(pods.items.iter(), &disks))
 }
 
@@ -569,7 +572,7 @@ fn rejected_for(vm: &VirtualMachine, image: &str) -> bool {
 }
 
 /// A launcher Pod change concerns the VM it is labelled with (its owner reference may be gone).
-pub fn vm_of_pod(stores: &Stores, pod: &Pod) -> Vec<ObjectRef<VirtualMachine>> {
+pub fn vm_of_pod(stores: &Stores, pod: &CachedPod) -> Vec<ObjectRef<VirtualMachine>> {
     let labels = pod.labels();
     let label = labels.get(names::VM_LABEL).or_else(|| labels.get(names::COPY_FOR_LABEL));
     let (Some(label), Some(ns)) = (label, pod.namespace()) else { return Vec::new() };

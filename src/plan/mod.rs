@@ -2,6 +2,7 @@
 //! controllers observe, call these, and apply what they return.
 
 pub mod build;
+pub mod cached;
 pub mod claim;
 pub mod clone;
 pub mod conditions;

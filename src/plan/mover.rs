@@ -2,9 +2,12 @@
 //! plans see them: running (and why an attempt failed), done (their result), failed for good,
 //! or not vmkeep's. They report through their container's termination message.
 
-use k8s_openapi::api::core::v1::{ContainerStateTerminated, Pod};
+use k8s_openapi::api::core::v1::ContainerStateTerminated;
 
-use super::virtual_machine::{unschedulable, waiting_reason};
+use super::{
+    cached::CachedPod,
+    virtual_machine::{unschedulable, waiting_reason},
+};
 
 /// A helper Pod's state.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -22,7 +25,7 @@ pub enum MoverState {
 impl MoverState {
     /// The state of helper Pod `pod` (`ours`: controlled by the owner that wants it) from its
     /// `container`'s termination message, read by `parse` (`Ok(result)` or `Err(why)`).
-    pub fn of(pod: &Pod, ours: bool, container: &str, parse: fn(&str) -> Option<Result<String, String>>) -> Self {
+    pub fn of(pod: &CachedPod, ours: bool, container: &str, parse: fn(&str) -> Option<Result<String, String>>) -> Self {
         if !ours {
             return MoverState::Foreign;
         }
@@ -63,7 +66,7 @@ impl MoverState {
     }
 
     /// The state of a copier Pod (`vmkeep copy`; its result is the digest copied).
-    pub fn of_copier(pod: &Pod, ours: bool) -> Self {
+    pub fn of_copier(pod: &CachedPod, ours: bool) -> Self {
         Self::of(pod, ours, super::build::COPIER_CONTAINER, crate::mover::copy::parse_result)
     }
 }

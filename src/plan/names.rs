@@ -1,6 +1,8 @@
 //! Every name and label vmkeep gives to what it creates: one place, so that the controllers,
 //! the tests and users agree.
 
+/// The prefix of vmkeep's own labels and annotations.
+pub const VMKEEP_PREFIX: &str = "vmkeep.io/";
 /// The label every object vmkeep creates carries.
 pub const MANAGED_BY: &str = "app.kubernetes.io/managed-by";
 /// Its value.

@@ -2536,7 +2536,7 @@ fn a_holder_is_fenced_by_its_launcher_pods_found_by_label_and_recorded_uid() {
 
 #[test]
 fn the_launcher_view_reads_readiness_restarts_and_the_last_exit_from_the_pod() {
-    let pod: k8s_openapi::api::core::v1::Pod = parse(
+    let pod: crate::plan::cached::CachedPod = parse(
         "{metadata: {name: vm-a-launcher, creationTimestamp: '2026-12-01T00:00:00Z'},
           spec: {nodeName: node-1, containers: [{name: launcher}]},
           status: {phase: Running, conditions: [{type: Ready, status: 'False'}],
@@ -2610,7 +2610,7 @@ fn the_accelerator_is_recorded_with_one_event() {
 
 #[test]
 fn a_copier_pod_tells_its_copy_its_failures_and_its_waits() {
-    let pod = |status: &str| -> k8s_openapi::api::core::v1::Pod {
+    let pod = |status: &str| -> crate::plan::cached::CachedPod {
         parse(&format!(
             "{{metadata: {{name: vm-a-root-copy}}, spec: {{containers: [{{name: copier}}]}}, status: {status}}}"
         ))
@@ -2637,7 +2637,7 @@ fn a_copier_pod_tells_its_copy_its_failures_and_its_waits() {
 
 #[test]
 fn an_unschedulable_launcher_or_copier_says_why() {
-    let pod: k8s_openapi::api::core::v1::Pod = parse(
+    let pod: crate::plan::cached::CachedPod = parse(
         "{metadata: {name: vm-a-launcher}, spec: {containers: [{name: launcher}]},
           status: {phase: Pending, conditions: [{type: PodScheduled, status: 'False', reason: Unschedulable,
             message: '0/1 nodes are available: 1 Insufficient cpu.'}]}}",

@@ -23,6 +23,7 @@ use k8s_openapi::{
 use kube::ResourceExt;
 
 use super::{
+    cached::{CachedContainerStatus, CachedPod, CachedPvc},
     build,
     claim::{self, ClaimPlan, ClaimState},
     clone::{Chosen, CloneStrategy},
@@ -139,7 +140,7 @@ pub fn child_view<K: kube::Resource>(child: &K, phase: Option<&str>, capacity: O
 
 /// What of a PVC the controllers decide from: [`child_view`] with its capacity, and the
 /// [`CloneView`] of its annotations (a recorded copy wakes its VM).
-pub fn pvc_view(pvc: &PersistentVolumeClaim) -> u64 {
+pub fn pvc_view(pvc: &CachedPvc) -> u64 {
     let status = pvc.status.as_ref();
     let capacity = status.and_then(|s| s.capacity.as_ref()?.get("storage"));
     // The slim cache keeps only FileSystemResizePending among the conditions.
@@ -151,7 +152,7 @@ pub fn pvc_view(pvc: &PersistentVolumeClaim) -> u64 {
 /// What of a launcher Pod the VM controller decides from: [`child_view`] and the
 /// [`LauncherView`] (readiness, node, restarts, exits), so a restart or readiness change wakes
 /// the VM and nothing else does.
-pub fn pod_view(pod: &Pod) -> u64 {
+pub fn pod_view(pod: &CachedPod) -> u64 {
     let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
     fingerprint(&(child_view(pod, phase, None), LauncherView::of(pod)))
 }
@@ -502,13 +503,13 @@ impl CloneView {
 
 /// Why a container waits to run (e.g. `CrashLoopBackOff`, `ImagePullBackOff`); `None` while it
 /// is only being created.
-pub(crate) fn waiting_reason(container: &k8s_openapi::api::core::v1::ContainerStatus) -> Option<String> {
+pub(crate) fn waiting_reason(container: &CachedContainerStatus) -> Option<String> {
     let reason = container.state.as_ref()?.waiting.as_ref()?.reason.clone()?;
     (reason != "ContainerCreating" && reason != "PodInitializing").then_some(reason)
 }
 
 /// Why a Pod cannot be scheduled (its `PodScheduled` condition's message), if it cannot.
-pub fn unschedulable(pod: &Pod) -> Option<String> {
+pub fn unschedulable(pod: &CachedPod) -> Option<String> {
     let conditions = pod.status.as_ref()?.conditions.as_ref()?;
     let scheduled = conditions.iter().find(|c| c.type_ == "PodScheduled")?;
     (scheduled.status == "False").then(|| {
@@ -543,7 +544,7 @@ pub struct LauncherView {
 
 impl LauncherView {
     /// The view of a launcher Pod (its `launcher` container).
-    pub fn of(pod: &Pod) -> Self {
+    pub fn of(pod: &CachedPod) -> Self {
         let status = pod.status.as_ref();
         let container =
             status.and_then(|s| s.container_statuses.as_ref()?.iter().find(|c| c.name == build::LAUNCHER_CONTAINER));
