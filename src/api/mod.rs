@@ -19,6 +19,9 @@ pub use image::{Image, ImageSpec, ImageStatus};
 pub use template::{Template, TemplateSpec, TemplateStatus};
 pub use virtual_machine::{VirtualMachine, VirtualMachineSpec, VirtualMachineStatus};
 
+/// The API group of vmkeep's kinds.
+pub const GROUP: &str = "vmkeep.io";
+
 /// Every CRD vmkeep serves, in a stable order.
 pub fn crds() -> Vec<CustomResourceDefinition> {
     vec![Image::crd(), Template::crd(), VirtualMachine::crd()]
@@ -39,6 +42,12 @@ mod tests {
     use super::*;
     use serde::Deserialize;
     use serde_json::Value;
+
+    #[test]
+    fn every_kind_is_in_the_group() {
+        use kube::Resource;
+        assert_eq!([Image::group(&()), Template::group(&()), VirtualMachine::group(&())], [GROUP; 3]);
+    }
 
     fn schema(crd: &CustomResourceDefinition) -> Value {
         serde_json::to_value(crd.spec.versions[0].schema.as_ref().unwrap().open_api_v3_schema.as_ref().unwrap())

@@ -267,10 +267,17 @@ pub fn pod_view(pod: &CachedPod) -> u64 {
 }
 
 /// What the cache keeps of `obj`: all but its `managedFields` (vmkeep never reads them and they
-/// are most of an object's size). Pods and PVCs are cached in the compact forms of
-/// [`crate::plan::cached`], which keep far less.
-pub fn for_cache<K: Resource>(obj: &mut K) {
-    obj.meta_mut().managed_fields = None;
+/// are most of an object's size), and for vmkeep's own kinds (Image, Template, VirtualMachine:
+/// users' objects) also not their labels and annotations, which vmkeep never reads and GitOps
+/// tools fill (`kubectl.kubernetes.io/last-applied-configuration` is a copy of the whole
+/// object). Pods and PVCs are cached in the compact forms of [`crate::plan::cached`].
+pub fn for_cache<K: Resource<DynamicType = ()>>(obj: &mut K) {
+    let meta = obj.meta_mut();
+    meta.managed_fields = None;
+    if K::group(&()) == crate::api::GROUP {
+        meta.labels = None;
+        meta.annotations = None;
+    }
 }
 
 #[cfg(test)]
