@@ -48,7 +48,7 @@ static ALLOCATOR: Counting = Counting;
 const COPIES: usize = 200;
 
 /// The bytes one cached `K` decoded from `file` holds (the mean of [`COPIES`]).
-fn cached<K: kube::Resource + DeserializeOwned>(file: &str) -> usize {
+fn cached<K: kube::Resource<DynamicType = ()> + DeserializeOwned>(file: &str) -> usize {
     let path = format!("{}/tests/fixtures/cache/{file}", env!("CARGO_MANIFEST_DIR"));
     let json = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
     let mut kept: Vec<Arc<K>> = Vec::with_capacity(COPIES);
