@@ -124,6 +124,8 @@ pub struct Context {
     /// When this replica deleted each launcher Pod still going, by Pod uid (for
     /// `vmkeep_launcher_stop_seconds`).
     pub stopping: std::sync::Mutex<std::collections::HashMap<String, std::time::Instant>>,
+    /// What [`storage_class`] last read of each StorageClass, and when.
+    pub classes: std::sync::Mutex<std::collections::HashMap<Option<String>, (std::time::Instant, ClassInfo)>>,
 }
 
 /// Why a reconcile failed; [`Error::reason`] is stable (logs, metrics).
@@ -258,6 +260,7 @@ pub async fn run(client: Client, metrics: Arc<Metrics>, settings: Settings, shut
         stores: stores.clone(),
         settings: settings.clone(),
         stopping: Default::default(),
+        classes: Default::default(),
     });
     // A short debounce folds a burst of events about one object (its PVC binding, its Pod
     // appearing) into one reconcile, and so into one status write.
@@ -353,10 +356,28 @@ pub async fn run(client: Client, metrics: Arc<Metrics>, settings: Settings, shut
     tokio::join!(informers, vm_ctl, image_ctl, template_ctl, orphan_pvcs, orphan_pods);
 }
 
+/// How long what [`storage_class`] read of a class is used again: a change to a StorageClass
+/// (its clone-strategy annotation) reaches new clones within this time. Reading the class for
+/// every VM whose clone is made cost a request per VM (the benchmark, docs/performance.md).
+const CLASS_TTL: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// What the clone strategy needs of StorageClass `name` (the cluster's default class when
 /// `None`); an unknown class is all `None` (`csi-clone` is then tried). The VolumeSnapshotClass
 /// for its driver is looked up only when `snapshot` is asked for (by the class or the operator).
+/// Read from the API server at most once per [`CLASS_TTL`] and class.
 pub async fn storage_class(ctx: &Context, name: Option<&str>) -> Result<ClassInfo, Error> {
+    let key = name.map(str::to_owned);
+    if let Some((read, info)) = ctx.classes.lock().unwrap_or_else(|e| e.into_inner()).get(&key)
+        && read.elapsed() < CLASS_TTL
+    {
+        return Ok(info.clone());
+    }
+    let info = read_storage_class(ctx, name).await?;
+    ctx.classes.lock().unwrap_or_else(|e| e.into_inner()).insert(key, (std::time::Instant::now(), info.clone()));
+    Ok(info)
+}
+
+async fn read_storage_class(ctx: &Context, name: Option<&str>) -> Result<ClassInfo, Error> {
     let api: Api<StorageClass> = Api::all(ctx.client.clone());
     let class = match name {
         Some(name) => api.get_opt(name).await?,
