@@ -29,8 +29,8 @@ use crate::{
     claim::{self, Release},
     mover::import::{self, ImportResult, Progress},
     plan::{
-        cached::{CachedPod, CachedPvc},
         build,
+        cached::{CachedPod, CachedPvc},
         clone::{self, Chosen, CloneStrategy},
         conditions::find,
         image::{

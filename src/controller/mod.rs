@@ -13,11 +13,7 @@ use std::{sync::Arc, time::Duration};
 
 use futures::{FutureExt, StreamExt, future::BoxFuture};
 use informer::Informer;
-use k8s_openapi::api::{
-    coordination::v1::Lease,
-    core::v1::PersistentVolumeClaim,
-    storage::v1::StorageClass,
-};
+use k8s_openapi::api::{coordination::v1::Lease, core::v1::PersistentVolumeClaim, storage::v1::StorageClass};
 use kube::{
     Api, Client, Resource, ResourceExt,
     api::DynamicObject,
@@ -38,8 +34,8 @@ use crate::{
     claim::{self, Claims},
     metrics::{FailureLabels, Metrics, ReconcileLabels},
     plan::{
-        cached::{CachedPod, CachedPvc},
         build,
+        cached::{CachedPod, CachedPvc},
         clone::{self, ClassInfo, CloneStrategy},
         names, virtual_machine as plan,
     },
@@ -229,17 +225,12 @@ pub async fn run(client: Client, metrics: Arc<Metrics>, settings: Settings, shut
     let (synced, synced_rx) = tokio::sync::watch::channel(0);
     let synced = Arc::new(synced);
     let (mut images, images_w) = Informer::new(settings.api::<DeserializeGuard<Image>>(&client), all());
-    let (mut templates, templates_w) =
-        Informer::new(settings.api::<DeserializeGuard<Template>>(&client), all());
-    let (mut vms, vms_w) =
-        Informer::new(settings.api::<DeserializeGuard<VirtualMachine>>(&client), all());
+    let (mut templates, templates_w) = Informer::new(settings.api::<DeserializeGuard<Template>>(&client), all());
+    let (mut vms, vms_w) = Informer::new(settings.api::<DeserializeGuard<VirtualMachine>>(&client), all());
     // Children and claims: only what vmkeep made (label-selected).
-    let (mut pvcs, pvcs_w) =
-        Informer::new(settings.api::<DeserializeGuard<CachedPvc>>(&client), managed());
-    let (mut pods, pods_w) =
-        Informer::new(settings.api::<DeserializeGuard<CachedPod>>(&client), managed());
-    let (mut leases, leases_w) =
-        Informer::new(settings.api::<DeserializeGuard<Lease>>(&client), managed());
+    let (mut pvcs, pvcs_w) = Informer::new(settings.api::<DeserializeGuard<CachedPvc>>(&client), managed());
+    let (mut pods, pods_w) = Informer::new(settings.api::<DeserializeGuard<CachedPod>>(&client), managed());
+    let (mut leases, leases_w) = Informer::new(settings.api::<DeserializeGuard<Lease>>(&client), managed());
 
     let stores = Stores {
         images: images.store.clone(),

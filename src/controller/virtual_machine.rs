@@ -33,8 +33,8 @@ use crate::{
     claim::{self, Release},
     launcher::spec,
     plan::{
-        cached::CachedPod,
         build,
+        cached::CachedPod,
         claim::{self as rules, ClaimState},
         clone::{self, Chosen, ClassInfo, CloneStrategy},
         mover::MoverState,

@@ -159,9 +159,7 @@ fn pod_conditions<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<PodCondi
     Ok(all.map(|cs| cs.into_iter().filter(|c| c.type_ == "Ready" || c.type_ == "PodScheduled").collect()).map(shrink))
 }
 
-fn pvc_conditions<'de, D: Deserializer<'de>>(
-    d: D,
-) -> Result<Option<Vec<PersistentVolumeClaimCondition>>, D::Error> {
+fn pvc_conditions<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<PersistentVolumeClaimCondition>>, D::Error> {
     let all = Option::<Vec<PersistentVolumeClaimCondition>>::deserialize(d)?;
     let kept: Option<Vec<_>> = all.map(|cs| cs.into_iter().filter(|c| c.type_ == "FileSystemResizePending").collect());
     Ok(kept.filter(|cs| !cs.is_empty()).map(shrink))
@@ -255,7 +253,10 @@ mod tests {
         assert!(pvc.metadata.finalizers.is_none());
         assert_eq!(pvc.metadata.owner_references.as_ref().map(Vec::len), Some(1));
         let spec = pvc.spec.unwrap();
-        assert_eq!((spec.storage_class_name.as_deref(), spec.volume_mode.as_deref()), (Some("standard"), Some("Block")));
+        assert_eq!(
+            (spec.storage_class_name.as_deref(), spec.volume_mode.as_deref()),
+            (Some("standard"), Some("Block"))
+        );
         let requests = spec.resources.and_then(|r| r.requests).unwrap();
         assert_eq!((requests.get("storage").map(|q| q.0.as_str()), requests.get("other")), (Some("1Gi"), None));
         let status = pvc.status.unwrap();

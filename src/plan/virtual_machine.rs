@@ -23,8 +23,8 @@ use k8s_openapi::{
 use kube::ResourceExt;
 
 use super::{
-    cached::{CachedContainerStatus, CachedPod, CachedPvc},
     build,
+    cached::{CachedContainerStatus, CachedPod, CachedPvc},
     claim::{self, ClaimPlan, ClaimState},
     clone::{Chosen, CloneStrategy},
     conditions::{Cond, Health, RECONCILING, STALLED, find, merge},
