@@ -347,27 +347,42 @@ pub async fn run(client: Client, metrics: Arc<Metrics>, settings: Settings, shut
     tokio::join!(informers, vm_ctl, image_ctl, template_ctl, orphan_pvcs, orphan_pods);
 }
 
-/// How long what [`storage_class`] read of a class is used again: a change to a StorageClass
-/// (its clone-strategy annotation) reaches new clones within this time. Reading the class for
-/// every VM whose clone is made cost a request per VM (the benchmark, docs/performance.md).
+/// How long what [`storage_class`] read of an existing class is used again: a change to a
+/// StorageClass (its clone-strategy annotation) reaches new clones within this time. Reading the
+/// class for every VM whose clone is made cost a request per VM (the benchmark,
+/// docs/performance.md). A class not found, and the VolumeSnapshotClasses, are read each time.
 const CLASS_TTL: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// What the clone strategy needs of StorageClass `name` (the cluster's default class when
 /// `None`); an unknown class is all `None` (`csi-clone` is then tried). The VolumeSnapshotClass
 /// for its driver is looked up only when `snapshot` is asked for (by the class or the operator).
-/// Read from the API server at most once per [`CLASS_TTL`] and class.
+/// The StorageClass is read from the API server at most once per [`CLASS_TTL`].
 pub async fn storage_class(ctx: &Context, name: Option<&str>) -> Result<ClassInfo, Error> {
     let key = name.map(str::to_owned);
-    if let Some((read, info)) = ctx.classes.lock().unwrap_or_else(|e| e.into_inner()).get(&key)
-        && read.elapsed() < CLASS_TTL
-    {
-        return Ok(info.clone());
+    let cached = ctx.classes.lock().unwrap_or_else(|e| e.into_inner()).get(&key).cloned();
+    let mut info = match cached {
+        Some((read, info)) if read.elapsed() < CLASS_TTL => info,
+        _ => {
+            let info = read_storage_class(ctx, name).await?;
+            if info.provisioner.is_some() {
+                let entry = (std::time::Instant::now(), info.clone());
+                ctx.classes.lock().unwrap_or_else(|e| e.into_inner()).insert(key, entry);
+            }
+            info
+        }
+    };
+    let asked = info.annotation.as_deref().and_then(CloneStrategy::parse).or(ctx.settings.clone_strategy);
+    if let (Some(CloneStrategy::Snapshot), Some(driver)) = (asked, info.provisioner.as_deref()) {
+        match snapshot_class(ctx, driver).await? {
+            Ok(class) => info.snapshot_class = Some(class),
+            Err(why) => info.snapshot_unavailable = Some(why),
+        }
     }
-    let info = read_storage_class(ctx, name).await?;
-    ctx.classes.lock().unwrap_or_else(|e| e.into_inner()).insert(key, (std::time::Instant::now(), info.clone()));
     Ok(info)
 }
 
+/// The StorageClass `name` (the default one when `None`) as [`ClassInfo`], without the
+/// snapshot fields.
 async fn read_storage_class(ctx: &Context, name: Option<&str>) -> Result<ClassInfo, Error> {
     let api: Api<StorageClass> = Api::all(ctx.client.clone());
     let class = match name {
@@ -379,23 +394,14 @@ async fn read_storage_class(ctx: &Context, name: Option<&str>) -> Result<ClassIn
     let Some(c) = class else {
         return Ok(ClassInfo { name: name.map(str::to_owned), ..Default::default() });
     };
-    let annotation = c.annotations().get(clone::STRATEGY_ANNOTATION).cloned();
-    let asked = annotation.as_deref().and_then(CloneStrategy::parse).or(ctx.settings.clone_strategy);
-    let (snapshot_class, snapshot_unavailable) = match asked {
-        Some(CloneStrategy::Snapshot) => match snapshot_class(ctx, &c.provisioner).await? {
-            Ok(class) => (Some(class), None),
-            Err(why) => (None, Some(why)),
-        },
-        _ => (None, None),
-    };
     Ok(ClassInfo {
         name: Some(c.name_any()),
-        annotation,
+        annotation: c.annotations().get(clone::STRATEGY_ANNOTATION).cloned(),
         binds_late: c.volume_binding_mode.as_deref() == Some("WaitForFirstConsumer"),
         allows_expansion: c.allow_volume_expansion == Some(true),
         provisioner: Some(c.provisioner),
-        snapshot_class,
-        snapshot_unavailable,
+        snapshot_class: None,
+        snapshot_unavailable: None,
     })
 }
 
