@@ -347,20 +347,27 @@ pub async fn run(client: Client, metrics: Arc<Metrics>, settings: Settings, shut
     tokio::join!(informers, vm_ctl, image_ctl, template_ctl, orphan_pvcs, orphan_pods);
 }
 
-/// How long what [`storage_class`] read of an existing class is used again: a change to a
-/// StorageClass (its clone-strategy annotation) reaches new clones within this time. Reading the
-/// class for every VM whose clone is made cost a request per VM (the benchmark,
+/// How long what [`storage_class_reused`] read of an existing class is used again: a change to
+/// a StorageClass (its clone-strategy annotation) reaches new VM clones within this time.
+/// Reading the class for every VM whose clone is made cost a request per VM (the benchmark,
 /// docs/performance.md). A class not found, and the VolumeSnapshotClasses, are read each time.
 const CLASS_TTL: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// What the clone strategy needs of StorageClass `name` (the cluster's default class when
 /// `None`); an unknown class is all `None` (`csi-clone` is then tried). The VolumeSnapshotClass
 /// for its driver is looked up only when `snapshot` is asked for (by the class or the operator).
-/// The StorageClass is read from the API server at most once per [`CLASS_TTL`].
 pub async fn storage_class(ctx: &Context, name: Option<&str>) -> Result<ClassInfo, Error> {
+    let info = read_storage_class(ctx, name).await?;
+    with_snapshot_class(ctx, info).await
+}
+
+/// [`storage_class`] for the clones of VMs, one per VM: the StorageClass is read from the API
+/// server at most once per [`CLASS_TTL`] (the Image controller's reads, fewer and deciding
+/// binding and expansion, stay fresh).
+pub async fn storage_class_reused(ctx: &Context, name: Option<&str>) -> Result<ClassInfo, Error> {
     let key = name.map(str::to_owned);
     let cached = ctx.classes.lock().unwrap_or_else(|e| e.into_inner()).get(&key).cloned();
-    let mut info = match cached {
+    let info = match cached {
         Some((read, info)) if read.elapsed() < CLASS_TTL => info,
         _ => {
             let info = read_storage_class(ctx, name).await?;
@@ -371,6 +378,11 @@ pub async fn storage_class(ctx: &Context, name: Option<&str>) -> Result<ClassInf
             info
         }
     };
+    with_snapshot_class(ctx, info).await
+}
+
+/// `info` with the VolumeSnapshotClass for its driver, when `snapshot` is asked for.
+async fn with_snapshot_class(ctx: &Context, mut info: ClassInfo) -> Result<ClassInfo, Error> {
     let asked = info.annotation.as_deref().and_then(CloneStrategy::parse).or(ctx.settings.clone_strategy);
     if let (Some(CloneStrategy::Snapshot), Some(driver)) = (asked, info.provisioner.as_deref()) {
         match snapshot_class(ctx, driver).await? {

@@ -301,7 +301,7 @@ async fn clone_choices(ctx: &Context, vm: &VirtualMachine, cached: &Cached) -> R
         }
         let class = image.status.as_ref().and_then(|s| s.storage_class_name.clone());
         if !classes.contains_key(&class) {
-            classes.insert(class.clone(), super::storage_class(ctx, class.as_deref()).await?);
+            classes.insert(class.clone(), super::storage_class_reused(ctx, class.as_deref()).await?);
         }
         let info = &classes[&class];
         let mut chosen = clone::choose(info, info.name.as_deref(), ctx.settings.clone_strategy);
@@ -348,41 +348,47 @@ fn copies_of<'a>(pods: impl Iterator<Item = &'a CachedPod>, disks: &BTreeSet<Str
         .collect()
 }
 
-/// Whether an Image of the namespace may copy one of `vm`'s disks: it saves a disk of the VM
-/// (`source.virtualMachineDisk`) or clones an image of its Template (`source.image`; only a
-/// persistent one is mounted by the launcher, but any is asked about). The Image is in the
-/// cache before its copier can exist: the Image controller reads the same cache.
-fn may_be_copied(ctx: &Context, ns: &str, vm: &VirtualMachine) -> bool {
-    let template = ctx.stores.template(ns, &vm.spec.template_ref.name);
-    let images: BTreeSet<&str> =
-        template.iter().flat_map(|t| t.spec.disks.iter()).filter_map(|d| d.image.as_deref()).collect();
-    let name = vm.name_any();
-    ctx.stores.images.state().iter().filter(|i| i.namespace().as_deref() == Some(ns)).any(|i| {
-        let source = &i.spec.source;
-        source.virtual_machine_disk.as_ref().is_some_and(|d| d.virtual_machine == name)
-            || source.image.as_ref().is_some_and(|r| images.contains(r.name.as_str()))
-    })
+/// The PVCs Images of namespace `ns` may copy from (their copier's `vmkeep.io/copy-source`),
+/// from the caches: the PVC of the image an Image clones (`source.image`), the disk PVC of the
+/// VM disk it saves (`source.virtualMachineDisk`: a clone, or a persistent image's PVC), by
+/// the names recorded in status and by the names vmkeep gives (a superset). The Image is in
+/// the cache before its copier can exist: the Image controller reads the same cache.
+fn copy_sources(ctx: &Context, ns: &str) -> BTreeSet<String> {
+    let mut sources = BTreeSet::new();
+    for image in ctx.stores.images.state().iter().filter(|i| i.namespace().as_deref() == Some(ns)) {
+        if let Some(source) = &image.spec.source.image {
+            sources.insert(names::image_pvc(&source.name));
+            let recorded = ctx.stores.image(ns, &source.name).and_then(|i| i.status.as_ref()?.pvc_name.clone());
+            sources.extend(recorded);
+        }
+        if let Some(source) = &image.spec.source.virtual_machine_disk {
+            sources.insert(names::vm_disk_pvc(&source.virtual_machine, &source.disk));
+            let vm = ctx.stores.vms.get(&ObjectRef::new(&source.virtual_machine).within(ns));
+            let disks = vm.iter().flat_map(|v| v.status.iter().flat_map(|s| s.disks.clone())).collect::<Vec<_>>();
+            sources.extend(disks.into_iter().filter(|d| d.name == source.disk).filter_map(|d| d.pvc_name));
+        }
+    }
+    sources
 }
 
 /// Right before a launcher Pod is created: the Image copies of its PVCs, read from the API
 /// server (the cache may not have the copier an Image controller created a moment ago; the
 /// Image side checks the launcher Pods the same way before its copier). Asked only when an
-/// Image [`may_be_copied`] the VM's disks: a list of the namespace's helper Pods before every
-/// launcher made starting 1,000 VMs 3.6 times slower (the benchmark, docs/performance.md).
-async fn copies_now(pod_api: &Api<Pod>, launcher: &Pod) -> Result<Vec<String>, Error> {
+/// Image may copy one of the launcher's PVCs ([`copy_sources`]): a list of the namespace's
+/// helper Pods before every launcher made starting 1,000 VMs 1.8 times slower (the benchmark,
+/// docs/performance.md).
+async fn copies_now(ctx: &Context, ns: &str, launcher: &Pod) -> Result<Vec<String>, Error> {
     let disks: BTreeSet<String> = launcher
         .spec
         .iter()
         .flat_map(|s| s.volumes.iter().flatten())
         .filter_map(|v| Some(v.persistent_volume_claim.as_ref()?.claim_name.clone()))
         .collect();
-    if disks.is_empty() {
+    if copy_sources(ctx, ns).is_disjoint(&disks) {
         return Ok(Vec::new());
     }
     let params = kube::api::ListParams::default().labels(names::TRANSFER_FOR_LABEL);
-    let pods = Api::<CachedPod>::namespaced(pod_api.clone().into_client(), &launcher.namespace().unwrap_or_default())
-        .list(&params)
-        .await?;
+    let pods = Api::<CachedPod>::namespaced(ctx.client.clone(), ns).list(&params).await?;
     Ok(copies_of(pods.items.iter(), &disks))
 }
 
@@ -499,8 +505,7 @@ async fn apply(
     let pod_name = names::launcher_pod(ns, &vm.name_any());
     match &decided.pod {
         Some(PodChange::Create(pod)) => {
-            let copies =
-                if may_be_copied(ctx, ns, vm) { copies_now(&pod_api, pod.as_ref()).await? } else { Vec::new() };
+            let copies = copies_now(ctx, ns, pod.as_ref()).await?;
             if !copies.is_empty() {
                 return Ok(Applied::Learned(Fact::Saving(copies)));
             }
