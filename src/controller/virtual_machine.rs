@@ -364,8 +364,10 @@ fn copy_sources(ctx: &Context, ns: &str) -> BTreeSet<String> {
         if let Some(source) = &image.spec.source.virtual_machine_disk {
             sources.insert(names::vm_disk_pvc(&source.virtual_machine, &source.disk));
             let vm = ctx.stores.vms.get(&ObjectRef::new(&source.virtual_machine).within(ns));
-            let disks = vm.iter().flat_map(|v| v.status.iter().flat_map(|s| s.disks.clone())).collect::<Vec<_>>();
-            sources.extend(disks.into_iter().filter(|d| d.name == source.disk).filter_map(|d| d.pvc_name));
+            let disk = vm
+                .as_ref()
+                .and_then(|v| v.status.as_ref()?.disks.iter().find(|d| d.name == source.disk)?.pvc_name.clone());
+            sources.extend(disk);
         }
     }
     sources

@@ -185,14 +185,6 @@ macro_rules! cached_resource {
                 &mut self.metadata
             }
         }
-
-        impl $ty {
-            /// The cached form of a full object (tests, and objects read whole).
-            pub fn of<K: serde::Serialize>(full: &K) -> Self {
-                let json = serde_json::to_value(full).expect("a Kubernetes object serializes");
-                serde_json::from_value(json).expect("a Kubernetes object reads as its cached form")
-            }
-        }
     };
 }
 
