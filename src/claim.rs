@@ -55,6 +55,9 @@ fn read(what: &'static str) -> impl FnOnce(kube::Error) -> Error {
     move |source| Error::Read { what, source }
 }
 
+/// The label KubeVirt puts on a VirtualMachineInstance's virt-launcher Pods (the VMI's uid).
+pub const KUBEVIRT_CREATED_BY: &str = "kubevirt.io/created-by";
+
 /// What a release did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Release {
@@ -174,6 +177,35 @@ impl Claims {
         Ok(released)
     }
 
+    /// Whether the KubeVirt runtime still runs `h` (the `kubevirt` runtime, docs/kubevirt.md):
+    /// its VirtualMachineInstance (named after the VM, labelled with its uid) exists, or a
+    /// virt-launcher Pod of a VMI of that name does (KubeVirt labels it
+    /// `kubevirt.io/created-by=<vmi uid>` and makes the VMI its controller; it may outlive the
+    /// VMI while its guest stops). A cluster without KubeVirt answers 404 (nothing fences), and
+    /// an operator not allowed to read VMIs (403: the chart's KubeVirt rule is off) never made
+    /// any.
+    async fn kubevirt_fenced(&self, namespace: &str, h: &ClaimHolder) -> Result<bool, Error> {
+        let vmis: Api<build::Instance> = Api::namespaced(self.client.clone(), namespace);
+        match vmis.get_metadata_opt(&h.name).await {
+            Ok(Some(vmi)) if rules::launcher_of(&vmi.metadata, &h.name, &h.uid) => return Ok(true),
+            Ok(_) => {}
+            Err(kube::Error::Api(e)) if e.code == 403 || e.code == 404 => {}
+            Err(source) => return Err(Error::Read { what: "a VirtualMachineInstance", source }),
+        }
+        let pods: Api<Pod> = Api::namespaced(self.client.clone(), namespace);
+        let params = ListParams::default().labels(KUBEVIRT_CREATED_BY);
+        let launchers = pods.list_metadata(&params).await.map_err(read("virt-launcher Pods"))?.items;
+        Ok(launchers.iter().any(|p| {
+            let of_instance = p
+                .metadata
+                .owner_references
+                .iter()
+                .flatten()
+                .any(|o| o.controller == Some(true) && o.kind == "VirtualMachineInstance" && o.name == h.name);
+            of_instance || rules::launcher_of(&p.metadata, &h.name, &h.uid)
+        }))
+    }
+
     /// Deletes this very Lease (uid and resourceVersion preconditions) once no launcher Pod of
     /// `h` exists; a Lease that is gone or was replaced in the meantime is left alone.
     async fn release_fenced(&self, namespace: &str, lease: &Lease, h: &ClaimHolder) -> Result<Release, Error> {
@@ -187,7 +219,7 @@ impl Claims {
         let by_name =
             pods.get_metadata_opt(&names::launcher_pod(namespace, &h.name)).await.map_err(read("a launcher Pod"))?;
         launchers.extend(by_name);
-        if rules::fenced(launchers.iter().map(|p| &p.metadata), h) {
+        if rules::fenced(launchers.iter().map(|p| &p.metadata), h) || self.kubevirt_fenced(namespace, h).await? {
             return Ok(Release::Fenced);
         }
         let params = DeleteParams {

@@ -4,6 +4,7 @@
 //! - [`operator`]: `vmkeep run`: connect, wait for the CRDs, serve health and metrics, run the
 //!   controllers, stop cleanly on SIGTERM.
 //! - [`controller`]: the reconcilers and what they share.
+//! - [`kubevirt`]: the KubeVirt runtime's IO (is its API served, vmkeep's VirtualMachineInstances).
 //! - [`webhook`]: the optional validating admission webhook and its certificates.
 //! - [`health`], [`metrics`], [`telemetry`]: the operator's HTTP endpoints, Prometheus
 //!   metrics and logging.
@@ -12,6 +13,7 @@ pub mod api;
 pub mod claim;
 pub mod controller;
 pub mod health;
+pub mod kubevirt;
 pub mod launcher;
 pub mod leader;
 pub mod metrics;

@@ -36,6 +36,11 @@ enum Command {
         #[arg(long, env = "VMKEEP_CLONE_STRATEGY", default_value = "auto",
               value_parser = ["auto", "csi-clone", "copy", "snapshot"])]
         clone_strategy: String,
+        /// What runs VMs whose Template names no runtime: `launcher` (vmkeep's launcher Pod with
+        /// QEMU), `kubevirt` (a KubeVirt VirtualMachineInstance), or `auto` (`kubevirt` where
+        /// the cluster serves KubeVirt's API).
+        #[arg(long, env = "VMKEEP_RUNTIME", default_value = "launcher", value_parser = ["launcher", "kubevirt", "auto"])]
+        runtime: String,
         /// How many objects of each kind are reconciled at once.
         #[arg(long, env = "VMKEEP_CONCURRENCY", default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..))]
         concurrency: u16,
@@ -173,6 +178,7 @@ async fn main() -> anyhow::Result<()> {
             launcher_image,
             pvc_access_mode,
             clone_strategy,
+            runtime,
             concurrency,
             namespace,
             leader_elect,
@@ -189,6 +195,11 @@ async fn main() -> anyhow::Result<()> {
                 concurrency,
                 namespace,
                 clone_strategy: vmkeep::plan::clone::CloneStrategy::parse(&clone_strategy),
+                runtime: match runtime.as_str() {
+                    "kubevirt" => api::template::Runtime::Kubevirt,
+                    "auto" => api::template::Runtime::Auto,
+                    _ => api::template::Runtime::Launcher,
+                },
             };
             let election = leader_elect.then(|| {
                 let duration = Duration::from_secs(leader_election_seconds);

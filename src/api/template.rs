@@ -38,9 +38,41 @@ pub struct TemplateSpec {
     #[serde(default)]
     #[schemars(schema_with = "disks_schema")]
     pub disks: Vec<TemplateDisk>,
-    /// Pod-level settings for the VMs' launcher Pods.
+    /// Pod-level settings for the VMs' launcher Pods (with the `kubevirt` runtime: the same
+    /// fields of the VirtualMachineInstance).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub launcher: Option<LauncherSpec>,
+    /// What runs the VMs made from this Template, instead of the operator's `--runtime`:
+    /// `launcher` (vmkeep's launcher Pod with QEMU), `kubevirt` (a KubeVirt
+    /// VirtualMachineInstance) or `auto` (`kubevirt` where the cluster serves KubeVirt's API).
+    /// A VM keeps the runtime it runs with until it stops.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runtime: Option<Runtime>,
+}
+
+/// What runs a VM's guest (DESIGN "Running VMs"; docs/kubevirt.md).
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Runtime {
+    /// vmkeep's launcher Pod: `vmkeep launch` with QEMU as its child.
+    #[default]
+    Launcher,
+    /// A KubeVirt `kubevirt.io/v1` VirtualMachineInstance named after the VM, on the same PVCs.
+    Kubevirt,
+    /// `kubevirt` when the cluster serves KubeVirt's VirtualMachineInstance API, else
+    /// `launcher` (looked at when the VM starts).
+    Auto,
+}
+
+impl Runtime {
+    /// The name used in the API, flags and status (`launcher`, `kubevirt`, `auto`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Runtime::Launcher => "launcher",
+            Runtime::Kubevirt => "kubevirt",
+            Runtime::Auto => "auto",
+        }
+    }
 }
 
 /// One disk of a Template: either an Image or a volatile blank disk.

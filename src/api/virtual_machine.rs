@@ -146,10 +146,14 @@ pub struct VirtualMachineStatus {
     /// Memory, copied from the Template when the VM was first provisioned.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memory: Option<Quantity>,
+    /// What runs the guest: `launcher` (a launcher Pod) or `kubevirt` (a KubeVirt
+    /// VirtualMachineInstance with the VM's name), once chosen.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runtime: Option<crate::api::template::Runtime>,
     /// The name of the launcher Pod while it exists.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub launcher_pod: Option<String>,
-    /// The node the launcher Pod runs on.
+    /// The node the launcher Pod (or the VirtualMachineInstance) runs on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node_name: Option<String>,
     /// How QEMU runs the guest: `KVM` (hardware virtualization) or `TCG` (software emulation,

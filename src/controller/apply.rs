@@ -168,6 +168,7 @@ pub fn leak_kind<K: Resource<DynamicType = ()>>() -> &'static str {
         "PersistentVolumeClaim" => "PersistentVolumeClaim",
         "Pod" => "Pod",
         "Lease" => "Lease",
+        "VirtualMachineInstance" => "VirtualMachineInstance",
         _ => "Other",
     }
 }

@@ -318,7 +318,7 @@ pub async fn reconcile(image: Arc<Image>, ctx: Arc<Context>) -> Result<Action, E
         // the API server (the cache may lag a launcher created a moment ago; the VM side checks
         // the copiers the same way before its launcher).
         if let Some(source) = pod.annotations().get(names::COPY_SOURCE_ANNOTATION)
-            && let Some(launcher) = launcher_mounting(&pod_api, source).await?
+            && let Some(launcher) = launcher_mounting(&ctx, &ns, source).await?
         {
             info!(image = %name, %source, %launcher, "not copying: a launcher mounts the source");
             requeue = Some(Duration::from_secs(2));
@@ -358,8 +358,25 @@ pub async fn reconcile(image: Arc<Image>, ctx: Arc<Context>) -> Result<Action, E
     })
 }
 
-/// A launcher Pod (any VM's, not finished) that mounts PVC `pvc`, read from the API server.
-async fn launcher_mounting(pod_api: &Api<Pod>, pvc: &str) -> Result<Option<String>, Error> {
+/// A launcher Pod (any VM's, not finished) that mounts PVC `pvc`, read from the API server;
+/// with the KubeVirt runtime in use, also a VirtualMachineInstance of vmkeep's that names it
+/// (its virt-launcher Pod, labelled like it, may not exist yet).
+async fn launcher_mounting(ctx: &Context, ns: &str, pvc: &str) -> Result<Option<String>, Error> {
+    use crate::plan::runtime::KubevirtApi;
+    let pod_api: Api<Pod> = Api::namespaced(ctx.client.clone(), ns);
+    if !matches!(ctx.kubevirt.state(), KubevirtApi::Unknown | KubevirtApi::NotServed) {
+        let vmis: Api<build::Instance> = Api::namespaced(ctx.client.clone(), ns);
+        let params = kube::api::ListParams::default().labels(names::VM_LABEL);
+        match vmis.list(&params).await {
+            Ok(list) => {
+                if let Some(vmi) = list.items.iter().find(|v| v.claim_names().any(|c| c == pvc)) {
+                    return Ok(Some(format!("VirtualMachineInstance {}", vmi.name_any())));
+                }
+            }
+            Err(kube::Error::Api(e)) if e.code == 403 || e.code == 404 => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
     let params = kube::api::ListParams::default().labels(names::VM_LABEL);
     let pods = pod_api.list(&params).await?;
     Ok(pods

@@ -56,6 +56,9 @@ pub struct Settings {
     /// The clone strategy when a StorageClass does not name one (`None`: `csi-clone` where the
     /// storage can clone, else `copy`); see [`crate::plan::clone`].
     pub clone_strategy: Option<CloneStrategy>,
+    /// What runs VMs whose Template names no runtime (`--runtime`): `launcher`, `kubevirt`
+    /// or `auto` (see [`crate::plan::runtime`]).
+    pub runtime: crate::api::template::Runtime,
 }
 
 impl Settings {
@@ -120,6 +123,8 @@ pub struct Context {
     /// When this replica deleted each launcher Pod still going, by Pod uid (for
     /// `vmkeep_launcher_stop_seconds`).
     pub stopping: std::sync::Mutex<std::collections::HashMap<String, std::time::Instant>>,
+    /// KubeVirt's API and vmkeep's VirtualMachineInstances (the `kubevirt` runtime).
+    pub kubevirt: crate::kubevirt::Instances,
     /// What [`storage_class`] last read of each StorageClass, and when.
     pub classes: std::sync::Mutex<std::collections::HashMap<Option<String>, (std::time::Instant, ClassInfo)>>,
 }
@@ -242,6 +247,13 @@ pub async fn run(client: Client, metrics: Arc<Metrics>, settings: Settings, shut
         synced: synced_rx,
     };
     let client_for_watch = client.clone();
+    // The KubeVirt runtime's cache, started when something asks for it; a VMI change wakes
+    // the VM of the same name.
+    let (kubevirt, kubevirt_runner) =
+        crate::kubevirt::instances(settings.runtime != crate::api::template::Runtime::Launcher);
+    let (vmi_tx, vmi_rx) = tokio::sync::mpsc::channel(1024);
+    let kubevirt_task = kubevirt_runner.run(client.clone(), settings.namespace.clone(), vmi_tx, shutdown.clone());
+    let vmi_changes = futures::stream::unfold(vmi_rx, |mut rx| async move { rx.recv().await.map(|r| (r, rx)) });
     let ctx = Arc::new(Context {
         recorder,
         claims: Claims::new(client.clone(), Some(writes.clone())),
@@ -251,6 +263,7 @@ pub async fn run(client: Client, metrics: Arc<Metrics>, settings: Settings, shut
         stores: stores.clone(),
         settings: settings.clone(),
         stopping: Default::default(),
+        kubevirt,
         classes: Default::default(),
     });
     // A short debounce folds a burst of events about one object (its PVC binding, its Pod
@@ -277,6 +290,8 @@ pub async fn run(client: Client, metrics: Arc<Metrics>, settings: Settings, shut
                 virtual_machine::vms_of_image(&by_image, &i)
             })
             .watches_stream(leases.subscribe(), move |l| virtual_machine::vms_of_lease(&by_lease, &l))
+            // A VirtualMachineInstance by its name, the VM's.
+            .reconcile_on(vmi_changes)
             .graceful_shutdown_on(shutdown.clone().cancelled_owned())
             .run(
                 instrumented("VirtualMachine", virtual_machine::reconcile),
@@ -344,7 +359,7 @@ pub async fn run(client: Client, metrics: Arc<Metrics>, settings: Settings, shut
             leases.run(leases_w, synced.clone(), malformed.clone(), shutdown.clone()),
         )
     };
-    tokio::join!(informers, vm_ctl, image_ctl, template_ctl, orphan_pvcs, orphan_pods);
+    tokio::join!(informers, vm_ctl, image_ctl, template_ctl, orphan_pvcs, orphan_pods, kubevirt_task);
 }
 
 /// How long what [`storage_class_reused`] read of an existing class is used again: a change to

@@ -28,6 +28,7 @@ use super::{Context, Error, Stores, apply};
 use crate::{
     api::{
         Image, Template, VirtualMachine,
+        template::Runtime,
         virtual_machine::{VirtualMachinePhase, VirtualMachineStatus},
     },
     claim::{self, Release},
@@ -39,9 +40,13 @@ use crate::{
         clone::{self, Chosen, ClassInfo, CloneStrategy},
         mover::MoverState,
         names,
+        runtime::{self, Choice, KubevirtApi},
         virtual_machine::{self as plan, Child, CloneView, LauncherView, Observed, OtherVm, PodChange, VmPlan},
     },
 };
+
+/// How soon a VM whose runtime depends on KubeVirt's API, not known yet, looks again.
+const RUNTIME_WAIT: Duration = Duration::from_secs(1);
 
 /// How often one reconcile decides again after applying found something new.
 const MAX_PASSES: usize = 4;
@@ -50,6 +55,11 @@ const MAX_PASSES: usize = 4;
 pub async fn reconcile(vm: Arc<VirtualMachine>, ctx: Arc<Context>) -> Result<Action, Error> {
     let ns = vm.namespace().ok_or(Error::MissingNamespace)?;
     let cached = Cached::read(&ctx, &ns, &vm);
+    if cached.runtime == Choice::Wait && vm.metadata.deletion_timestamp.is_none() {
+        // Which runtime, or whether a VirtualMachineInstance exists, is known in a moment (the
+        // KubeVirt API's probe or the first list of its cache).
+        return Ok(Action::requeue(RUNTIME_WAIT));
+    }
     let mut facts = Facts::default();
     for _ in 0..MAX_PASSES {
         let observed = observe(&ctx, &ns, &vm, &cached, &facts).await?;
@@ -75,7 +85,7 @@ fn record(ctx: &Context, ns: &str, vm: &VirtualMachine, cached: &Cached, decided
     let key = format!("{ns}/{}", vm.name_any());
     {
         let mut stopping = ctx.stopping.lock().expect("stopping launchers");
-        if decided.pod == Some(PodChange::Delete) {
+        if matches!(decided.pod, Some(PodChange::Delete | PodChange::DeleteInstance)) {
             stopping.entry(key).or_insert_with(std::time::Instant::now);
         } else if matches!(cached.pod, Child::Missing | Child::Foreign)
             && let Some(asked) = stopping.remove(&key)
@@ -107,8 +117,11 @@ struct Cached {
     /// What the VM's clone PVCs' annotations say, and its copier Pods, by PVC.
     clones: BTreeMap<String, CloneView>,
     copiers: BTreeMap<String, MoverState>,
+    /// Its workload (launcher Pod or VirtualMachineInstance) of the runtime in force.
     pod: Child,
     launcher: LauncherView,
+    /// The runtime in force ([`runtime::in_force`]).
+    runtime: Choice,
     /// The claims this VM may hold or need: recorded disks, its template's persistent images,
     /// and the cached Leases held by its uid (a status lost in a restore).
     claim_images: BTreeSet<String>,
@@ -173,7 +186,7 @@ impl Cached {
             })
             .collect();
         let pod_name = names::launcher_pod(ns, &vm.name_any());
-        let (pod, launcher) = match ctx.stores.pods.get(&ObjectRef::new(&pod_name).within(ns)) {
+        let (launcher_pod, launcher_view) = match ctx.stores.pods.get(&ObjectRef::new(&pod_name).within(ns)) {
             None => (Child::Missing, LauncherView::default()),
             Some(p) if rules::launcher_of(&p.metadata, &vm.name_any(), &uid) => (
                 Child::Ours {
@@ -184,6 +197,7 @@ impl Cached {
             ),
             Some(_) => (Child::Foreign, LauncherView::default()),
         };
+        let (runtime, pod, launcher) = workload(ctx, ns, vm, template.as_deref(), launcher_pod, launcher_view);
         Self {
             template,
             images,
@@ -192,10 +206,72 @@ impl Cached {
             copiers,
             pod,
             launcher,
+            runtime,
             claim_images,
             others: std::sync::OnceLock::new(),
         }
     }
+}
+
+/// The runtime in force for `vm` and its workload of that runtime: the launcher Pod observed,
+/// or its VirtualMachineInstance from the KubeVirt cache (asked for only when the VM's Template,
+/// the operator's setting or its recorded status names KubeVirt).
+fn workload(
+    ctx: &Context,
+    ns: &str,
+    vm: &VirtualMachine,
+    template: Option<&Template>,
+    pod: Child,
+    launcher: LauncherView,
+) -> (Choice, Child, LauncherView) {
+    let name = vm.name_any();
+    let uid = vm.uid().unwrap_or_default();
+    let recorded = vm.status.as_ref().and_then(|s| s.runtime);
+    let asked = template.and_then(|t| t.spec.runtime);
+    let kubevirt_named =
+        asked.unwrap_or(ctx.settings.runtime) != Runtime::Launcher || recorded == Some(Runtime::Kubevirt);
+    let api = if kubevirt_named {
+        ctx.kubevirt.want();
+        ctx.kubevirt.state()
+    } else {
+        KubevirtApi::Unknown
+    };
+    let (vmi, vmi_view) = match api {
+        KubevirtApi::Ready => {
+            let found = ctx.kubevirt.get(ns, &name);
+            let launchers = found.is_none() && recorded == Some(Runtime::Kubevirt) && virt_launchers(ctx, ns, &name);
+            runtime::instance(found.as_deref(), launchers, &name, &uid)
+        }
+        _ => runtime::instance(None, false, &name, &uid),
+    };
+    let mut choice = runtime::in_force(&pod, &vmi, runtime::choose(ctx.settings.runtime, asked, &api));
+    // It ran with KubeVirt and its VirtualMachineInstance cannot be seen yet: nothing may start
+    // another workload on its disks meanwhile.
+    if recorded == Some(Runtime::Kubevirt) && !matches!(pod, Child::Ours { .. }) {
+        match &api {
+            KubevirtApi::Unknown | KubevirtApi::Syncing => choice = Choice::Wait,
+            KubevirtApi::Unusable(why) => choice = Choice::NotAvailable(why.clone()),
+            KubevirtApi::NotServed | KubevirtApi::Ready => {}
+        }
+    }
+    match choice {
+        Choice::Run(Runtime::Kubevirt) => (choice, vmi, vmi_view),
+        _ => (choice, pod, launcher),
+    }
+}
+
+/// Whether a virt-launcher Pod of VM `name`'s VirtualMachineInstance is still cached (by its
+/// controller reference to a VMI of that name; KubeVirt copies the VMI's labels, vmkeep's
+/// among them, onto the Pod, so the Pod cache has it). Asked only while the VMI is gone.
+fn virt_launchers(ctx: &Context, ns: &str, name: &str) -> bool {
+    ctx.stores.pods.state().iter().any(|p| {
+        p.metadata.namespace.as_deref() == Some(ns)
+            && p.metadata
+                .owner_references
+                .iter()
+                .flatten()
+                .any(|o| o.controller == Some(true) && o.kind == "VirtualMachineInstance" && o.name == name)
+    })
 }
 
 /// What applying a plan found out that no cache shows.
@@ -251,7 +327,10 @@ async fn observe<'a>(
         claims.insert(image.clone(), state);
     }
     let mut launcher = cached.launcher.clone();
-    if launcher.ready && vm.status.as_ref().is_none_or(|s| s.accelerator.is_none()) {
+    if launcher.ready
+        && launcher.runtime == Runtime::Launcher
+        && vm.status.as_ref().is_none_or(|s| s.accelerator.is_none())
+    {
         launcher.accelerator = accelerator(ctx, ns, vm).await;
     }
     let clone_choices =
@@ -265,6 +344,7 @@ async fn observe<'a>(
         pvcs: cached.pvcs.clone(),
         pod: cached.pod.clone(),
         launcher,
+        runtime: cached.runtime.clone(),
         clone_choices,
         clones: cached.clones.clone(),
         copiers: cached.copiers.clone(),
@@ -379,13 +459,7 @@ fn copy_sources(ctx: &Context, ns: &str) -> BTreeSet<String> {
 /// Image may copy one of the launcher's PVCs ([`copy_sources`]): a list of the namespace's
 /// helper Pods before every launcher made starting 1,000 VMs 1.8 times slower (the benchmark,
 /// docs/performance.md).
-async fn copies_now(ctx: &Context, ns: &str, launcher: &Pod) -> Result<Vec<String>, Error> {
-    let disks: BTreeSet<String> = launcher
-        .spec
-        .iter()
-        .flat_map(|s| s.volumes.iter().flatten())
-        .filter_map(|v| Some(v.persistent_volume_claim.as_ref()?.claim_name.clone()))
-        .collect();
+async fn copies_now(ctx: &Context, ns: &str, disks: BTreeSet<String>) -> Result<Vec<String>, Error> {
     if copy_sources(ctx, ns).is_disjoint(&disks) {
         return Ok(Vec::new());
     }
@@ -507,7 +581,13 @@ async fn apply(
     let pod_name = names::launcher_pod(ns, &vm.name_any());
     match &decided.pod {
         Some(PodChange::Create(pod)) => {
-            let copies = copies_now(ctx, ns, pod.as_ref()).await?;
+            let disks = pod
+                .spec
+                .iter()
+                .flat_map(|s| s.volumes.iter().flatten())
+                .filter_map(|v| Some(v.persistent_volume_claim.as_ref()?.claim_name.clone()))
+                .collect();
+            let copies = copies_now(ctx, ns, disks).await?;
             if !copies.is_empty() {
                 return Ok(Applied::Learned(Fact::Saving(copies)));
             }
@@ -516,7 +596,22 @@ async fn apply(
             }
             info!("created the launcher Pod");
         }
+        Some(PodChange::CreateInstance(vmi)) => {
+            let copies = copies_now(ctx, ns, vmi.claim_names().map(str::to_owned).collect()).await?;
+            if !copies.is_empty() {
+                return Ok(Applied::Learned(Fact::Saving(copies)));
+            }
+            let api: Api<build::Instance> = Api::namespaced(ctx.client.clone(), ns);
+            if !apply::create_child(ctx, &api, vmi.as_ref(), &uid).await? {
+                return Ok(Applied::Learned(Fact::Taken("VirtualMachineInstance", vm.name_any())));
+            }
+            info!("created the VirtualMachineInstance");
+        }
         Some(PodChange::Delete) => apply::delete_child(ctx, &pod_api, &pod_name).await?,
+        Some(PodChange::DeleteInstance) => {
+            let api: Api<build::Instance> = Api::namespaced(ctx.client.clone(), ns);
+            apply::delete_child(ctx, &api, &vm.name_any()).await?
+        }
         None => {}
     }
     if let Some(status) = &decided.status {

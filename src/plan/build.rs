@@ -659,6 +659,153 @@ pub fn launcher_pod(vm: &VirtualMachine, inputs: &LauncherInputs) -> Pod {
     )
 }
 
+/// `kubevirt.io/v1` `VirtualMachineInstance`, for the dynamic API (the `kubevirt` runtime).
+pub fn virtual_machine_instance_resource() -> kube::api::ApiResource {
+    let gvk = kube::api::GroupVersionKind::gvk(KUBEVIRT_GROUP, "v1", "VirtualMachineInstance");
+    kube::api::ApiResource::from_gvk_with_plural(&gvk, "virtualmachineinstances")
+}
+
+/// KubeVirt's API group.
+pub const KUBEVIRT_GROUP: &str = "kubevirt.io";
+
+/// The KubeVirt VirtualMachineInstance that runs `vm` with the `kubevirt` runtime: named after
+/// the VM, controlled by it, labelled like a launcher Pod (KubeVirt copies a VMI's labels onto
+/// its virt-launcher Pod, so fencing finds that Pod by the VM's uid too). The Template's cpu as
+/// `domain.cpu.cores`, its memory as `domain.memory.guest` and the memory request; each disk
+/// (in Template order, `bootOrder` 1, 2, ... as the launcher's `bootindex`, the disk name as
+/// serial) a virtio disk, or a read-only SATA `cdrom`, on a `persistentVolumeClaim` volume of
+/// the same PVC the launcher would mount (a Filesystem PVC holds `disk.img` at its root, the
+/// layout of both). The launcher settings map to the VMI's fields of the same names. Built with
+/// KubeVirt's own types (`k8s-crds-kube-virt`, generated from its CRDs) and sent as JSON.
+pub fn virtual_machine_instance(vm: &VirtualMachine, inputs: &LauncherInputs) -> Instance {
+    use k8s_crds_kube_virt::virtualmachineinstances as kv;
+    use k8s_openapi_kubevirt::apimachinery::pkg::util::intstr::IntOrString;
+    let settings = inputs.settings.cloned().unwrap_or_default();
+    let memory = IntOrString::String(inputs.memory.0.clone());
+    let mut disks = Vec::new();
+    let mut volumes = Vec::new();
+    for (i, LauncherDisk { disk, .. }) in inputs.disks.iter().enumerate() {
+        let (device, cdrom) = match disk.read_only {
+            true => (
+                None,
+                Some(kv::VirtualMachineInstanceDomainDevicesDisksCdrom {
+                    bus: Some("sata".into()),
+                    readonly: Some(true),
+                    ..Default::default()
+                }),
+            ),
+            false => (
+                Some(kv::VirtualMachineInstanceDomainDevicesDisksDisk {
+                    bus: Some("virtio".into()),
+                    ..Default::default()
+                }),
+                None,
+            ),
+        };
+        disks.push(kv::VirtualMachineInstanceDomainDevicesDisks {
+            name: disk.name.clone(),
+            boot_order: Some(i as i64 + 1),
+            serial: (!disk.read_only).then(|| disk.name.clone()),
+            disk: device,
+            cdrom,
+            ..Default::default()
+        });
+        volumes.push(kv::VirtualMachineInstanceVolumes {
+            name: disk.name.clone(),
+            persistent_volume_claim: Some(kv::VirtualMachineInstanceVolumesPersistentVolumeClaim {
+                claim_name: disk.pvc_name.clone().unwrap_or_default(),
+                read_only: disk.read_only.then_some(true),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+    }
+    let tolerations = settings
+        .tolerations
+        .iter()
+        .map(|t| kv::VirtualMachineInstanceTolerations {
+            effect: t.effect.clone(),
+            key: t.key.clone(),
+            operator: t.operator.clone(),
+            toleration_seconds: t.toleration_seconds,
+            value: t.value.clone(),
+        })
+        .collect::<Vec<_>>();
+    let spec = kv::VirtualMachineInstanceSpec {
+        domain: kv::VirtualMachineInstanceDomain {
+            cpu: Some(kv::VirtualMachineInstanceDomainCpu { cores: Some(inputs.cpu), ..Default::default() }),
+            memory: Some(kv::VirtualMachineInstanceDomainMemory { guest: Some(memory.clone()), ..Default::default() }),
+            resources: Some(kv::VirtualMachineInstanceDomainResources {
+                requests: Some(BTreeMap::from([("memory".to_owned(), memory)])),
+                ..Default::default()
+            }),
+            devices: kv::VirtualMachineInstanceDomainDevices { disks: Some(disks), ..Default::default() },
+            ..Default::default()
+        },
+        volumes: Some(volumes),
+        node_selector: (!settings.node_selector.is_empty()).then_some(settings.node_selector),
+        tolerations: (!tolerations.is_empty()).then_some(tolerations),
+        priority_class_name: settings.priority_class_name,
+        termination_grace_period_seconds: Some(
+            settings.termination_grace_period_seconds.unwrap_or(DEFAULT_GRACE_SECONDS),
+        ),
+        ..Default::default()
+    };
+    let vm_name = vm.name_any();
+    let metadata = ObjectMeta {
+        name: Some(vm_name.clone()),
+        namespace: vm.namespace(),
+        labels: Some(labels(&[
+            (names::VM_LABEL, &names::label_value(&vm_name)),
+            (names::VM_UID_LABEL, &names::label_value(&vm.uid().unwrap_or_default())),
+        ])),
+        owner_references: vm.controller_owner_ref(&()).map(|o| vec![o]),
+        ..Default::default()
+    };
+    Instance { api_version: "kubevirt.io/v1".into(), kind: "VirtualMachineInstance".into(), metadata, spec }
+}
+
+/// A KubeVirt `kubevirt.io/v1` VirtualMachineInstance as vmkeep writes it: its metadata (this
+/// crate's `k8s-openapi`) and its spec (KubeVirt's type). A `k8s_openapi::Resource`, so kube's
+/// `Api` creates and deletes it like any child; what vmkeep reads of one is
+/// [`super::cached::CachedVmi`].
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Instance {
+    /// `kubevirt.io/v1` (the API server wants it in the body).
+    #[serde(rename = "apiVersion")]
+    pub api_version: String,
+    /// `VirtualMachineInstance`.
+    pub kind: String,
+    pub metadata: ObjectMeta,
+    pub spec: k8s_crds_kube_virt::virtualmachineinstances::VirtualMachineInstanceSpec,
+}
+
+impl Instance {
+    /// The PVCs its volumes name.
+    pub fn claim_names(&self) -> impl Iterator<Item = &str> {
+        self.spec.volumes.iter().flatten().filter_map(|v| Some(v.persistent_volume_claim.as_ref()?.claim_name.as_str()))
+    }
+}
+
+impl k8s_openapi::Resource for Instance {
+    const API_VERSION: &'static str = "kubevirt.io/v1";
+    const GROUP: &'static str = KUBEVIRT_GROUP;
+    const KIND: &'static str = "VirtualMachineInstance";
+    const VERSION: &'static str = "v1";
+    const URL_PATH_SEGMENT: &'static str = "virtualmachineinstances";
+    type Scope = k8s_openapi::NamespaceResourceScope;
+}
+
+impl k8s_openapi::Metadata for Instance {
+    type Ty = ObjectMeta;
+    fn metadata(&self) -> &ObjectMeta {
+        &self.metadata
+    }
+    fn metadata_mut(&mut self) -> &mut ObjectMeta {
+        &mut self.metadata
+    }
+}
+
 /// The claim Lease on persistent image `image` in `namespace`, held by one VM (by uid). It has
 /// no owner reference: no deletion propagation policy can remove a claim; its holder releases it
 /// (see [`crate::claim`]).

@@ -99,6 +99,38 @@ pub struct CachedPvcStatus {
     pub conditions: Option<Vec<PersistentVolumeClaimCondition>>,
 }
 
+/// A KubeVirt `kubevirt.io/v1` VirtualMachineInstance vmkeep made (the `kubevirt` runtime), as
+/// cached: its metadata ([`cache_meta`]) and the status fields a VM's status is made from.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+pub struct CachedVmi {
+    #[serde(deserialize_with = "cache_meta")]
+    pub metadata: ObjectMeta,
+    pub status: Option<CachedVmiStatus>,
+}
+
+/// Of a VirtualMachineInstance's status: its phase (`Pending`, `Scheduling`, `Scheduled`,
+/// `Running`, `Succeeded`, `Failed`, `Unknown`), why it is in it, its node and its `Ready`
+/// condition.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CachedVmiStatus {
+    pub phase: Option<String>,
+    pub reason: Option<String>,
+    pub node_name: Option<String>,
+    #[serde(default, deserialize_with = "vmi_conditions")]
+    pub conditions: Option<Vec<VmiCondition>>,
+}
+
+/// A condition of a VirtualMachineInstance (KubeVirt's shape: no observedGeneration).
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+pub struct VmiCondition {
+    #[serde(rename = "type")]
+    pub type_: String,
+    pub status: String,
+    pub reason: Option<String>,
+    pub message: Option<String>,
+}
+
 /// A resource list (`requests`, `capacity`) of which only `storage` is kept; read as the map
 /// it comes from, `get("storage")`.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -165,11 +197,19 @@ fn pvc_conditions<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<Persiste
     Ok(kept.filter(|cs| !cs.is_empty()).map(shrink))
 }
 
+fn vmi_conditions<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<VmiCondition>>, D::Error> {
+    let all = Option::<Vec<VmiCondition>>::deserialize(d)?;
+    Ok(all.map(|cs| cs.into_iter().filter(|c| c.type_ == "Ready").collect()).map(shrink))
+}
+
 macro_rules! cached_resource {
     ($ty:ty, $kind:literal, $plural:literal) => {
+        cached_resource!($ty, "", "v1", $kind, $plural);
+    };
+    ($ty:ty, $group:literal, $api_version:literal, $kind:literal, $plural:literal) => {
         impl k8s_openapi::Resource for $ty {
-            const API_VERSION: &'static str = "v1";
-            const GROUP: &'static str = "";
+            const API_VERSION: &'static str = $api_version;
+            const GROUP: &'static str = $group;
             const KIND: &'static str = $kind;
             const VERSION: &'static str = "v1";
             const URL_PATH_SEGMENT: &'static str = $plural;
@@ -190,6 +230,7 @@ macro_rules! cached_resource {
 
 cached_resource!(CachedPod, "Pod", "pods");
 cached_resource!(CachedPvc, "PersistentVolumeClaim", "persistentvolumeclaims");
+cached_resource!(CachedVmi, "kubevirt.io", "kubevirt.io/v1", "VirtualMachineInstance", "virtualmachineinstances");
 
 #[cfg(test)]
 mod tests {

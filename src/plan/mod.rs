@@ -11,6 +11,7 @@ pub mod mover;
 pub mod names;
 pub mod quantity;
 pub mod reason;
+pub mod runtime;
 pub mod template;
 pub mod virtual_machine;
 

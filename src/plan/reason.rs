@@ -21,6 +21,10 @@ pub const NAME_CONFLICT: &str = "NameConflict";
 /// adopting it would bypass that disk's claim.
 pub const PVC_MANAGED_BY_VMKEEP: &str = "PvcManagedByVmkeep";
 
+/// The runtime asked for (`kubevirt`, or `auto` with KubeVirt's API served) cannot be used:
+/// the cluster serves no KubeVirt VirtualMachineInstance API, or vmkeep may not watch it.
+pub const RUNTIME_NOT_AVAILABLE: &str = "RuntimeNotAvailable";
+
 // VirtualMachine: claims.
 /// Another VM holds a persistent image (`onImageConflict: Reject`).
 pub const IMAGE_IN_USE: &str = "ImageInUse";

@@ -27,7 +27,9 @@ use super::{
         SnapshotView, SourceDisk, SourceVm,
     },
     mover::MoverState,
-    names, template as template_plan,
+    names,
+    runtime::Choice,
+    template as template_plan,
     virtual_machine::{
         self as vm_plan, Blocker, CheckedDisk, Child, CloneView, LauncherView, PodAction, Resolved, UsableImage,
         Verdict,
@@ -36,7 +38,7 @@ use super::{
 use crate::api::{
     Condition, ConditionStatus, Image, Template, TemplateStatus, VirtualMachine,
     image::{ClaimHolder, ImagePhase, ImageType, VolumeMode},
-    template::LauncherSpec,
+    template::{LauncherSpec, Runtime},
     virtual_machine::{
         OnImageConflict, RunStrategy, VirtualMachineDiskStatus, VirtualMachinePhase as P, VirtualMachineStatus,
     },
@@ -2191,6 +2193,7 @@ fn observed<'a>(
         pvcs: BTreeMap::new(),
         pod: Child::Missing,
         launcher: Default::default(),
+        runtime: Choice::Run(Runtime::Launcher),
         clone_choices: Default::default(),
         clones: Default::default(),
         copiers: Default::default(),
@@ -2680,4 +2683,109 @@ fn a_foreign_pod_with_a_copiers_name_blocks_that_copy_and_not_the_launcher() {
         ready.message,
         "Pod vm-a-root-copy exists and does not belong to VirtualMachine vm-a; vmkeep leaves it alone"
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// The kubevirt runtime (plan::runtime, docs/kubevirt.md)
+// ---------------------------------------------------------------------------------------------
+
+fn kubevirt<'a>(obs: vm_plan::Observed<'a>) -> vm_plan::Observed<'a> {
+    vm_plan::Observed {
+        runtime: Choice::Run(Runtime::Kubevirt),
+        launcher: vm_plan::LauncherView { runtime: Runtime::Kubevirt, ..Default::default() },
+        ..obs
+    }
+}
+
+#[test]
+fn a_vm_whose_runtime_is_not_available_waits_and_claims_nothing() {
+    let (images, t, v) = (decide_images(), small(), vm("vm-a"));
+    let mut obs = observed(&v, &t, &images, &[("db", ClaimState::Free)]);
+    obs.runtime = Choice::NotAvailable("no KubeVirt".into());
+    let plan = vm_plan::decide(&obs);
+    assert!(plan.take.is_empty() && plan.create_pvcs.is_empty() && plan.pod.is_none(), "{plan:?}");
+    assert_eq!(phase_and_reason(&plan), (Some(P::Pending), "RuntimeNotAvailable".into()));
+    assert!(plan.requeue.is_some(), "it looks again (KubeVirt may be installed)");
+    let status = plan.status.unwrap();
+    assert_eq!(find(&status.conditions, "Ready").unwrap().message, "no KubeVirt");
+    assert_eq!(status.runtime, None);
+}
+
+#[test]
+fn the_kubevirt_runtime_makes_a_virtual_machine_instance_on_the_vms_pvcs() {
+    let images = [decide_images(), vec![usable("iso", false, "CDROM", "1Gi")]].concat();
+    let t = template(
+        "[{name: root, image: os}, {name: data, image: db}, {name: cd, image: iso}, \
+         {name: scratch, blank: {size: 1Gi}}]",
+    );
+    let v = with_finalizer(vm("vm-a"));
+    let first = vm_plan::decide(&kubevirt(observed(&v, &t, &images, &[("db", ClaimState::Free)])));
+    let mut v = v;
+    v.status = first.status;
+    let mut obs = kubevirt(observed(&v, &t, &images, &[("db", ClaimState::Mine)]));
+    obs.pvcs = map(&[("vm-a-root", ours("Bound")), ("vm-a-cd", ours("Bound")), ("vm-a-scratch", ours("Bound"))]);
+    let plan = vm_plan::decide(&obs);
+    let Some(vm_plan::PodChange::CreateInstance(vmi)) = &plan.pod else { panic!("a VMI: {plan:?}") };
+    assert_eq!(vmi.metadata.name.as_deref(), Some("vm-a"));
+    assert_eq!(vmi.metadata.labels.as_ref().unwrap()["vmkeep.io/virtual-machine-uid"], "uid-vm-a");
+    assert_eq!(vmi.metadata.owner_references.as_ref().unwrap()[0].uid, "uid-vm-a");
+    let json = serde_json::to_value(vmi.as_ref()).unwrap();
+    assert_eq!(json["apiVersion"], "kubevirt.io/v1");
+    assert_eq!(json["kind"], "VirtualMachineInstance");
+    let spec = &json["spec"];
+    assert_eq!(spec["domain"]["cpu"]["cores"], 2);
+    let claims: Vec<&str> = spec["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["persistentVolumeClaim"]["claimName"].as_str().unwrap())
+        .collect();
+    assert_eq!(claims, ["vm-a-root", "db-image", "vm-a-cd", "vm-a-scratch"]);
+    let disks = spec["domain"]["devices"]["disks"].as_array().unwrap();
+    assert_eq!(disks[0]["disk"]["bus"], "virtio");
+    assert_eq!(disks[0]["bootOrder"], 1);
+    assert_eq!(disks[2]["cdrom"], serde_json::json!({"bus": "sata", "readonly": true}));
+    assert_eq!(spec["volumes"][2]["persistentVolumeClaim"]["readOnly"], true);
+    let status = plan.status.unwrap();
+    assert_eq!(status.runtime, Some(Runtime::Kubevirt));
+    assert_eq!(status.launcher_pod, None, "no launcher Pod with KubeVirt");
+}
+
+#[test]
+fn a_virtual_machine_instance_runs_stops_and_is_replaced_when_its_guest_ends() {
+    let images = decide_images();
+    let (t, v) = (small(), with_finalizer(vm("vm-a")));
+    let first = vm_plan::decide(&kubevirt(observed(&v, &t, &images, &[("db", ClaimState::Free)])));
+    let mut v = v;
+    v.status = first.status;
+    let running = |v: &VirtualMachine| {
+        let mut obs = kubevirt(observed(v, &t, &images, &[("db", ClaimState::Mine)]));
+        obs.pvcs = map(&[("vm-a-root", ours("Bound"))]);
+        obs.pod = ours("Running");
+        obs.launcher.ready = true;
+        obs.launcher.node_name = Some("n1".into());
+        vm_plan::decide(&obs)
+    };
+    let plan = running(&v);
+    assert_eq!(phase_and_reason(&plan), (Some(P::Running), "Running".into()));
+    assert_eq!(plan.pod, None);
+    assert_eq!(plan.status.as_ref().unwrap().node_name.as_deref(), Some("n1"));
+    // Halted: the VMI goes (not a launcher Pod).
+    let mut halted = v.clone();
+    halted.spec.run_strategy = RunStrategy::Halted;
+    assert_eq!(running(&halted).pod, Some(vm_plan::PodChange::DeleteInstance));
+    // Its guest ended (KubeVirt does not start it again): replaced.
+    let mut obs = kubevirt(observed(&v, &t, &images, &[("db", ClaimState::Mine)]));
+    obs.pvcs = map(&[("vm-a-root", ours("Bound"))]);
+    obs.pod = ours("Succeeded");
+    assert_eq!(vm_plan::decide(&obs).pod, Some(vm_plan::PodChange::DeleteInstance));
+    // Deleted: the VMI goes first, the claim stays until it (and its Pods) are gone.
+    let mut deleted = v.clone();
+    deleted.metadata.deletion_timestamp = Some(at(2000));
+    let mut obs = kubevirt(observed(&deleted, &t, &images, &[("db", ClaimState::Mine)]));
+    obs.pod = Child::Ours { phase: None, deleting: true };
+    let plan = vm_plan::decide(&obs);
+    assert!(plan.release.is_empty() && !plan.remove_finalizer && plan.pod.is_none());
+    obs.pod = Child::Missing;
+    assert_eq!(vm_plan::decide(&obs).release, ["db"]);
 }

@@ -30,11 +30,12 @@ use super::{
     conditions::{Cond, Health, RECONCILING, STALLED, find, merge},
     mover::MoverState,
     names, quantity, reason,
+    runtime::Choice,
 };
 use crate::api::{
     Image, Template,
     image::{ImagePhase, ImageType, VolumeMode},
-    template::TemplateSpec,
+    template::{Runtime, TemplateSpec},
     virtual_machine::{
         LastExit, RunStrategy, VirtualMachine, VirtualMachineDiskStatus, VirtualMachinePhase, VirtualMachineStatus,
     },
@@ -540,6 +541,9 @@ pub struct LauncherView {
     pub accelerator: Option<(String, String)>,
     /// When the Pod was created (for the start latency).
     pub created: Option<Time>,
+    /// Which runtime's workload this is: a launcher Pod, or a KubeVirt VirtualMachineInstance
+    /// (see [`super::runtime::instance`]).
+    pub runtime: Runtime,
 }
 
 impl LauncherView {
@@ -570,6 +574,7 @@ impl LauncherView {
             unschedulable: unschedulable(pod),
             accelerator: None,
             created: pod.metadata.creation_timestamp.clone(),
+            runtime: Runtime::Launcher,
         }
     }
 }
@@ -628,20 +633,25 @@ pub fn status(vm: &VirtualMachine, resolved: Option<&Resolved>, verdict: &Verdic
         }
         Verdict::Provisioned { pod, launcher } => {
             let halted = vm.spec.run_strategy == RunStrategy::Halted;
+            let workload = workload_name(launcher.runtime);
             let (phase, ready) = match pod {
                 Child::Ours { phase, deleting: false }
                     if phase.as_deref() == Some("Running") && launcher.ready && !halted =>
                 {
-                    (P::Running, Cond::new(READY, true, reason::RUNNING, "QEMU runs the guest"))
+                    let runs = match launcher.runtime {
+                        Runtime::Kubevirt => "KubeVirt runs the guest (VirtualMachineInstance Ready)",
+                        _ => "QEMU runs the guest",
+                    };
+                    (P::Running, Cond::new(READY, true, reason::RUNNING, runs))
                 }
                 // Someone else's Pod with the launcher's name is not ours to stop.
                 // Powered off as the spec asks: converged (GitOps tools see it healthy).
                 Child::Missing | Child::Foreign if halted => {
                     (P::Stopped, Cond::new(READY, true, reason::HALTED, "runStrategy is Halted: the VM is stopped"))
                 }
-                _ if halted => (P::Stopped, Cond::new(READY, false, reason::STOPPING, "removing the launcher Pod")),
+                _ if halted => (P::Stopped, Cond::new(READY, false, reason::STOPPING, format!("removing {workload}"))),
                 Child::Missing => {
-                    (P::Provisioning, Cond::new(READY, false, reason::PROVISIONING, "creating the launcher Pod"))
+                    (P::Provisioning, Cond::new(READY, false, reason::PROVISIONING, format!("creating {workload}")))
                 }
                 Child::Ours { deleting: true, .. } => (
                     P::Starting,
@@ -649,7 +659,7 @@ pub fn status(vm: &VirtualMachine, resolved: Option<&Resolved>, verdict: &Verdic
                         READY,
                         false,
                         reason::STARTING,
-                        "the launcher Pod is stopping; a new one starts once it is gone",
+                        format!("{workload} is stopping; a new one starts once it is gone"),
                     ),
                 ),
                 _ => (P::Starting, Cond::new(READY, false, reason::STARTING, starting_message(launcher))),
@@ -672,9 +682,14 @@ pub fn status(vm: &VirtualMachine, resolved: Option<&Resolved>, verdict: &Verdic
     }
     let record = !matches!(verdict, Verdict::Blocked { claimed: false, .. });
     let launcher_pod = match verdict {
-        Verdict::Provisioned { pod: Child::Ours { .. }, .. } => {
+        Verdict::Provisioned { pod: Child::Ours { .. }, launcher } if launcher.runtime == Runtime::Launcher => {
             Some(names::launcher_pod(&vm.namespace().unwrap_or_default(), &vm.name_any()))
         }
+        _ => None,
+    };
+    let runtime = match verdict {
+        Verdict::Provisioned { launcher, .. } => Some(launcher.runtime),
+        _ if record => previous.runtime,
         _ => None,
     };
     // What the launcher shows while its Pod exists and is not going; the last exit stays.
@@ -687,6 +702,7 @@ pub fn status(vm: &VirtualMachine, resolved: Option<&Resolved>, verdict: &Verdic
         disks: if record { resolved.map(|r| r.disks.clone()).unwrap_or_default() } else { Vec::new() },
         cpu: resolved.filter(|_| record).map(|r| r.cpu),
         memory: resolved.filter(|_| record).map(|r| r.memory.clone()),
+        runtime,
         launcher_pod,
         node_name: running.and_then(|l| l.node_name.clone()),
         accelerator: running
@@ -698,8 +714,25 @@ pub fn status(vm: &VirtualMachine, resolved: Option<&Resolved>, verdict: &Verdic
     }
 }
 
+/// What the status calls the workload of `runtime`.
+fn workload_name(runtime: Runtime) -> &'static str {
+    match runtime {
+        Runtime::Kubevirt => "the VirtualMachineInstance",
+        _ => "the launcher Pod",
+    }
+}
+
 /// The Ready message of a VM whose launcher has not started the guest (yet, or again).
 fn starting_message(launcher: &LauncherView) -> String {
+    if launcher.runtime == Runtime::Kubevirt {
+        let state = launcher.waiting.as_deref().unwrap_or("not running yet");
+        return match &launcher.last_exit {
+            Some(exit) => {
+                format!("the VirtualMachineInstance is {state}; it last ended: {}: {}", exit.reason, exit.message)
+            }
+            None => format!("the VirtualMachineInstance is {state}"),
+        };
+    }
     if let Some(why) = &launcher.unschedulable {
         return format!("the launcher Pod cannot be scheduled: {why}");
     }
@@ -752,11 +785,15 @@ pub struct Observed<'a> {
     pub others: Vec<OtherVm<'a>>,
     /// Its clone and volatile PVCs, by PVC name.
     pub pvcs: BTreeMap<String, Child>,
-    /// Its launcher Pod, known by the identity recorded on it (see
-    /// [`super::claim::launcher_of`]).
+    /// Its workload, known by the identity recorded on it (see [`super::claim::launcher_of`]):
+    /// the launcher Pod, or with the `kubevirt` runtime its VirtualMachineInstance (going while
+    /// its virt-launcher Pods are), whichever [`Self::runtime`] says.
     pub pod: Child,
-    /// Its launcher Pod's container, when the Pod is ours.
+    /// What its workload shows of the guest, when it is ours.
     pub launcher: LauncherView,
+    /// The runtime in force ([`super::runtime::in_force`]): the one whose workload exists, else
+    /// the one a new workload gets.
+    pub runtime: Choice,
     /// The clone strategy of each clone disk whose PVC is still to be made, by disk name
     /// (`csi-clone` when absent).
     pub clone_choices: BTreeMap<String, Chosen>,
@@ -777,13 +814,26 @@ pub struct Observed<'a> {
     pub now: Time,
 }
 
-/// A change to the launcher Pod.
+/// A change to the VM's workload (its launcher Pod, or its VirtualMachineInstance).
 #[derive(Clone, Debug, PartialEq)]
 pub enum PodChange {
-    /// Create this Pod.
+    /// Create this launcher Pod.
     Create(Box<Pod>),
+    /// Create this KubeVirt VirtualMachineInstance (the `kubevirt` runtime).
+    CreateInstance(Box<build::Instance>),
     /// Delete the VM's launcher Pod (gracefully: fencing waits until it is gone).
     Delete,
+    /// Delete the VM's VirtualMachineInstance (gracefully: fencing waits until it and its
+    /// virt-launcher Pods are gone).
+    DeleteInstance,
+}
+
+/// The change that stops the VM's workload of the runtime in force.
+fn stop_workload(obs: &Observed) -> PodChange {
+    match obs.runtime {
+        Choice::Run(Runtime::Kubevirt) => PodChange::DeleteInstance,
+        _ => PodChange::Delete,
+    }
 }
 
 /// What one VM reconcile does, in the order the controller applies it: finalizer, claims to
@@ -826,6 +876,8 @@ pub struct VmPlan {
 const QUEUED_RECHECK: Duration = Duration::from_secs(2);
 /// How soon a VM whose launcher Pod is going looks again (the Pod's deletion wakes it too).
 const POD_GOING_RECHECK: Duration = Duration::from_secs(10);
+/// How soon a VM whose runtime is not available looks again (KubeVirt may be installed).
+const RUNTIME_RECHECK: Duration = Duration::from_secs(10);
 
 /// The whole decision of one VM reconcile (see the module).
 pub fn decide(obs: &Observed) -> VmPlan {
@@ -871,6 +923,18 @@ pub fn decide(obs: &Observed) -> VmPlan {
             return with_status(obs, plan, None, verdict);
         }
     };
+    let unavailable = match &obs.runtime {
+        Choice::NotAvailable(why) => Some(why.clone()),
+        Choice::Wait => Some("waiting to learn whether the cluster serves KubeVirt's API".to_owned()),
+        Choice::Run(_) => None,
+    };
+    if let Some(message) = unavailable {
+        // Nothing can run it: it takes no claim (another VM may use the images meanwhile).
+        let mut plan = let_go(obs, mine, plan);
+        plan.requeue = Some(RUNTIME_RECHECK);
+        let blocker = Blocker::pending(reason::RUNTIME_NOT_AVAILABLE, message);
+        return with_status(obs, plan, Some(&resolved), Verdict::Blocked { blocker, claimed: false });
+    }
     let wanted = persistent_images(&resolved.disks);
     plan.add_finalizer = !wanted.is_empty() && !obs.vm.finalizers().iter().any(|f| f == names::VM_FINALIZER);
     let states: BTreeMap<String, ClaimState> =
@@ -909,7 +973,7 @@ pub fn decide(obs: &Observed) -> VmPlan {
         if plan.pod.is_none()
             && let Child::Ours { deleting: false, .. } = obs.pod
         {
-            plan.pod = Some(PodChange::Delete);
+            plan.pod = Some(stop_workload(obs));
         }
         return with_status(obs, plan, Some(&resolved), verdict);
     }
@@ -967,7 +1031,7 @@ fn let_go(obs: &Observed, mine: Vec<String>, mut plan: VmPlan) -> VmPlan {
         Child::Missing | Child::Foreign => plan.release = mine,
         Child::Ours { deleting, .. } => {
             if !deleting {
-                plan.pod = Some(PodChange::Delete);
+                plan.pod = Some(stop_workload(obs));
             }
             plan.requeue = Some(POD_GOING_RECHECK);
         }
@@ -987,6 +1051,7 @@ fn provision(obs: &Observed, mut plan: VmPlan, mut resolved: Resolved) -> VmPlan
     for (kind, taken) in &obs.taken {
         match *kind {
             "Pod" if *taken == pod_name => pod = Child::Foreign,
+            "VirtualMachineInstance" => pod = Child::Foreign,
             // A copier's name taken by a Pod that is not the VM's (the Pod cache only sees
             // vmkeep's own).
             "Pod" => {
@@ -1004,7 +1069,21 @@ fn provision(obs: &Observed, mut plan: VmPlan, mut resolved: Resolved) -> VmPlan
             }
         }
     }
-    let children = plan_children(vm.spec.run_strategy, &resolved.disks, &pvcs, &pod_name, &pod);
+    let mut children = plan_children(vm.spec.run_strategy, &resolved.disks, &pvcs, &pod_name, &pod);
+    let runtime = match obs.runtime {
+        Choice::Run(runtime) => runtime,
+        _ => Runtime::Launcher,
+    };
+    // A VirtualMachineInstance whose guest ended is not started again by KubeVirt: with
+    // `runStrategy: Always` it is replaced (deleted, then made again once it and its Pods are
+    // gone), as the launcher starts a guest again that powered itself off.
+    if runtime == Runtime::Kubevirt
+        && vm.spec.run_strategy == RunStrategy::Always
+        && let Child::Ours { phase, deleting: false } = &pod
+        && super::runtime::finished(phase.as_deref())
+    {
+        children.pod = PodAction::Delete;
+    }
     for disk_name in &children.create_pvcs {
         let Some(disk) = resolved.disks.iter().find(|d| &d.name == disk_name) else { continue };
         let image = disk.image.as_deref().and_then(|i| obs.images.get(i).copied());
@@ -1090,11 +1169,16 @@ fn provision(obs: &Observed, mut plan: VmPlan, mut resolved: Resolved) -> VmPlan
                     disks: &disks,
                     settings: obs.template.and_then(|t| t.spec.launcher.as_ref()),
                 };
-                plan.pod = Some(PodChange::Create(Box::new(build::launcher_pod(vm, &inputs))));
+                plan.pod = Some(match runtime {
+                    Runtime::Kubevirt => {
+                        PodChange::CreateInstance(Box::new(build::virtual_machine_instance(vm, &inputs)))
+                    }
+                    _ => PodChange::Create(Box::new(build::launcher_pod(vm, &inputs))),
+                });
                 pod = Child::Ours { phase: Some("Pending".into()), deleting: false };
             }
             PodAction::Delete => {
-                plan.pod = Some(PodChange::Delete);
+                plan.pod = Some(stop_workload(obs));
                 pod = Child::Ours { phase: None, deleting: true };
             }
             PodAction::Nothing => {}
@@ -1178,7 +1262,7 @@ fn decide_cleanup(obs: &Observed) -> VmPlan {
     match &obs.pod {
         Child::Ours { deleting, .. } => {
             if !deleting {
-                plan.pod = Some(PodChange::Delete);
+                plan.pod = Some(stop_workload(obs));
             }
             plan.requeue = Some(POD_GOING_RECHECK);
         }
