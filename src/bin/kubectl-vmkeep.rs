@@ -137,6 +137,16 @@ async fn run_strategy(vms: &Api<VirtualMachine>, name: &str, wanted: RunStrategy
     Ok(())
 }
 
+/// Fails for a VM that KubeVirt runs (`status.runtime: kubevirt`): it has no launcher Pod;
+/// KubeVirt's `virtctl` does `what` for its VirtualMachineInstance.
+fn not_kubevirt(vm: &VirtualMachine, what: &str) -> anyhow::Result<()> {
+    if vm.status.as_ref().and_then(|s| s.runtime) == Some(vmkeep::api::template::Runtime::Kubevirt) {
+        let name = vm.name_any();
+        bail!("VirtualMachine {name} runs under KubeVirt (status.runtime: kubevirt), not a launcher Pod: use `virtctl {what} {name}`");
+    }
+    Ok(())
+}
+
 /// The launcher Pod of `vm`: the one its status names, else the name vmkeep gives it.
 fn launcher_pod(vm: &VirtualMachine) -> String {
     let status = vm.status.as_ref().and_then(|s| s.launcher_pod.clone());
@@ -148,6 +158,7 @@ async fn restart(vms: &Api<VirtualMachine>, pods: &Api<Pod>, name: &str) -> anyh
     if vm.spec.run_strategy == RunStrategy::Halted {
         bail!("VirtualMachine {name} is halted; power it on with: kubectl vmkeep start {name}");
     }
+    not_kubevirt(&vm, "restart")?;
     let pod = launcher_pod(&vm);
     match pods.delete(&pod, &DeleteParams::default()).await {
         Ok(_) => println!("VirtualMachine {name}: launcher Pod {pod} stops the guest; a new one will boot it"),
@@ -173,6 +184,7 @@ async fn console(vms: &Api<VirtualMachine>, pods: &Api<Pod>, name: &str) -> anyh
             }
         );
     }
+    not_kubevirt(&vm, "console")?;
     let params = AttachParams::default().container(LAUNCHER_CONTAINER).stdin(true).stdout(true).stderr(true);
     let mut attached = pods
         .exec(&launcher_pod(&vm), ["/vmkeep", "console"], &params)
