@@ -113,6 +113,14 @@ pub fn instances(wanted: bool) -> (Instances, Runner) {
     (instances, Runner { writer, state: tx, wanted, wake })
 }
 
+/// Where the runner sends what a VMI change concerns.
+pub struct Triggers {
+    /// The VM named like the VMI.
+    pub vms: mpsc::Sender<ObjectRef<VirtualMachine>>,
+    /// The VMI itself.
+    pub instances: mpsc::Sender<CachedVmi>,
+}
+
 /// Why a watch ended.
 enum Ended {
     NotServed,
@@ -121,12 +129,13 @@ enum Ended {
 
 impl Runner {
     /// Probes and watches until `shutdown`; every VMI change sends the VM of the same name to
-    /// `vms` (the VM controller's trigger).
+    /// `triggers.vms` (the VM controller's trigger) and the VMI to `triggers.instances` (the
+    /// sweep of what an orphaning deletion leaves behind, src/controller/orphans.rs).
     pub async fn run(
         mut self,
         client: Client,
         namespace: Option<String>,
-        vms: mpsc::Sender<ObjectRef<VirtualMachine>>,
+        triggers: Triggers,
         shutdown: CancellationToken,
     ) {
         while !self.wanted.load(Ordering::SeqCst) {
@@ -140,7 +149,7 @@ impl Runner {
                 Ok(true) => {
                     info!("the cluster serves KubeVirt's VirtualMachineInstance API: watching vmkeep's instances");
                     self.state.send_replace(KubevirtApi::Syncing);
-                    if let Ended::Shutdown = self.watch(&client, namespace.as_deref(), &vms, &shutdown).await {
+                    if let Ended::Shutdown = self.watch(&client, namespace.as_deref(), &triggers, &shutdown).await {
                         return;
                     }
                     info!("the cluster no longer serves KubeVirt's VirtualMachineInstance API");
@@ -168,7 +177,7 @@ impl Runner {
         &mut self,
         client: &Client,
         namespace: Option<&str>,
-        vms: &mpsc::Sender<ObjectRef<VirtualMachine>>,
+        triggers: &Triggers,
         shutdown: &CancellationToken,
     ) -> Ended {
         let api: Api<CachedVmi> = match namespace {
@@ -195,7 +204,10 @@ impl Runner {
                         Event::Apply(vmi) | Event::Delete(vmi) | Event::InitApply(vmi) => {
                             if let Some(ns) = vmi.namespace() {
                                 // A full channel drops the wake-up: the VM is woken by its requeue.
-                                let _ = vms.try_send(ObjectRef::new(&vmi.name_any()).within(&ns));
+                                let _ = triggers.vms.try_send(ObjectRef::new(&vmi.name_any()).within(&ns));
+                            }
+                            if !matches!(event, Event::Delete(_)) {
+                                let _ = triggers.instances.try_send(vmi.clone());
                             }
                         }
                         Event::Init => {}

@@ -142,7 +142,9 @@ async fn run_strategy(vms: &Api<VirtualMachine>, name: &str, wanted: RunStrategy
 fn not_kubevirt(vm: &VirtualMachine, what: &str) -> anyhow::Result<()> {
     if vm.status.as_ref().and_then(|s| s.runtime) == Some(vmkeep::api::template::Runtime::Kubevirt) {
         let name = vm.name_any();
-        bail!("VirtualMachine {name} runs under KubeVirt (status.runtime: kubevirt), not a launcher Pod: use `virtctl {what} {name}`");
+        bail!(
+            "VirtualMachine {name} runs under KubeVirt (status.runtime: kubevirt), not a launcher Pod: use `virtctl {what} {name}`"
+        );
     }
     Ok(())
 }

@@ -251,9 +251,12 @@ pub async fn run(client: Client, metrics: Arc<Metrics>, settings: Settings, shut
     // the VM of the same name.
     let (kubevirt, kubevirt_runner) =
         crate::kubevirt::instances(settings.runtime != crate::api::template::Runtime::Launcher);
-    let (vmi_tx, vmi_rx) = tokio::sync::mpsc::channel(1024);
-    let kubevirt_task = kubevirt_runner.run(client.clone(), settings.namespace.clone(), vmi_tx, shutdown.clone());
-    let vmi_changes = futures::stream::unfold(vmi_rx, |mut rx| async move { rx.recv().await.map(|r| (r, rx)) });
+    let (vms_tx, vms_rx) = tokio::sync::mpsc::channel(1024);
+    let (vmis_tx, vmis_rx) = tokio::sync::mpsc::channel(1024);
+    let triggers = crate::kubevirt::Triggers { vms: vms_tx, instances: vmis_tx };
+    let kubevirt_task = kubevirt_runner.run(client.clone(), settings.namespace.clone(), triggers, shutdown.clone());
+    let vmi_changes = futures::stream::unfold(vms_rx, |mut rx| async move { rx.recv().await.map(|r| (r, rx)) });
+    let vmis = futures::stream::unfold(vmis_rx, |mut rx| async move { rx.recv().await.map(|v| (Ok(v), rx)) });
     let ctx = Arc::new(Context {
         recorder,
         claims: Claims::new(client.clone(), Some(writes.clone())),
@@ -337,6 +340,12 @@ pub async fn run(client: Client, metrics: Arc<Metrics>, settings: Settings, shut
         .graceful_shutdown_on(shutdown.clone().cancelled_owned())
         .run(orphans::reconcile, error_policy("Pod"), ctx.clone())
         .for_each(|_| async {});
+    // What an orphaning deletion of a VM leaves of its VirtualMachineInstance.
+    let orphan_vmis = Controller::for_stream(vmis, ctx.kubevirt.store.clone())
+        .with_config(config.clone())
+        .graceful_shutdown_on(shutdown.clone().cancelled_owned())
+        .run(orphans::reconcile, error_policy("VirtualMachineInstance"), ctx.clone())
+        .for_each(|_| async {});
     let template_ctl = {
         let by_image = stores.clone();
         Controller::for_stream(templates.subscribe(), stores.templates.clone())
@@ -359,7 +368,7 @@ pub async fn run(client: Client, metrics: Arc<Metrics>, settings: Settings, shut
             leases.run(leases_w, synced.clone(), malformed.clone(), shutdown.clone()),
         )
     };
-    tokio::join!(informers, vm_ctl, image_ctl, template_ctl, orphan_pvcs, orphan_pods, kubevirt_task);
+    tokio::join!(informers, vm_ctl, image_ctl, template_ctl, orphan_pvcs, orphan_pods, orphan_vmis, kubevirt_task);
 }
 
 /// How long what [`storage_class_reused`] read of an existing class is used again: a change to

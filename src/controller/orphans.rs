@@ -1,4 +1,5 @@
-//! What a deleted VM leaves behind: its disk PVCs, copier and launcher Pods once an orphaning
+//! What a deleted VM leaves behind: its disk PVCs, copier and launcher Pods (and, with the
+//! KubeVirt runtime, its VirtualMachineInstance) once an orphaning
 //! deletion (`--cascade=orphan`) stripped their owner references. The garbage collector will
 //! not take them, and a VM without persistent disks has no finalizer to do it, so this sweep
 //! does, decided by [`crate::plan::virtual_machine::left_behind`]: a child labelled with a VM's
