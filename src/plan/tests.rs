@@ -2709,6 +2709,12 @@ fn a_vm_whose_runtime_is_not_available_waits_and_claims_nothing() {
     let status = plan.status.unwrap();
     assert_eq!(find(&status.conditions, "Ready").unwrap().message, "no KubeVirt");
     assert_eq!(status.runtime, None);
+    // A Halted VM needs no runtime: it is Stopped, as asked.
+    let mut halted = vm("vm-a");
+    halted.spec.run_strategy = RunStrategy::Halted;
+    let mut obs = observed(&halted, &t, &images, &[("db", ClaimState::Free)]);
+    obs.runtime = Choice::NotAvailable("no KubeVirt".into());
+    assert_eq!(phase_and_reason(&vm_plan::decide(&obs)), (Some(P::Stopped), "Halted".into()));
 }
 
 #[test]

@@ -687,8 +687,9 @@ pub fn status(vm: &VirtualMachine, resolved: Option<&Resolved>, verdict: &Verdic
         }
         _ => None,
     };
+    // The runtime of the workload it has (or is given now), else the one it last ran with.
     let runtime = match verdict {
-        Verdict::Provisioned { launcher, .. } => Some(launcher.runtime),
+        Verdict::Provisioned { pod: Child::Ours { .. }, launcher } => Some(launcher.runtime),
         _ if record => previous.runtime,
         _ => None,
     };
@@ -923,7 +924,9 @@ pub fn decide(obs: &Observed) -> VmPlan {
             return with_status(obs, plan, None, verdict);
         }
     };
+    // A VM to be started needs its runtime; a Halted one does not.
     let unavailable = match &obs.runtime {
+        _ if vm.spec.run_strategy == RunStrategy::Halted => None,
         Choice::NotAvailable(why) => Some(why.clone()),
         Choice::Wait => Some("waiting to learn whether the cluster serves KubeVirt's API".to_owned()),
         Choice::Run(_) => None,
