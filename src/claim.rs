@@ -21,7 +21,7 @@ use kube::{
     Api, Client, ResourceExt,
     api::{DeleteParams, ListParams, PostParams, Preconditions},
 };
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::{
     api::{VirtualMachine, image::ClaimHolder},
@@ -179,31 +179,31 @@ impl Claims {
 
     /// Whether the KubeVirt runtime still runs `h` (the `kubevirt` runtime, docs/kubevirt.md):
     /// its VirtualMachineInstance (named after the VM, labelled with its uid) exists, or a
-    /// virt-launcher Pod of a VMI of that name does (KubeVirt labels it
-    /// `kubevirt.io/created-by=<vmi uid>` and makes the VMI its controller; it may outlive the
-    /// VMI while its guest stops). A cluster without KubeVirt answers 404 (nothing fences), and
-    /// an operator not allowed to read VMIs (403: the chart's KubeVirt rule is off) never made
-    /// any.
+    /// virt-launcher Pod of it does (KubeVirt labels it `kubevirt.io/created-by=<vmi uid>` and
+    /// copies the VMI's labels onto it, vmkeep's among them; it may outlive the VMI while the
+    /// guest stops). Asked only where API discovery shows KubeVirt's API: elsewhere a release
+    /// costs one discovery request more and nothing else. An operator not allowed to read VMIs
+    /// (403: the chart's KubeVirt rule is off) is fenced by the virt-launcher Pods alone: a VMI
+    /// it cannot read is one it could not have made, unless its RBAC was taken away while VMIs
+    /// of its existed (docs/kubevirt.md).
     async fn kubevirt_fenced(&self, namespace: &str, h: &ClaimHolder) -> Result<bool, Error> {
+        if !crate::kubevirt::served(&self.client).await.map_err(read("API discovery"))? {
+            return Ok(false);
+        }
         let vmis: Api<build::Instance> = Api::namespaced(self.client.clone(), namespace);
         match vmis.get_metadata_opt(&h.name).await {
             Ok(Some(vmi)) if rules::launcher_of(&vmi.metadata, &h.name, &h.uid) => return Ok(true),
             Ok(_) => {}
-            Err(kube::Error::Api(e)) if e.code == 403 || e.code == 404 => {}
+            Err(kube::Error::Api(e)) if e.code == 404 => {}
+            Err(kube::Error::Api(e)) if e.code == 403 => {
+                warn!(vm = %h.name, "may not read VirtualMachineInstances: fencing on virt-launcher Pods only");
+            }
             Err(source) => return Err(Error::Read { what: "a VirtualMachineInstance", source }),
         }
         let pods: Api<Pod> = Api::namespaced(self.client.clone(), namespace);
         let params = ListParams::default().labels(KUBEVIRT_CREATED_BY);
         let launchers = pods.list_metadata(&params).await.map_err(read("virt-launcher Pods"))?.items;
-        Ok(launchers.iter().any(|p| {
-            let of_instance = p
-                .metadata
-                .owner_references
-                .iter()
-                .flatten()
-                .any(|o| o.controller == Some(true) && o.kind == "VirtualMachineInstance" && o.name == h.name);
-            of_instance || rules::launcher_of(&p.metadata, &h.name, &h.uid)
-        }))
+        Ok(rules::fenced(launchers.iter().map(|p| &p.metadata), h))
     }
 
     /// Deletes this very Lease (uid and resourceVersion preconditions) once no launcher Pod of

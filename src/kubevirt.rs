@@ -54,8 +54,30 @@ pub fn instance_crd() -> CustomResourceDefinition {
     use kube_core_kubevirt::CustomResourceExt;
     let crd = k8s_crds_kube_virt::virtualmachineinstances::VirtualMachineInstance::crd();
     // The crate builds on another k8s-openapi: the same JSON, read into this crate's type.
-    let json = serde_json::to_value(crd).expect("a CRD serializes");
+    let mut json = serde_json::to_value(crd).expect("a CRD serializes");
+    drop_null_enum_values(&mut json);
     serde_json::from_value(json).expect("the CRD reads as apiextensions.k8s.io/v1")
+}
+
+/// Removes `null` from every `enum` list of a schema: kopium writes it for optional enums
+/// (which are `nullable: true` already), and the API server of Kubernetes 1.20 refuses such a
+/// CRD (422, "per-version schemas may not all be set to identical values"; kubectl: unknown
+/// object type "nil" in `...memLock.enum`). Found with `spec.domain.rebootPolicy` and
+/// `spec.domain.memory.reservedOverhead.memLock`.
+fn drop_null_enum_values(value: &mut serde_json::Value) {
+    match value {
+        serde_json::Value::Object(map) => {
+            if let Some(serde_json::Value::Array(values)) = map.get_mut("enum") {
+                values.retain(|v| !v.is_null());
+                if values.is_empty() {
+                    map.remove("enum");
+                }
+            }
+            map.values_mut().for_each(drop_null_enum_values);
+        }
+        serde_json::Value::Array(items) => items.iter_mut().for_each(drop_null_enum_values),
+        _ => {}
+    }
 }
 
 /// Whether the cluster serves `kubevirt.io/v1` `virtualmachineinstances` (API discovery).
@@ -261,5 +283,22 @@ mod tests {
         let v1 = crd.spec.versions.iter().find(|v| v.name == "v1").expect("v1");
         assert!(v1.served && v1.storage);
         assert!(v1.subresources.as_ref().and_then(|s| s.status.as_ref()).is_some());
+        fn null_enums(value: &serde_json::Value) -> usize {
+            match value {
+                serde_json::Value::Object(map) => {
+                    let here = map
+                        .get("enum")
+                        .and_then(|e| e.as_array())
+                        .map_or(0, |e| e.iter().filter(|v| v.is_null()).count());
+                    here + map.values().map(null_enums).sum::<usize>()
+                }
+                serde_json::Value::Array(items) => items.iter().map(null_enums).sum(),
+                _ => 0,
+            }
+        }
+        assert_eq!(null_enums(&serde_json::to_value(&crd).unwrap()), 0, "the API server refuses a null in an enum");
+        let mut raw = serde_json::json!({"enum": ["a", null], "x": [{"enum": [null]}]});
+        super::drop_null_enum_values(&mut raw);
+        assert_eq!(raw, serde_json::json!({"enum": ["a"], "x": [{}]}));
     }
 }

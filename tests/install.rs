@@ -10,23 +10,18 @@ mod support;
 
 use std::{
     fs::File,
-    io::{BufRead, BufReader, Seek, SeekFrom},
-    path::{Path, PathBuf},
-    process::{Command, Output, Stdio},
+    path::PathBuf,
+    process::{Command, Stdio},
     time::Duration,
 };
 
 use k8s_openapi::api::core::v1::PersistentVolumeClaim;
 use kube::{Api, Client};
-use serde::Deserialize;
-use serde_yaml::Value;
-use support::*;
+use support::{chart::*, *};
 use vmkeep::{
     api::{Image, VirtualMachine, virtual_machine::VirtualMachinePhase},
     plan::names,
 };
-
-const CHART: &str = "charts/vmkeep";
 
 /// Serialises the tests of this file that run an operator: one installed in the cluster serves
 /// every namespace, so no other operator may serve any namespace meanwhile.
@@ -34,71 +29,6 @@ static OPERATORS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 const LONG: Duration = Duration::from_secs(60);
 /// `hack/image.sh` installs Debian packages and downloads some on its first run.
 const IMAGE_BUILD: Duration = Duration::from_secs(900);
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
-
-/// Runs helm (in the repository, against the cluster under test).
-fn helm(args: &[&str]) -> Output {
-    Command::new(helm_path())
-        .current_dir(repo())
-        .env("KUBECONFIG", kubeconfig())
-        .args(args)
-        .output()
-        .expect("cannot run helm")
-}
-
-/// Runs helm and panics with its output unless it succeeds; returns stdout.
-fn helm_ok(args: &[&str]) -> String {
-    let out = helm(args);
-    assert!(out.status.success(), "helm {} failed:\n{}{}", args.join(" "), text(&out.stdout), text(&out.stderr));
-    text(&out.stdout)
-}
-
-/// `helm template` of the chart as `release` into `namespace`, with extra arguments.
-fn render(release: &str, namespace: &str, extra: &[&str]) -> Output {
-    helm(&[&["template", release, CHART, "--namespace", namespace], extra].concat())
-}
-
-/// The objects of a multi-document YAML stream.
-fn objects(yaml: &str) -> Vec<Value> {
-    serde_yaml::Deserializer::from_str(yaml)
-        .map(|doc| Value::deserialize(doc).expect("valid YAML"))
-        .filter(|doc| !doc.is_null())
-        .collect()
-}
-
-/// `kind/name` of an object, as kubectl takes it.
-fn reference(object: &Value) -> String {
-    let kind = object["kind"].as_str().expect("kind").to_lowercase();
-    format!("{kind}/{}", object["metadata"]["name"].as_str().expect("name"))
-}
-
-fn is_cluster_scoped(object: &Value) -> bool {
-    object["metadata"]["namespace"].is_null()
-}
-
-/// Which of `references` (`kind/name`) exist, in `namespace` for namespaced kinds.
-fn existing(references: &[String], namespace: &str) -> Vec<String> {
-    if references.is_empty() {
-        return Vec::new();
-    }
-    let args = [&["get", "--ignore-not-found", "-o", "name", "-n", namespace][..], &str_refs(references)[..]].concat();
-    kubectl_ok(&args, None).lines().map(str::to_owned).collect()
-}
-
-fn str_refs(strings: &[String]) -> Vec<&str> {
-    strings.iter().map(String::as_str).collect()
-}
-
-/// Deletes `references` (cluster-scoped ones, namespaced ones in `namespace`) if they exist.
-fn delete_quietly(references: &[String], namespace: &str) {
-    if !references.is_empty() {
-        let args = [&["delete", "--ignore-not-found", "--wait=false", "-n", namespace][..], &str_refs(references)[..]];
-        let _ = kubectl(&args.concat(), None);
-    }
-}
 
 async fn wait_all_gone(what: &str, references: &[String], namespace: &str) {
     wait_for(what, LONG, async || existing(references, namespace).is_empty().then_some(())).await;
@@ -256,109 +186,6 @@ async fn deploy_is_the_rendered_chart() {
     );
 }
 
-/// The token of ServiceAccount `sa`: on clusters before 1.24 the Secret the token controller
-/// makes for it (`<sa>-token-*`, listed in the account's `.secrets`), else a TokenRequest.
-async fn service_account_token(namespace: &str, sa: &str) -> String {
-    let version: serde_json::Value = serde_json::from_str(&kubectl_ok(&["version", "-o", "json"], None)).unwrap();
-    let minor = version["serverVersion"]["minor"].as_str().expect("server minor version");
-    let minor: u32 = minor.trim_end_matches(|c: char| !c.is_ascii_digit()).parse().expect("minor version");
-    if minor >= 24 {
-        return kubectl_ok(&["create", "token", sa, "-n", namespace, "--duration=2h"], None).trim().to_owned();
-    }
-    let secret = wait_for(&format!("the token Secret of ServiceAccount {sa}"), LONG, async || {
-        let names =
-            kubectl_ok(&["get", "serviceaccount", sa, "-n", namespace, "-o", "jsonpath={.secrets[*].name}"], None);
-        names.split_whitespace().find(|n| n.starts_with(&format!("{sa}-token-"))).map(str::to_owned)
-    })
-    .await;
-    // The token controller creates the Secret with its token before it lists it in `.secrets`.
-    let template = "go-template={{.data.token | base64decode}}";
-    kubectl_ok(&["get", "secret", &secret, "-n", namespace, "-o", template], None).trim().to_owned()
-}
-
-/// Writes a kubeconfig for `token` to the cluster under test (server and CA of the admin's).
-fn token_kubeconfig(path: &Path, token: &str, namespace: &str) {
-    let admin = kubectl_ok(&["config", "view", "--raw", "--minify", "--flatten", "-o", "json"], None);
-    let admin: serde_json::Value = serde_json::from_str(&admin).expect("kubeconfig as JSON");
-    let cluster = admin["clusters"][0]["cluster"].clone();
-    assert!(cluster["server"].is_string(), "no server in the admin kubeconfig");
-    let config = serde_json::json!({
-        "apiVersion": "v1",
-        "kind": "Config",
-        "clusters": [{"name": "cluster", "cluster": cluster}],
-        "users": [{"name": "operator", "user": {"token": token}}],
-        "contexts": [{"name": "operator", "context": {"cluster": "cluster", "user": "operator", "namespace": namespace}}],
-        "current-context": "operator",
-    });
-    std::fs::write(path, serde_json::to_string_pretty(&config).unwrap()).expect("write the kubeconfig");
-}
-
-/// Requests of `user` in the API server's audit log from byte `from` on: how many, and the
-/// ones authorization refused (403).
-fn audited_requests(log: &Path, from: u64, user: &str) -> (usize, Vec<String>) {
-    let mut file = File::open(log).expect("open the audit log");
-    file.seek(SeekFrom::Start(from)).expect("seek in the audit log");
-    let needle = format!(r#""username":"{user}""#);
-    let mut count = 0;
-    let mut refused = Vec::new();
-    for line in BufReader::new(file).lines() {
-        let line = line.expect("read the audit log");
-        if !line.contains(&needle) {
-            continue;
-        }
-        // The last line may be half written.
-        let Ok(event) = serde_json::from_str::<serde_json::Value>(&line) else { continue };
-        count += 1;
-        // Refused by authorization; admission refuses with 403 too (a namespace being deleted
-        // takes no new objects), after authorization allowed: that is no missing permission.
-        let allowed = event["annotations"]["authorization.k8s.io/decision"] == "allow";
-        if event["responseStatus"]["code"] == 403 && !allowed {
-            refused.push(format!("{} {}: {}", event["verb"], event["requestURI"], event["annotations"]));
-        }
-    }
-    (count, refused)
-}
-
-/// The first lines of an operator log that tell of a refused (403 Forbidden) request; a
-/// namespace being deleted refuses new objects with 403 too, which is no missing permission.
-fn refusals_in(log: &str) -> Vec<String> {
-    let refused = |l: &&str| l.to_lowercase().contains("forbidden") && !l.contains("because it is being terminated");
-    log.lines().filter(refused).take(5).map(str::to_owned).collect()
-}
-
-fn refusals(log: &Path) -> Vec<String> {
-    refusals_in(&std::fs::read_to_string(log).unwrap_or_default())
-}
-
-/// Deletes the test's vmkeep objects while the operator runs (their finalizers need it); if
-/// that does not finish, strips the finalizers so the namespace can go.
-fn delete_vmkeep_objects(namespace: &str) -> bool {
-    let kinds = "virtualmachines.vmkeep.io,images.vmkeep.io,templates.vmkeep.io";
-    // Launcher Pods stop their guests first (ACPI, then quit at the grace period's deadline): on
-    // a loaded 2-core CI machine that once took more than 90 s for three VMs.
-    let deleted = kubectl(&["delete", kinds, "--all", "-n", namespace, "--wait=true", "--timeout=180s"], None);
-    if deleted.status.success() {
-        return true;
-    }
-    // What held the deletion up, for the next reader of a failed run.
-    let held = kubectl(&["get", &format!("{kinds},pods,pvc,leases"), "-n", namespace, "-o", "wide"], None);
-    let status = kubectl(&["get", kinds, "-n", namespace, "-o", "yaml"], None);
-    let events = kubectl(&["get", "events", "-n", namespace, "--sort-by=.lastTimestamp"], None);
-    eprintln!(
-        "deleting the vmkeep objects of {namespace} did not finish: {}\n{}\n{}\n{}",
-        text(&deleted.stderr),
-        text(&held.stdout),
-        text(&status.stdout),
-        text(&events.stdout)
-    );
-    let left = kubectl(&["get", kinds, "-n", namespace, "-o", "name"], None);
-    for object in text(&left.stdout).lines() {
-        let unblock = r#"{"metadata":{"finalizers":null}}"#;
-        let _ = kubectl(&["patch", object, "-n", namespace, "--type=merge", "-p", unblock], None);
-    }
-    false
-}
-
 /// A non-persistent image cloned for two VMs, and a persistent image held by one VM.
 const SCENARIO: &str = r#"
 apiVersion: vmkeep.io/v1alpha1
@@ -421,8 +248,7 @@ async fn serves_in_cluster(namespace: &str, deployment: &str, sa: &str) {
         eprintln!("no schedulable node: not running the operator in the cluster");
         return;
     }
-    let audit_log = kubeconfig().parent().expect("kubeconfig folder").join("audit.log");
-    let audit_start = std::fs::metadata(&audit_log).map(|m| m.len()).unwrap_or(0);
+    let (audit_log, audit_start) = audit_log_now();
     let started = std::time::Instant::now();
     let available = kubectl(
         &["wait", "--for=condition=Available", &format!("deployment/{deployment}"), "-n", namespace, "--timeout=180s"],
@@ -501,32 +327,15 @@ async fn the_chart_rbac_is_enough_for_the_operator_and_no_more() {
     let _alone = OPERATORS.lock().await;
     install_crds();
     let ns = TestNamespace::new("install-rbac");
-    let release = ns.name.clone();
-    let only = ["serviceaccount", "clusterrole", "clusterrolebinding"].map(|t| format!("templates/{t}.yaml"));
-    let rbac = render(&release, &ns.name, &only.iter().flat_map(|t| ["--show-only", t.as_str()]).collect::<Vec<_>>());
-    assert!(rbac.status.success(), "helm template failed:\n{}", text(&rbac.stderr));
-    let rbac = text(&rbac.stdout);
-    let rendered = objects(&rbac);
-    let cluster_scoped: Vec<String> = rendered.iter().filter(|o| is_cluster_scoped(o)).map(reference).collect();
-    let _cluster_cleanup = OnDrop(|| delete_quietly(&cluster_scoped, &ns.name));
-    kubectl_ok(&["apply", "-n", &ns.name, "-f", "-"], Some(&rbac));
-    let sa = rendered.iter().find(|o| o["kind"] == "ServiceAccount").expect("a ServiceAccount");
-    let sa = sa["metadata"]["name"].as_str().expect("name").to_owned();
-    let user = format!("system:serviceaccount:{}:{sa}", ns.name);
-
-    let config = std::env::temp_dir().join(format!("{}.kubeconfig", ns.name));
-    let _config_cleanup = OnDrop(|| {
-        let _ = std::fs::remove_file(&config);
-    });
-    token_kubeconfig(&config, &service_account_token(&ns.name, &sa).await, &ns.name);
-    let audit_log = kubeconfig().parent().expect("kubeconfig folder").join("audit.log");
-    let audit_start = std::fs::metadata(&audit_log).map(|m| m.len()).unwrap_or(0);
+    let account = ChartAccount::new(&ns.name, &ns.name, &[]).await;
+    let (config, user) = (&account.kubeconfig, &account.user);
+    let (audit_log, audit_start) = audit_log_now();
 
     // The chart's ServiceAccount, with leader election (the chart's leaderElection.enabled)
     // renewing its Lease every second.
     let election = ["--leader-elect", "--leader-election-namespace", &ns.name, "--leader-election-seconds", "3"];
     let args = [&["--namespace", ns.name.as_str()][..], &election[..]].concat();
-    let mut operator = Operator::start_with_kubeconfig("install-rbac", &config, &args);
+    let mut operator = Operator::start_with_kubeconfig("install-rbac", config, &args);
     let log = operator.log.clone();
     let _objects_cleanup = OnDrop(|| {
         delete_vmkeep_objects(&ns.name);
@@ -542,7 +351,7 @@ async fn the_chart_rbac_is_enough_for_the_operator_and_no_more() {
     assert!(refused.is_empty(), "the operator was refused requests:\n{}", refused.join("\n"));
 
     if is_local_cluster() {
-        let (count, refused) = audited_requests(&audit_log, audit_start, &user);
+        let (count, refused) = audited_requests(&audit_log, audit_start, user);
         assert!(count > 0, "no request of {user} in {}", audit_log.display());
         assert!(refused.is_empty(), "requests of {user} answered 403:\n{}", refused.join("\n"));
         eprintln!("audit log: {count} requests of {user}, none refused");
@@ -560,7 +369,7 @@ async fn the_chart_rbac_is_enough_for_the_operator_and_no_more() {
         &["delete", "images.vmkeep.io", "x"],
     ];
     for args in refused {
-        let out = kubectl_with(&config, &[args, &["-n", &ns.name]].concat(), None);
+        let out = kubectl_with(config, &[args, &["-n", &ns.name]].concat(), None);
         let stderr = text(&out.stderr);
         assert!(!out.status.success() && stderr.contains("is forbidden: User"), "{user} may {args:?}: {stderr}");
     }

@@ -138,12 +138,13 @@ async fn run_strategy(vms: &Api<VirtualMachine>, name: &str, wanted: RunStrategy
 }
 
 /// Fails for a VM that KubeVirt runs (`status.runtime: kubevirt`): it has no launcher Pod;
-/// KubeVirt's `virtctl` does `what` for its VirtualMachineInstance.
-fn not_kubevirt(vm: &VirtualMachine, what: &str) -> anyhow::Result<()> {
+/// `instead` says what does `what` for its VirtualMachineInstance (named after the VM).
+fn not_kubevirt(vm: &VirtualMachine, what: &str, instead: &str) -> anyhow::Result<()> {
     if vm.status.as_ref().and_then(|s| s.runtime) == Some(vmkeep::api::template::Runtime::Kubevirt) {
         let name = vm.name_any();
+        let instead = instead.replace("NAME", &name);
         bail!(
-            "VirtualMachine {name} runs under KubeVirt (status.runtime: kubevirt), not a launcher Pod: use `virtctl {what} {name}`"
+            "VirtualMachine {name} runs under KubeVirt (status.runtime: kubevirt), not in a launcher Pod; to {what} it: {instead}"
         );
     }
     Ok(())
@@ -160,7 +161,7 @@ async fn restart(vms: &Api<VirtualMachine>, pods: &Api<Pod>, name: &str) -> anyh
     if vm.spec.run_strategy == RunStrategy::Halted {
         bail!("VirtualMachine {name} is halted; power it on with: kubectl vmkeep start {name}");
     }
-    not_kubevirt(&vm, "restart")?;
+    not_kubevirt(&vm, "restart", "kubectl delete virtualmachineinstance NAME (vmkeep starts a new one)")?;
     let pod = launcher_pod(&vm);
     match pods.delete(&pod, &DeleteParams::default()).await {
         Ok(_) => println!("VirtualMachine {name}: launcher Pod {pod} stops the guest; a new one will boot it"),
@@ -186,7 +187,7 @@ async fn console(vms: &Api<VirtualMachine>, pods: &Api<Pod>, name: &str) -> anyh
             }
         );
     }
-    not_kubevirt(&vm, "console")?;
+    not_kubevirt(&vm, "attach to its console", "virtctl console NAME")?;
     let params = AttachParams::default().container(LAUNCHER_CONTAINER).stdin(true).stdout(true).stderr(true);
     let mut attached = pods
         .exec(&launcher_pod(&vm), ["/vmkeep", "console"], &params)

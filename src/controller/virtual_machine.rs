@@ -122,6 +122,8 @@ struct Cached {
     launcher: LauncherView,
     /// The runtime in force ([`runtime::in_force`]).
     runtime: Choice,
+    /// Whether a VirtualMachineInstance of it may exist unseen (see [`Observed`]).
+    instance_unseen: bool,
     /// The claims this VM may hold or need: recorded disks, its template's persistent images,
     /// and the cached Leases held by its uid (a status lost in a restore).
     claim_images: BTreeSet<String>,
@@ -197,7 +199,8 @@ impl Cached {
             ),
             Some(_) => (Child::Foreign, LauncherView::default()),
         };
-        let (runtime, pod, launcher) = workload(ctx, ns, vm, template.as_deref(), launcher_pod, launcher_view);
+        let Workload { runtime, instance_unseen, pod, launcher } =
+            workload(ctx, ns, vm, template.as_deref(), launcher_pod, launcher_view);
         Self {
             template,
             images,
@@ -207,6 +210,7 @@ impl Cached {
             pod,
             launcher,
             runtime,
+            instance_unseen,
             claim_images,
             others: std::sync::OnceLock::new(),
         }
@@ -223,41 +227,45 @@ fn workload(
     template: Option<&Template>,
     pod: Child,
     launcher: LauncherView,
-) -> (Choice, Child, LauncherView) {
+) -> Workload {
     let name = vm.name_any();
     let uid = vm.uid().unwrap_or_default();
     let recorded = vm.status.as_ref().and_then(|s| s.runtime);
     let asked = template.and_then(|t| t.spec.runtime);
-    let kubevirt_named =
-        asked.unwrap_or(ctx.settings.runtime) != Runtime::Launcher || recorded == Some(Runtime::Kubevirt);
-    let api = if kubevirt_named {
+    if asked.unwrap_or(ctx.settings.runtime) != Runtime::Launcher || recorded == Some(Runtime::Kubevirt) {
         ctx.kubevirt.want();
-        ctx.kubevirt.state()
-    } else {
-        KubevirtApi::Unknown
-    };
-    let (vmi, vmi_view) = match api {
-        KubevirtApi::Ready => {
-            let found = ctx.kubevirt.get(ns, &name);
-            let launchers = found.is_none() && recorded == Some(Runtime::Kubevirt) && virt_launchers(ctx, ns, &name);
-            runtime::instance(found.as_deref(), launchers, &name, &uid)
-        }
-        _ => runtime::instance(None, false, &name, &uid),
-    };
+    }
+    // The VMI cache is read whenever it is listed, whatever this VM asks for now.
+    let api = ctx.kubevirt.state();
+    let found = if api == KubevirtApi::Ready { ctx.kubevirt.get(ns, &name) } else { None };
+    // Its virt-launcher Pods may outlive the VMI, and the API itself (KubeVirt removed).
+    let launchers = found.is_none() && recorded == Some(Runtime::Kubevirt) && virt_launchers(ctx, ns, &name);
+    let (vmi, vmi_view) = runtime::instance(found.as_deref(), launchers, &name, &uid);
     let mut choice = runtime::in_force(&pod, &vmi, runtime::choose(ctx.settings.runtime, asked, &api));
-    // It ran with KubeVirt and its VirtualMachineInstance cannot be seen yet: nothing may start
-    // another workload on its disks meanwhile.
-    if recorded == Some(Runtime::Kubevirt) && !matches!(pod, Child::Ours { .. }) {
-        match &api {
-            KubevirtApi::Unknown | KubevirtApi::Syncing => choice = Choice::Wait,
-            KubevirtApi::Unusable(why) => choice = Choice::NotAvailable(why.clone()),
-            KubevirtApi::NotServed | KubevirtApi::Ready => {}
-        }
+    // It ran with KubeVirt and its VirtualMachineInstance cannot be seen: nothing may start
+    // another workload on its disks, or release them, meanwhile.
+    let unseen = recorded == Some(Runtime::Kubevirt)
+        && !matches!(pod, Child::Ours { .. })
+        && !matches!(api, KubevirtApi::Ready | KubevirtApi::NotServed);
+    if unseen {
+        choice = match &api {
+            KubevirtApi::Unusable(why) => Choice::NotAvailable(why.clone()),
+            _ => Choice::Wait,
+        };
     }
-    match choice {
-        Choice::Run(Runtime::Kubevirt) => (choice, vmi, vmi_view),
-        _ => (choice, pod, launcher),
-    }
+    let (pod, launcher) = match choice {
+        Choice::Run(Runtime::Kubevirt) => (vmi, vmi_view),
+        _ => (pod, launcher),
+    };
+    Workload { runtime: choice, instance_unseen: unseen, pod, launcher }
+}
+
+/// A VM's workload of the runtime in force, as [`workload`] found it.
+struct Workload {
+    runtime: Choice,
+    instance_unseen: bool,
+    pod: Child,
+    launcher: LauncherView,
 }
 
 /// Whether a virt-launcher Pod of VM `name`'s VirtualMachineInstance is still cached (by its
@@ -345,6 +353,7 @@ async fn observe<'a>(
         pod: cached.pod.clone(),
         launcher,
         runtime: cached.runtime.clone(),
+        instance_unseen: cached.instance_unseen,
         clone_choices,
         clones: cached.clones.clone(),
         copiers: cached.copiers.clone(),
@@ -466,6 +475,37 @@ async fn copies_now(ctx: &Context, ns: &str, disks: BTreeSet<String>) -> Result<
     let params = kube::api::ListParams::default().labels(names::TRANSFER_FOR_LABEL);
     let pods = Api::<CachedPod>::namespaced(ctx.client.clone(), ns).list(&params).await?;
     Ok(copies_of(pods.items.iter(), &disks))
+}
+
+/// Right before a workload is created: whether the VM's workload of the `other` runtime exists
+/// on the API server (the caches and the VM's status may not show one made a moment ago, e.g.
+/// just before the Template switched runtimes). Two workloads never run on one VM's disks. The
+/// VirtualMachineInstance is asked for only where vmkeep uses KubeVirt's API, so the launcher
+/// runtime alone costs nothing more.
+async fn other_workload(ctx: &Context, ns: &str, vm: &VirtualMachine, other: Runtime) -> Result<bool, Error> {
+    let (name, uid) = (vm.name_any(), vm.uid().unwrap_or_default());
+    let meta = match other {
+        Runtime::Kubevirt => {
+            if matches!(ctx.kubevirt.state(), KubevirtApi::Unknown | KubevirtApi::NotServed) {
+                return Ok(false);
+            }
+            let api: Api<build::Instance> = Api::namespaced(ctx.client.clone(), ns);
+            match api.get_metadata_opt(&name).await {
+                Ok(found) => found.map(|o| o.metadata),
+                Err(kube::Error::Api(e)) if e.code == 404 || e.code == 403 => None,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        _ => {
+            let api: Api<Pod> = Api::namespaced(ctx.client.clone(), ns);
+            api.get_metadata_opt(&names::launcher_pod(ns, &name)).await?.map(|o| o.metadata)
+        }
+    };
+    let exists = meta.is_some_and(|m| rules::launcher_of(&m, &name, &uid));
+    if exists {
+        info!(runtime = other.as_str(), "waiting for the VM's workload of its other runtime to go");
+    }
+    Ok(exists)
 }
 
 /// The accelerator a running launcher chose, from the start of its log (it has no API
@@ -591,6 +631,9 @@ async fn apply(
             if !copies.is_empty() {
                 return Ok(Applied::Learned(Fact::Saving(copies)));
             }
+            if other_workload(ctx, ns, vm, Runtime::Kubevirt).await? {
+                return Ok(Applied::Fenced);
+            }
             if !apply::create_child(ctx, &pod_api, pod.as_ref(), &uid).await? {
                 return Ok(Applied::Learned(Fact::Taken("Pod", pod_name)));
             }
@@ -600,6 +643,9 @@ async fn apply(
             let copies = copies_now(ctx, ns, vmi.claim_names().map(str::to_owned).collect()).await?;
             if !copies.is_empty() {
                 return Ok(Applied::Learned(Fact::Saving(copies)));
+            }
+            if other_workload(ctx, ns, vm, Runtime::Launcher).await? {
+                return Ok(Applied::Fenced);
             }
             let api: Api<build::Instance> = Api::namespaced(ctx.client.clone(), ns);
             if !apply::create_child(ctx, &api, vmi.as_ref(), &uid).await? {

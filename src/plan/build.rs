@@ -762,13 +762,15 @@ pub fn virtual_machine_instance(vm: &VirtualMachine, inputs: &LauncherInputs) ->
         owner_references: vm.controller_owner_ref(&()).map(|o| vec![o]),
         ..Default::default()
     };
+    let spec = serde_json::to_value(spec).expect("KubeVirt's spec type serializes");
     Instance { api_version: "kubevirt.io/v1".into(), kind: "VirtualMachineInstance".into(), metadata, spec }
 }
 
 /// A KubeVirt `kubevirt.io/v1` VirtualMachineInstance as vmkeep writes it: its metadata (this
-/// crate's `k8s-openapi`) and its spec (KubeVirt's type). A `k8s_openapi::Resource`, so kube's
-/// `Api` creates and deletes it like any child; what vmkeep reads of one is
-/// [`super::cached::CachedVmi`].
+/// crate's `k8s-openapi`) and its spec, built as KubeVirt's type and kept as JSON, so reading
+/// back what a newer KubeVirt wrote (a value the crate's closed enums lack) cannot fail. A
+/// `k8s_openapi::Resource`, so kube's `Api` creates and deletes it like any child; what the
+/// caches keep of one is [`super::cached::CachedVmi`].
 #[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Instance {
     /// `kubevirt.io/v1` (the API server wants it in the body).
@@ -777,13 +779,16 @@ pub struct Instance {
     /// `VirtualMachineInstance`.
     pub kind: String,
     pub metadata: ObjectMeta,
-    pub spec: k8s_crds_kube_virt::virtualmachineinstances::VirtualMachineInstanceSpec,
+    /// KubeVirt's `VirtualMachineInstanceSpec`, as JSON.
+    #[serde(default)]
+    pub spec: serde_json::Value,
 }
 
 impl Instance {
-    /// The PVCs its volumes name.
+    /// The PVCs its volumes name (`spec.volumes[].persistentVolumeClaim.claimName`).
     pub fn claim_names(&self) -> impl Iterator<Item = &str> {
-        self.spec.volumes.iter().flatten().filter_map(|v| Some(v.persistent_volume_claim.as_ref()?.claim_name.as_str()))
+        let volumes = self.spec.get("volumes").and_then(|v| v.as_array()).map(Vec::as_slice).unwrap_or_default();
+        volumes.iter().filter_map(|v| v.get("persistentVolumeClaim")?.get("claimName")?.as_str())
     }
 }
 

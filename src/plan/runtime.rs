@@ -113,10 +113,10 @@ pub fn instance(vmi: Option<&CachedVmi>, launchers: bool, vm_name: &str, vm_uid:
     let view = LauncherView {
         ready: ready.is_some_and(|c| c.status == "True"),
         node_name: status.and_then(|s| s.node_name.clone()),
-        waiting: Some(match (&phase, &why) {
-            (Some(phase), Some(why)) => format!("{phase} ({why})"),
-            (Some(phase), None) => phase.clone(),
-            (None, _) => "created, not yet seen by KubeVirt".into(),
+        // No phase yet: KubeVirt has not seen it (the message of a VMI just made, unchanged).
+        waiting: phase.as_ref().map(|phase| match &why {
+            Some(why) => format!("{phase} ({why})"),
+            None => phase.clone(),
         }),
         last_exit,
         created: vmi.metadata.creation_timestamp.clone(),

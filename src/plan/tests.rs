@@ -2194,6 +2194,7 @@ fn observed<'a>(
         pod: Child::Missing,
         launcher: Default::default(),
         runtime: Choice::Run(Runtime::Launcher),
+        instance_unseen: false,
         clone_choices: Default::default(),
         clones: Default::default(),
         copiers: Default::default(),

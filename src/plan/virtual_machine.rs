@@ -687,10 +687,19 @@ pub fn status(vm: &VirtualMachine, resolved: Option<&Resolved>, verdict: &Verdic
         }
         _ => None,
     };
-    // The runtime of the workload it has (or is given now), else the one it last ran with.
+    // `kubevirt` while its workload is a VirtualMachineInstance (or is made one now), and kept
+    // whatever else happens until a launcher Pod replaces it: how a later reconcile knows a VMI
+    // may exist (src/controller/virtual_machine.rs `workload`). Absent for the launcher, so the
+    // launcher's VMs write nothing new.
     let runtime = match verdict {
-        Verdict::Provisioned { pod: Child::Ours { .. }, launcher } => Some(launcher.runtime),
-        _ if record => previous.runtime,
+        Verdict::Provisioned { pod: Child::Ours { .. }, launcher } => {
+            (launcher.runtime == Runtime::Kubevirt).then_some(Runtime::Kubevirt)
+        }
+        _ => previous.runtime,
+    };
+    // A VirtualMachineInstance whose guest ended is replaced at once: its end is shown.
+    let ended = match verdict {
+        Verdict::Provisioned { launcher, .. } if launcher.runtime == Runtime::Kubevirt => launcher.last_exit.clone(),
         _ => None,
     };
     // What the launcher shows while its Pod exists and is not going; the last exit stays.
@@ -709,7 +718,7 @@ pub fn status(vm: &VirtualMachine, resolved: Option<&Resolved>, verdict: &Verdic
         accelerator: running
             .and_then(|l| l.accelerator.as_ref().map(|(a, _)| a.clone()).or(previous.accelerator.clone())),
         restarts: running.map(|l| l.restarts),
-        last_exit: running.and_then(|l| l.last_exit.clone()).or(previous.last_exit),
+        last_exit: running.and_then(|l| l.last_exit.clone()).or(ended).or(previous.last_exit),
         observed_generation: vm.metadata.generation,
         conditions: merge(&previous.conditions, conditions, vm.metadata.generation, now),
     }
@@ -795,6 +804,10 @@ pub struct Observed<'a> {
     /// The runtime in force ([`super::runtime::in_force`]): the one whose workload exists, else
     /// the one a new workload gets.
     pub runtime: Choice,
+    /// It ran with KubeVirt (`status.runtime`) and vmkeep cannot see its VirtualMachineInstance
+    /// now (KubeVirt's API unusable, or not listed yet): one may exist, so nothing that needs
+    /// it gone (a release, a launcher Pod, `Stopped`) may happen.
+    pub instance_unseen: bool,
     /// The clone strategy of each clone disk whose PVC is still to be made, by disk name
     /// (`csi-clone` when absent).
     pub clone_choices: BTreeMap<String, Chosen>,
@@ -924,16 +937,18 @@ pub fn decide(obs: &Observed) -> VmPlan {
             return with_status(obs, plan, None, verdict);
         }
     };
-    // A VM to be started needs its runtime; a Halted one does not.
+    // A VM to be started needs its runtime; a Halted one does not, unless its VirtualMachineInstance
+    // may still run where vmkeep cannot see it.
     let unavailable = match &obs.runtime {
-        _ if vm.spec.run_strategy == RunStrategy::Halted => None,
+        _ if vm.spec.run_strategy == RunStrategy::Halted && !obs.instance_unseen => None,
         Choice::NotAvailable(why) => Some(why.clone()),
         Choice::Wait => Some("waiting to learn whether the cluster serves KubeVirt's API".to_owned()),
         Choice::Run(_) => None,
     };
     if let Some(message) = unavailable {
-        // Nothing can run it: it takes no claim (another VM may use the images meanwhile).
-        let mut plan = let_go(obs, mine, plan);
+        // Nothing can run it: it takes no claim (another VM may use the images meanwhile). One
+        // that ran with KubeVirt keeps what it holds: its VMI may run where vmkeep cannot see.
+        let mut plan = if obs.instance_unseen { plan } else { let_go(obs, mine, plan) };
         plan.requeue = Some(RUNTIME_RECHECK);
         let blocker = Blocker::pending(reason::RUNTIME_NOT_AVAILABLE, message);
         return with_status(obs, plan, Some(&resolved), Verdict::Blocked { blocker, claimed: false });
@@ -1077,6 +1092,10 @@ fn provision(obs: &Observed, mut plan: VmPlan, mut resolved: Resolved) -> VmPlan
         Choice::Run(runtime) => runtime,
         _ => Runtime::Launcher,
     };
+    if runtime == Runtime::Kubevirt && children.conflict == Some(("Pod", pod_name.clone())) {
+        // The workload is the VirtualMachineInstance named after the VM.
+        children.conflict = Some(("VirtualMachineInstance", name.clone()));
+    }
     // A VirtualMachineInstance whose guest ended is not started again by KubeVirt: with
     // `runStrategy: Always` it is replaced (deleted, then made again once it and its Pods are
     // gone), as the launcher starts a guest again that powered itself off.
@@ -1254,6 +1273,12 @@ fn decide_cleanup(obs: &Observed) -> VmPlan {
     }
     let mine: Vec<String> =
         obs.claims.iter().filter(|(_, s)| **s == ClaimState::Mine).map(|(i, _)| i.clone()).collect();
+    if obs.instance_unseen {
+        // Its VirtualMachineInstance cannot be seen (KubeVirt's API unusable, or not listed
+        // yet): nothing is released, nothing is deleted, until it can.
+        plan.requeue = Some(RUNTIME_RECHECK);
+        return plan;
+    }
     plan.delete_pvcs = (obs.pvcs.iter())
         .filter(|(_, child)| matches!(child, Child::Ours { deleting: false, .. }))
         .map(|(pvc, _)| pvc.clone())

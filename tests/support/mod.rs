@@ -12,7 +12,9 @@ use std::{
     time::{Duration, Instant},
 };
 
+pub mod chart;
 pub mod env;
+pub mod kubevirt;
 pub mod node;
 
 use kube::{

@@ -230,7 +230,8 @@ async fn run(mut args: Args) -> anyhow::Result<ExitCode> {
         !v.all_starting || v.resync_writes.is_some_and(|w| w != 0) || v.vms_over_writes.is_some_and(|n| n > 0)
     });
     if bench.args.smoke {
-        let why = "a VM did not reach Starting, a VM wrote more than its PVC creates + 4 until Starting, or the resync wrote";
+        let why =
+            "a VM did not reach Starting, a VM wrote more than its PVC creates + 4 until Starting, or the resync wrote";
         println!("smoke: {}", if failed { format!("FAILED ({why})") } else { "ok".to_owned() });
         return Ok(if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS });
     }
