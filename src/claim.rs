@@ -94,13 +94,21 @@ pub fn image_of(lease: &Lease) -> Option<&String> {
 pub struct Claims {
     client: Client,
     writes: Option<Writes>,
+    /// The KubeVirt runtime's view of its API, when this process may run VMs with it.
+    kubevirt: Option<crate::kubevirt::Instances>,
 }
 
 impl Claims {
     /// Claims through `client`; `writes` bounds and counts the writes (read-only users, like
     /// the admission webhook, pass `None` and never write).
     pub fn new(client: Client, writes: Option<Writes>) -> Self {
-        Self { client, writes }
+        Self { client, writes, kubevirt: None }
+    }
+
+    /// Also fences on the VirtualMachineInstances and virt-launcher Pods of the KubeVirt runtime
+    /// whenever `kubevirt` says its API is in use (see `kubevirt_fenced`).
+    pub fn with_kubevirt(self, kubevirt: crate::kubevirt::Instances) -> Self {
+        Self { kubevirt: Some(kubevirt), ..self }
     }
 
     fn leases(&self, namespace: &str) -> Api<Lease> {
@@ -181,13 +189,16 @@ impl Claims {
     /// its VirtualMachineInstance (named after the VM, labelled with its uid) exists, or a
     /// virt-launcher Pod of it does (KubeVirt labels it `kubevirt.io/created-by=<vmi uid>` and
     /// copies the VMI's labels onto it, vmkeep's among them; it may outlive the VMI while the
-    /// guest stops). Asked only where API discovery shows KubeVirt's API: elsewhere a release
-    /// costs one discovery request more and nothing else. An operator not allowed to read VMIs
-    /// (403: the chart's KubeVirt rule is off) is fenced by the virt-launcher Pods alone: a VMI
-    /// it cannot read is one it could not have made, unless its RBAC was taken away while VMIs
-    /// of its existed (docs/kubevirt.md).
+    /// guest stops). Asked only once this process uses KubeVirt's API (a VM, the Template or
+    /// `--runtime` asked for it, and discovery shows it; a VM that ran with KubeVirt asks for it
+    /// at its first reconcile): the launcher runtime alone costs no request more. An operator
+    /// not allowed to read VMIs (403: the chart's KubeVirt rule is off) is fenced by the
+    /// virt-launcher Pods alone: a VMI it cannot read is one it could not have made, unless its
+    /// RBAC was taken away while VMIs of its existed (docs/kubevirt.md).
     async fn kubevirt_fenced(&self, namespace: &str, h: &ClaimHolder) -> Result<bool, Error> {
-        if !crate::kubevirt::served(&self.client).await.map_err(read("API discovery"))? {
+        use crate::plan::runtime::KubevirtApi;
+        let in_use = self.kubevirt.as_ref().map(|k| k.state());
+        if matches!(in_use, None | Some(KubevirtApi::Unknown | KubevirtApi::NotServed)) {
             return Ok(false);
         }
         let vmis: Api<build::Instance> = Api::namespaced(self.client.clone(), namespace);

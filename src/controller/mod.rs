@@ -259,7 +259,7 @@ pub async fn run(client: Client, metrics: Arc<Metrics>, settings: Settings, shut
     let vmis = futures::stream::unfold(vmis_rx, |mut rx| async move { rx.recv().await.map(|v| (Ok(v), rx)) });
     let ctx = Arc::new(Context {
         recorder,
-        claims: Claims::new(client.clone(), Some(writes.clone())),
+        claims: Claims::new(client.clone(), Some(writes.clone())).with_kubevirt(kubevirt.clone()),
         writes,
         client,
         metrics,
