@@ -145,9 +145,16 @@ pub struct Triggers {
 
 /// Why a watch ended.
 enum Ended {
-    NotServed,
+    /// 404: KubeVirt's API is gone, or not served yet by a restarted API server.
+    NotFound,
+    /// 403: vmkeep may not watch VMIs (why).
+    Forbidden(String),
     Shutdown,
 }
+
+/// How many API discovery failures in a row make KubeVirt's API `Unusable` (before: retried
+/// every second, the state unchanged).
+const DISCOVERY_FAILURES: u32 = 3;
 
 impl Runner {
     /// Probes and watches until `shutdown`; every VMI change sends the VM of the same name to
@@ -166,29 +173,58 @@ impl Runner {
                 _ = shutdown.cancelled() => return,
             }
         }
+        let mut discovery_failures = 0u32;
         loop {
+            let mut next_probe = PROBE_INTERVAL;
             match served(&client).await {
                 Ok(true) => {
+                    discovery_failures = 0;
                     info!("the cluster serves KubeVirt's VirtualMachineInstance API: watching vmkeep's instances");
-                    self.state.send_replace(KubevirtApi::Syncing);
-                    if let Ended::Shutdown = self.watch(&client, namespace.as_deref(), &triggers, &shutdown).await {
-                        return;
+                    // An Unusable state stays until a list succeeds (Ready at its end).
+                    self.state.send_if_modified(|s| match s {
+                        KubevirtApi::Unusable(_) | KubevirtApi::Syncing => false,
+                        _ => {
+                            *s = KubevirtApi::Syncing;
+                            true
+                        }
+                    });
+                    match self.watch(&client, namespace.as_deref(), &triggers, &shutdown).await {
+                        Ended::Shutdown => return,
+                        Ended::NotFound => {
+                            // Removed, or an API server that just restarted and serves its
+                            // CRDs a moment later: VMs wait (their VMIs are not seen) until
+                            // discovery says which, in a second.
+                            warn!("watching VirtualMachineInstances: 404; asking API discovery again");
+                            self.state.send_replace(KubevirtApi::Syncing);
+                            next_probe = Duration::from_secs(1);
+                        }
+                        Ended::Forbidden(why) => {
+                            self.state.send_replace(KubevirtApi::Unusable(why));
+                        }
                     }
-                    info!("the cluster no longer serves KubeVirt's VirtualMachineInstance API");
-                    self.state.send_replace(KubevirtApi::NotServed);
                 }
                 Ok(false) => {
+                    discovery_failures = 0;
+                    // Gone for sure: forget what was cached (every VMI went with the API).
+                    self.writer.apply_watcher_event(&Event::Init);
+                    self.writer.apply_watcher_event(&Event::InitDone);
                     self.state
                         .send_if_modified(|s| std::mem::replace(s, KubevirtApi::NotServed) != KubevirtApi::NotServed);
                 }
                 Err(error) => {
                     warn!(%error, "cannot ask API discovery whether KubeVirt is installed");
-                    let why = format!("API discovery of kubevirt.io/v1 failed: {error}");
-                    self.state.send_replace(KubevirtApi::Unusable(why));
+                    discovery_failures += 1;
+                    // A passing error leaves the state as it is (VMs that need it wait).
+                    if discovery_failures >= DISCOVERY_FAILURES {
+                        let why = format!("API discovery of kubevirt.io/v1 failed: {error}");
+                        self.state.send_replace(KubevirtApi::Unusable(why));
+                    } else {
+                        next_probe = Duration::from_secs(1);
+                    }
                 }
             }
             tokio::select! {
-                _ = tokio::time::sleep(PROBE_INTERVAL) => {}
+                _ = tokio::time::sleep(next_probe) => {}
                 _ = shutdown.cancelled() => return,
             }
         }
@@ -214,7 +250,7 @@ impl Runner {
                 next = stream.next() => next,
                 _ = shutdown.cancelled() => return Ended::Shutdown,
             };
-            let Some(next) = next else { return Ended::NotServed };
+            let Some(next) = next else { return Ended::NotFound };
             match next {
                 Ok(event) => {
                     failures = 0;
@@ -224,12 +260,13 @@ impl Runner {
                             self.state.send_replace(KubevirtApi::Ready);
                         }
                         Event::Apply(vmi) | Event::Delete(vmi) | Event::InitApply(vmi) => {
+                            // Waits when the controllers lag: a settled VM has no requeue to
+                            // make up for a lost wake-up.
                             if let Some(ns) = vmi.namespace() {
-                                // A full channel drops the wake-up: the VM is woken by its requeue.
-                                let _ = triggers.vms.try_send(ObjectRef::new(&vmi.name_any()).within(&ns));
+                                let _ = triggers.vms.send(ObjectRef::new(&vmi.name_any()).within(&ns)).await;
                             }
                             if !matches!(event, Event::Delete(_)) {
-                                let _ = triggers.instances.try_send(vmi.clone());
+                                let _ = triggers.instances.send(vmi.clone()).await;
                             }
                         }
                         Event::Init => {}
@@ -238,16 +275,14 @@ impl Runner {
                 Err(error) => {
                     let code = api_code(&error);
                     if code == Some(404) {
-                        // Forget what was cached: the API (and every VMI) is gone.
-                        self.writer.apply_watcher_event(&Event::Init);
-                        self.writer.apply_watcher_event(&Event::InitDone);
-                        return Ended::NotServed;
+                        return Ended::NotFound;
                     }
                     if code == Some(403) {
-                        let why = format!(
+                        // A fresh watch lists again once allowed (kube's watcher resumes a
+                        // forbidden watch without a new list, so Ready would never come back).
+                        return Ended::Forbidden(format!(
                             "vmkeep may not watch VirtualMachineInstances ({error}); with the Helm chart set runtime (or kubevirt.enabled) to grant it"
-                        );
-                        self.state.send_replace(KubevirtApi::Unusable(why));
+                        ));
                     }
                     warn!(%error, "watching VirtualMachineInstances failed");
                     failures = (failures + 1).min(5);

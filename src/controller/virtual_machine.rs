@@ -124,6 +124,8 @@ struct Cached {
     runtime: Choice,
     /// Whether a VirtualMachineInstance of it may exist unseen (see [`Observed`]).
     instance_unseen: bool,
+    /// Whether the VirtualMachineInstance it ran with is seen gone (see [`Observed`]).
+    instance_gone: bool,
     /// The claims this VM may hold or need: recorded disks, its template's persistent images,
     /// and the cached Leases held by its uid (a status lost in a restore).
     claim_images: BTreeSet<String>,
@@ -199,7 +201,7 @@ impl Cached {
             ),
             Some(_) => (Child::Foreign, LauncherView::default()),
         };
-        let Workload { runtime, instance_unseen, pod, launcher } =
+        let Workload { runtime, instance_unseen, instance_gone, pod, launcher } =
             workload(ctx, ns, vm, template.as_deref(), launcher_pod, launcher_view);
         Self {
             template,
@@ -211,6 +213,7 @@ impl Cached {
             launcher,
             runtime,
             instance_unseen,
+            instance_gone,
             claim_images,
             others: std::sync::OnceLock::new(),
         }
@@ -257,13 +260,19 @@ fn workload(
         Choice::Run(Runtime::Kubevirt) => (vmi, vmi_view),
         _ => (pod, launcher),
     };
-    Workload { runtime: choice, instance_unseen: unseen, pod, launcher }
+    // Seen gone for sure (listed, or KubeVirt's API gone), Pods included: the record of it can go.
+    let instance_gone = recorded == Some(Runtime::Kubevirt)
+        && found.is_none()
+        && !launchers
+        && matches!(api, KubevirtApi::Ready | KubevirtApi::NotServed);
+    Workload { runtime: choice, instance_unseen: unseen, instance_gone, pod, launcher }
 }
 
 /// A VM's workload of the runtime in force, as [`workload`] found it.
 struct Workload {
     runtime: Choice,
     instance_unseen: bool,
+    instance_gone: bool,
     pod: Child,
     launcher: LauncherView,
 }
@@ -354,6 +363,7 @@ async fn observe<'a>(
         launcher,
         runtime: cached.runtime.clone(),
         instance_unseen: cached.instance_unseen,
+        instance_gone: cached.instance_gone,
         clone_choices,
         clones: cached.clones.clone(),
         copiers: cached.copiers.clone(),

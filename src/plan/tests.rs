@@ -2195,6 +2195,7 @@ fn observed<'a>(
         launcher: Default::default(),
         runtime: Choice::Run(Runtime::Launcher),
         instance_unseen: false,
+        instance_gone: false,
         clone_choices: Default::default(),
         clones: Default::default(),
         copiers: Default::default(),
@@ -2795,4 +2796,57 @@ fn a_virtual_machine_instance_runs_stops_and_is_replaced_when_its_guest_ends() {
     assert!(plan.release.is_empty() && !plan.remove_finalizer && plan.pod.is_none());
     obs.pod = Child::Missing;
     assert_eq!(vm_plan::decide(&obs).release, ["db"]);
+}
+
+#[test]
+fn a_vm_whose_instance_vmkeep_cannot_see_keeps_its_claims_and_its_record() {
+    let images = decide_images();
+    let t = small();
+    let mut v = with_finalizer(vm("vm-a"));
+    v.status = Some(VirtualMachineStatus { runtime: Some(Runtime::Kubevirt), ..Default::default() });
+    // KubeVirt's API unusable (e.g. its RBAC rule removed): nothing released, no launcher.
+    let mut obs = observed(&v, &t, &images, &[("db", ClaimState::Mine)]);
+    obs.runtime = Choice::NotAvailable("403".into());
+    obs.instance_unseen = true;
+    let plan = vm_plan::decide(&obs);
+    assert!(plan.release.is_empty() && plan.pod.is_none(), "{plan:?}");
+    assert_eq!(phase_and_reason(&plan), (Some(P::Pending), "RuntimeNotAvailable".into()));
+    assert_eq!(plan.status.as_ref().unwrap().runtime, Some(Runtime::Kubevirt), "the record stays");
+    // Halted: not called Stopped while its VMI may run.
+    let mut halted = v.clone();
+    halted.spec.run_strategy = RunStrategy::Halted;
+    let mut obs = observed(&halted, &t, &images, &[("db", ClaimState::Mine)]);
+    obs.runtime = Choice::NotAvailable("403".into());
+    obs.instance_unseen = true;
+    assert_ne!(vm_plan::decide(&obs).status.unwrap().phase, Some(P::Stopped));
+    // Deleted: waits, releases nothing, keeps its finalizer.
+    let mut deleted = v.clone();
+    deleted.metadata.deletion_timestamp = Some(at(2000));
+    let mut obs = observed(&deleted, &t, &images, &[("db", ClaimState::Mine)]);
+    obs.runtime = Choice::NotAvailable("403".into());
+    obs.instance_unseen = true;
+    let plan = vm_plan::decide(&obs);
+    assert!(plan.release.is_empty() && !plan.remove_finalizer && plan.requeue.is_some());
+    // Seen gone (Halted, Pods gone too): the record goes.
+    let mut obs = kubevirt(observed(&halted, &t, &images, &[("db", ClaimState::Mine)]));
+    obs.instance_gone = true;
+    assert_eq!(vm_plan::decide(&obs).status.unwrap().runtime, None);
+}
+
+#[test]
+fn a_virtual_machine_instance_that_failed_young_is_replaced_after_a_while() {
+    let images = decide_images();
+    let (t, v) = (small(), with_finalizer(vm("vm-a")));
+    let first = vm_plan::decide(&kubevirt(observed(&v, &t, &images, &[("db", ClaimState::Free)])));
+    let mut v = v;
+    v.status = first.status;
+    let mut obs = kubevirt(observed(&v, &t, &images, &[("db", ClaimState::Mine)]));
+    obs.pvcs = map(&[("vm-a-root", ours("Bound"))]);
+    obs.pod = ours("Failed");
+    obs.launcher.created = Some(at(990));
+    let plan = vm_plan::decide(&obs);
+    assert_eq!(plan.pod, None, "10 s old: not yet");
+    assert_eq!(plan.requeue, Some(std::time::Duration::from_secs(20)));
+    obs.launcher.created = Some(at(960));
+    assert_eq!(vm_plan::decide(&obs).pod, Some(vm_plan::PodChange::DeleteInstance));
 }

@@ -808,6 +808,9 @@ pub struct Observed<'a> {
     /// now (KubeVirt's API unusable, or not listed yet): one may exist, so nothing that needs
     /// it gone (a release, a launcher Pod, `Stopped`) may happen.
     pub instance_unseen: bool,
+    /// It ran with KubeVirt and its VirtualMachineInstance and virt-launcher Pods are seen gone:
+    /// `status.runtime` no longer needs to say `kubevirt`.
+    pub instance_gone: bool,
     /// The clone strategy of each clone disk whose PVC is still to be made, by disk name
     /// (`csi-clone` when absent).
     pub clone_choices: BTreeMap<String, Chosen>,
@@ -890,6 +893,9 @@ pub struct VmPlan {
 const QUEUED_RECHECK: Duration = Duration::from_secs(2);
 /// How soon a VM whose launcher Pod is going looks again (the Pod's deletion wakes it too).
 const POD_GOING_RECHECK: Duration = Duration::from_secs(10);
+/// The least time between the creation of a VirtualMachineInstance that `Failed` and its
+/// replacement.
+const REPLACE_FAILED: Duration = Duration::from_secs(30);
 /// How soon a VM whose runtime is not available looks again (KubeVirt may be installed).
 const RUNTIME_RECHECK: Duration = Duration::from_secs(10);
 
@@ -1099,12 +1105,20 @@ fn provision(obs: &Observed, mut plan: VmPlan, mut resolved: Resolved) -> VmPlan
     // A VirtualMachineInstance whose guest ended is not started again by KubeVirt: with
     // `runStrategy: Always` it is replaced (deleted, then made again once it and its Pods are
     // gone), as the launcher starts a guest again that powered itself off.
+    // A VMI that failed young is replaced no sooner than REPLACE_FAILED after it was made, so
+    // a guest that cannot start does not loop (the launcher has the kubelet's back-off).
     if runtime == Runtime::Kubevirt
         && vm.spec.run_strategy == RunStrategy::Always
         && let Child::Ours { phase, deleting: false } = &pod
         && super::runtime::finished(phase.as_deref())
     {
-        children.pod = PodAction::Delete;
+        let age = obs.launcher.created.as_ref().map_or(i64::MAX, |c| obs.now.0.as_second() - c.0.as_second());
+        let wait = REPLACE_FAILED.as_secs() as i64 - age;
+        if phase.as_deref() == Some("Failed") && wait > 0 {
+            plan.requeue = Some(Duration::from_secs(wait as u64));
+        } else {
+            children.pod = PodAction::Delete;
+        }
     }
     for disk_name in &children.create_pvcs {
         let Some(disk) = resolved.disks.iter().find(|d| &d.name == disk_name) else { continue };
@@ -1356,7 +1370,13 @@ fn with_status(obs: &Observed, mut plan: VmPlan, resolved: Option<&Resolved>, ve
         }
         _ => None,
     };
-    let status = status(vm, resolved, &verdict, &obs.now);
+    let mut status = status(vm, resolved, &verdict, &obs.now);
+    let makes_instance = matches!(&verdict, Verdict::Provisioned { pod: Child::Ours { .. }, launcher }
+        if launcher.runtime == Runtime::Kubevirt);
+    if obs.instance_gone && !makes_instance {
+        // Nothing of KubeVirt's left to look for (e.g. Halted, then moved to the launcher).
+        status.runtime = None;
+    }
     if let (Some(accelerator), None) = (&status.accelerator, previous.and_then(|p| p.accelerator.as_ref()))
         && let Some((_, why)) = &obs.launcher.accelerator
     {
