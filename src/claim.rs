@@ -196,9 +196,7 @@ impl Claims {
     /// virt-launcher Pods alone: a VMI it cannot read is one it could not have made, unless its
     /// RBAC was taken away while VMIs of its existed (docs/kubevirt.md).
     async fn kubevirt_fenced(&self, namespace: &str, h: &ClaimHolder) -> Result<bool, Error> {
-        use crate::plan::runtime::KubevirtApi;
-        let in_use = self.kubevirt.as_ref().map(|k| k.state());
-        if matches!(in_use, None | Some(KubevirtApi::Unknown | KubevirtApi::NotServed)) {
+        if !self.kubevirt.as_ref().is_some_and(|k| k.state().in_use()) {
             return Ok(false);
         }
         let vmis: Api<build::Instance> = Api::namespaced(self.client.clone(), namespace);

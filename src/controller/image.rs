@@ -362,9 +362,8 @@ pub async fn reconcile(image: Arc<Image>, ctx: Arc<Context>) -> Result<Action, E
 /// with the KubeVirt runtime in use, also a VirtualMachineInstance of vmkeep's that names it
 /// (its virt-launcher Pod, labelled like it, may not exist yet).
 async fn launcher_mounting(ctx: &Context, ns: &str, pvc: &str) -> Result<Option<String>, Error> {
-    use crate::plan::runtime::KubevirtApi;
     let pod_api: Api<Pod> = Api::namespaced(ctx.client.clone(), ns);
-    if !matches!(ctx.kubevirt.state(), KubevirtApi::Unknown | KubevirtApi::NotServed) {
+    if ctx.kubevirt.state().in_use() {
         let vmis: Api<build::Instance> = Api::namespaced(ctx.client.clone(), ns);
         let params = kube::api::ListParams::default().labels(names::VM_LABEL);
         match vmis.list(&params).await {

@@ -496,7 +496,7 @@ async fn other_workload(ctx: &Context, ns: &str, vm: &VirtualMachine, other: Run
     let (name, uid) = (vm.name_any(), vm.uid().unwrap_or_default());
     let meta = match other {
         Runtime::Kubevirt => {
-            if matches!(ctx.kubevirt.state(), KubevirtApi::Unknown | KubevirtApi::NotServed) {
+            if !ctx.kubevirt.state().in_use() {
                 return Ok(false);
             }
             let api: Api<build::Instance> = Api::namespaced(ctx.client.clone(), ns);

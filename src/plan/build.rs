@@ -792,24 +792,13 @@ impl Instance {
     }
 }
 
-impl k8s_openapi::Resource for Instance {
-    const API_VERSION: &'static str = "kubevirt.io/v1";
-    const GROUP: &'static str = KUBEVIRT_GROUP;
-    const KIND: &'static str = "VirtualMachineInstance";
-    const VERSION: &'static str = "v1";
-    const URL_PATH_SEGMENT: &'static str = "virtualmachineinstances";
-    type Scope = k8s_openapi::NamespaceResourceScope;
-}
-
-impl k8s_openapi::Metadata for Instance {
-    type Ty = ObjectMeta;
-    fn metadata(&self) -> &ObjectMeta {
-        &self.metadata
-    }
-    fn metadata_mut(&mut self) -> &mut ObjectMeta {
-        &mut self.metadata
-    }
-}
+super::cached::resource!(
+    Instance,
+    "kubevirt.io",
+    "kubevirt.io/v1",
+    "VirtualMachineInstance",
+    "virtualmachineinstances"
+);
 
 /// The claim Lease on persistent image `image` in `namespace`, held by one VM (by uid). It has
 /// no owner reference: no deletion propagation policy can remove a claim; its holder releases it

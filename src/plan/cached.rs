@@ -15,7 +15,6 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::{
-    NamespaceResourceScope,
     api::core::v1::{ContainerState, PersistentVolumeClaimCondition, PodCondition},
     apimachinery::pkg::{api::resource::Quantity, apis::meta::v1::ObjectMeta},
 };
@@ -213,15 +212,15 @@ macro_rules! cached_resource {
             const KIND: &'static str = $kind;
             const VERSION: &'static str = "v1";
             const URL_PATH_SEGMENT: &'static str = $plural;
-            type Scope = NamespaceResourceScope;
+            type Scope = k8s_openapi::NamespaceResourceScope;
         }
 
         impl k8s_openapi::Metadata for $ty {
-            type Ty = ObjectMeta;
-            fn metadata(&self) -> &ObjectMeta {
+            type Ty = k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+            fn metadata(&self) -> &Self::Ty {
                 &self.metadata
             }
-            fn metadata_mut(&mut self) -> &mut ObjectMeta {
+            fn metadata_mut(&mut self) -> &mut Self::Ty {
                 &mut self.metadata
             }
         }
@@ -231,6 +230,9 @@ macro_rules! cached_resource {
 cached_resource!(CachedPod, "Pod", "pods");
 cached_resource!(CachedPvc, "PersistentVolumeClaim", "persistentvolumeclaims");
 cached_resource!(CachedVmi, "kubevirt.io", "kubevirt.io/v1", "VirtualMachineInstance", "virtualmachineinstances");
+
+/// The same `k8s_openapi` impls for what vmkeep writes of a kind (`build::Instance`).
+pub(super) use cached_resource as resource;
 
 #[cfg(test)]
 mod tests {

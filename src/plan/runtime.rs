@@ -34,6 +34,14 @@ pub enum KubevirtApi {
     Ready,
 }
 
+impl KubevirtApi {
+    /// Whether this operator uses KubeVirt's API now (something asked for it, and it is, or
+    /// may be, served): only then is it asked about VirtualMachineInstances.
+    pub fn in_use(&self) -> bool {
+        !matches!(self, KubevirtApi::Unknown | KubevirtApi::NotServed)
+    }
+}
+
 /// The runtime a VM that has no workload starts with.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Choice {
