@@ -52,7 +52,7 @@ fn uses(vm: &VirtualMachine, image: &str, holder_uid: Option<&str>) -> bool {
         .disks
         .iter()
         .filter(|d| d.image.as_deref() == Some(image))
-        .any(|d| if d.persistent { holder_uid.is_some() && vm.uid().as_deref() == holder_uid } else { claimed })
+        .any(|d| if d.persistent { holder_uid.is_some() && vm.metadata.uid.as_deref() == holder_uid } else { claimed })
 }
 
 /// Whether `pvc` was made by vmkeep for the Image with `image_uid`: its image-uid label, or
@@ -100,7 +100,8 @@ pub fn image_of_pvc(stores: &Stores, pvc: &CachedPvc) -> Option<ObjectRef<Image>
     let ns = pvc.namespace()?;
     let images = stores.images.state();
     let image = images.iter().find(|i| {
-        i.namespace().as_deref() == Some(ns.as_str()) && i.uid().is_some_and(|u| names::label_value(&u) == *uid)
+        i.metadata.namespace.as_deref() == Some(ns.as_str())
+            && i.metadata.uid.as_deref().is_some_and(|u| names::label_value(u) == *uid)
     })?;
     Some(ObjectRef::from_obj(image.as_ref()))
 }
@@ -115,7 +116,7 @@ pub fn images_adopting(
         .images
         .state()
         .iter()
-        .filter(|i| i.namespace().as_deref() == Some(ns.as_str()))
+        .filter(|i| i.metadata.namespace.as_deref() == Some(ns.as_str()))
         .filter(|i| i.spec.source.pvc.as_ref().is_some_and(|p| p.name == name))
         .map(|i| ObjectRef::from_obj(i.as_ref()))
         .collect()
@@ -130,7 +131,7 @@ pub async fn reconcile(image: Arc<Image>, ctx: Arc<Context>) -> Result<Action, E
     let lease = ctx.stores.leases.get(&ObjectRef::new(&names::claim_lease(&name)).within(&ns));
     let claim_holder = lease.as_deref().and_then(claim::holder);
     if let (Some(lease), Some(holder)) = (&lease, &claim_holder)
-        && !ctx.stores.vms.state().iter().any(|vm| vm.uid().as_deref() == Some(holder.uid.as_str()))
+        && ctx.stores.vms.find(|vm| vm.metadata.uid.as_deref() == Some(holder.uid.as_str())).is_none()
         && ctx.claims.release_orphaned(lease).await? == Release::Released
     {
         return Ok(Action::requeue(Duration::from_millis(100)));
@@ -141,7 +142,7 @@ pub async fn reconcile(image: Arc<Image>, ctx: Arc<Context>) -> Result<Action, E
         .vms
         .state()
         .iter()
-        .filter(|vm| vm.namespace().as_deref() == Some(ns.as_str()) && uses(vm, &name, holder_uid))
+        .filter(|vm| vm.metadata.namespace.as_deref() == Some(ns.as_str()) && uses(vm, &name, holder_uid))
         .map(|vm| vm.name_any())
         .collect();
     consumers.sort();
@@ -211,7 +212,7 @@ pub async fn reconcile(image: Arc<Image>, ctx: Arc<Context>) -> Result<Action, E
         .state()
         .iter()
         .filter(|i| {
-            i.namespace().as_deref() == Some(ns.as_str())
+            i.metadata.namespace.as_deref() == Some(ns.as_str())
                 && i.spec.source.image.as_ref().is_some_and(|s| s.name == name)
         })
         .map(|i| (i.name_any(), i.status.as_ref().and_then(|s| s.phase)))
@@ -439,7 +440,7 @@ fn writer(ctx: &Context, ns: &str, source: &Image) -> Option<String> {
     // The claim itself (the Lease), not the source's status, which may lag it.
     let lease = ctx.stores.leases.get(&ObjectRef::new(&names::claim_lease(&source.name_any())).within(ns))?;
     let holder = claim::holder(&lease)?;
-    let vm = ctx.stores.vms.state().into_iter().find(|v| v.uid().as_deref() == Some(holder.uid.as_str()));
+    let vm = ctx.stores.vms.find(|v| v.metadata.uid.as_deref() == Some(holder.uid.as_str()));
     match vm {
         Some(vm) if !vm_runs(ctx, ns, &vm) => None,
         _ => Some(holder.name.clone()),
@@ -559,7 +560,7 @@ pub fn images_of_vm(stores: &Stores, vm: VirtualMachine) -> Vec<ObjectRef<Image>
             .images
             .state()
             .iter()
-            .filter(|i| i.namespace().as_deref() == Some(ns.as_str()))
+            .filter(|i| i.metadata.namespace.as_deref() == Some(ns.as_str()))
             .filter(|i| {
                 let source = &i.spec.source;
                 source.image.as_ref().is_some_and(|s| used.contains(&s.name))
@@ -596,7 +597,7 @@ pub fn images_of_pod(stores: &Stores, pod: &CachedPod) -> Vec<ObjectRef<Image>> 
         .leases
         .state()
         .iter()
-        .filter(|l| l.namespace().as_deref() == Some(ns.as_str()))
+        .filter(|l| l.metadata.namespace.as_deref() == Some(ns.as_str()))
         .filter(|l| claim::holder(l).is_some_and(|h| uids.contains(&h.uid.as_str())))
         .filter_map(|l| Some(ObjectRef::new(claim::image_of(l)?).within(&ns)))
         .collect()
@@ -612,7 +613,10 @@ pub fn clones_of(stores: &Stores, image: &Image) -> Vec<ObjectRef<Image>> {
         .images
         .state()
         .into_iter()
-        .filter(|i| i.namespace() == image.namespace() && i.spec.source.image.as_ref().is_some_and(|s| s.name == name))
+        .filter(|i| {
+            i.metadata.namespace == image.metadata.namespace
+                && i.spec.source.image.as_ref().is_some_and(|s| s.name == name)
+        })
         .map(|i| ObjectRef::from_obj(i.as_ref()))
         .chain(source)
         .collect()

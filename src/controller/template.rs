@@ -24,7 +24,7 @@ pub async fn reconcile(template: Arc<Template>, ctx: Arc<Context>) -> Result<Act
         .vms
         .state()
         .iter()
-        .filter(|vm| vm.namespace().as_deref() == Some(ns.as_str()) && vm.spec.template_ref.name == name)
+        .filter(|vm| vm.metadata.namespace.as_deref() == Some(ns.as_str()) && vm.spec.template_ref.name == name)
         .filter(|vm| plan::template::is_instance(vm))
         .count();
     let images: Vec<Arc<Image>> =
@@ -52,7 +52,8 @@ pub fn templates_of_image(stores: &Stores, image: &Image) -> Vec<ObjectRef<Templ
         .state()
         .into_iter()
         .filter(|t| {
-            t.namespace() == image.namespace() && t.spec.disks.iter().any(|d| d.image.as_deref() == Some(&name))
+            t.metadata.namespace == image.metadata.namespace
+                && t.spec.disks.iter().any(|d| d.image.as_deref() == Some(&name))
         })
         .map(|t| ObjectRef::from_obj(t.as_ref()))
         .collect()

@@ -159,7 +159,7 @@ impl Cached {
                 .map(|(name, _)| name.clone()),
         );
         for lease in ctx.stores.leases.state() {
-            if lease.namespace().as_deref() == Some(ns)
+            if lease.metadata.namespace.as_deref() == Some(ns)
                 && claim::holder(&lease).is_some_and(|h| h.uid == uid)
                 && let Some(image) = claim::image_of(&lease)
             {
@@ -431,7 +431,7 @@ fn saving(ctx: &Context, ns: &str, vm: &VirtualMachine, cached: &Cached) -> Vec<
             .filter_map(|s| s.pvc_name.clone()),
     );
     let pods = ctx.stores.pods.state();
-    copies_of(pods.iter().map(|p| p.as_ref()).filter(|p| p.namespace().as_deref() == Some(ns)), &disks)
+    copies_of(pods.iter().map(|p| p.as_ref()).filter(|p| p.metadata.namespace.as_deref() == Some(ns)), &disks)
 }
 
 /// The copies (Image copier Pods, by their `vmkeep.io/copy-source`) that read one of `disks`
@@ -454,7 +454,7 @@ fn copies_of<'a>(pods: impl Iterator<Item = &'a CachedPod>, disks: &BTreeSet<Str
 /// the cache before its copier can exist: the Image controller reads the same cache.
 fn copy_sources(ctx: &Context, ns: &str) -> BTreeSet<String> {
     let mut sources = BTreeSet::new();
-    for image in ctx.stores.images.state().iter().filter(|i| i.namespace().as_deref() == Some(ns)) {
+    for image in ctx.stores.images.state().iter().filter(|i| i.metadata.namespace.as_deref() == Some(ns)) {
         if let Some(source) = &image.spec.source.image {
             sources.insert(names::image_pvc(&source.name));
             let recorded = ctx.stores.image(ns, &source.name).and_then(|i| i.status.as_ref()?.pvc_name.clone());
@@ -548,7 +548,7 @@ fn others(ctx: &Context, ns: &str, vm: &VirtualMachine) -> Vec<(Arc<VirtualMachi
         .vms
         .state()
         .into_iter()
-        .filter(|o| o.namespace().as_deref() == Some(ns) && o.uid() != vm.uid())
+        .filter(|o| o.metadata.namespace.as_deref() == Some(ns) && o.metadata.uid != vm.metadata.uid)
         .filter(|o| o.metadata.deletion_timestamp.is_none())
         .map(|o| {
             if !rules::before_claims(&o) {
@@ -704,7 +704,7 @@ fn vms_in(
         .vms
         .state()
         .into_iter()
-        .filter(|vm| vm.namespace() == ns && wanted(vm))
+        .filter(|vm| vm.metadata.namespace == ns && wanted(vm))
         .map(|vm| ObjectRef::from_obj(vm.as_ref()))
         .collect()
 }
