@@ -44,6 +44,12 @@ enum Command {
         /// How many objects of each kind are reconciled at once.
         #[arg(long, env = "VMKEEP_CONCURRENCY", default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..))]
         concurrency: u16,
+        /// vCPUs per requested CPU, as KubeVirt's `cpuAllocationRatio`: a launcher Pod requests
+        /// ceil(cpu × 1000 / N) millicores for its Template's `cpu` vCPUs (QEMU still gets `cpu`
+        /// vCPUs; no CPU limit). 1: a whole CPU per vCPU; 10 (KubeVirt's default) fits ten
+        /// one-vCPU VMs in one CPU's requests.
+        #[arg(long, env = "VMKEEP_CPU_ALLOCATION_RATIO", default_value_t = 1, value_parser = parse_cpu_allocation_ratio)]
+        cpu_allocation_ratio: u32,
         /// Serve one namespace only (default: all namespaces).
         #[arg(long, env = "VMKEEP_NAMESPACE")]
         namespace: Option<String>,
@@ -180,6 +186,7 @@ async fn main() -> anyhow::Result<()> {
             clone_strategy,
             runtime,
             concurrency,
+            cpu_allocation_ratio,
             namespace,
             leader_elect,
             leader_election_namespace,
@@ -200,6 +207,7 @@ async fn main() -> anyhow::Result<()> {
                     "auto" => api::template::Runtime::Auto,
                     _ => api::template::Runtime::Launcher,
                 },
+                cpu_allocation_ratio,
             };
             let election = leader_elect.then(|| {
                 let duration = Duration::from_secs(leader_election_seconds);
@@ -327,6 +335,15 @@ impl WebhookArgs {
         };
         let check_every = Duration::from_secs(self.webhook_cert_check_seconds);
         Ok(Some(webhook::Options { addr, certs, check_every }))
+    }
+}
+
+/// `--cpu-allocation-ratio`: an integer of at least 1.
+fn parse_cpu_allocation_ratio(arg: &str) -> Result<u32, String> {
+    match arg.trim().parse::<u32>() {
+        Ok(0) => Err("must be at least 1 (vCPUs per requested CPU; 1 requests a whole CPU per vCPU)".into()),
+        Ok(ratio) => Ok(ratio),
+        Err(_) => Err(format!("'{arg}' is not a whole number of vCPUs per requested CPU (1, 2, ... 10)")),
     }
 }
 

@@ -59,6 +59,9 @@ pub struct Settings {
     /// What runs VMs whose Template names no runtime (`--runtime`): `launcher`, `kubevirt`
     /// or `auto` (see [`crate::plan::runtime`]).
     pub runtime: crate::api::template::Runtime,
+    /// vCPUs per requested CPU of launcher Pods (`--cpu-allocation-ratio`, at least 1; KubeVirt's
+    /// `cpuAllocationRatio`): see [`crate::plan::build::launcher_cpu_request`].
+    pub cpu_allocation_ratio: u32,
 }
 
 impl Settings {

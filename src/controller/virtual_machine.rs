@@ -374,6 +374,7 @@ async fn observe<'a>(
         },
         taken: facts.taken.clone(),
         launcher_image: &ctx.settings.launcher_image,
+        cpu_allocation_ratio: ctx.settings.cpu_allocation_ratio,
         access_mode: &ctx.settings.access_mode,
         now: Time(jiff::Timestamp::now()),
     };

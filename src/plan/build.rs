@@ -531,7 +531,10 @@ pub struct LauncherDisk<'a> {
 /// What the launcher Pod needs besides the VM.
 pub struct LauncherInputs<'a> {
     pub image: &'a str,
+    /// The Template's vCPUs.
     pub cpu: i32,
+    /// vCPUs per requested CPU (`--cpu-allocation-ratio`; 0 counts as 1): [`launcher_cpu_request`].
+    pub cpu_allocation_ratio: u32,
     pub memory: &'a Quantity,
     /// The disks in Template (boot) order.
     pub disks: &'a [LauncherDisk<'a>],
@@ -549,14 +552,29 @@ pub const READINESS_PERIOD_SECONDS: i32 = 2;
 /// Memory the launcher container uses beside the guest's RAM, MiB: QEMU's own (device models,
 /// the TCG translation cache of [`crate::launcher::qemu::TCG_TB_SIZE_MIB`], I/O buffers, 8 MiB
 /// per vCPU thread), `vmkeep launch`, and the page tables of guest RAM (1/512). Measured on the
-/// local node (docs/performance.md): 100-120 MiB resident for a 1-vCPU 256 MiB TCG guest.
+/// local node (docs/performance.md, "On the node"): 123-127 MiB resident (QEMU outside the
+/// guest's RAM, `vmkeep launch`) for a 1-vCPU 96 MiB TCG guest, 100-120 MiB for 256 MiB.
 pub fn launcher_overhead_mib(cpu: i32, memory_bytes: u64) -> u64 {
     160 + 8 * cpu.max(1) as u64 + (memory_bytes >> 20) / 512
 }
 
-/// The launcher Pod: runs `vmkeep launch` (QEMU) on every disk PVC, requests the VM's cpu and
-/// memory plus the launcher's overhead, readiness from QMP `query-status`, a grace period
-/// longer than the launcher's stop deadline, restricted Pod Security settings, owned by the VM.
+/// The CPU a launcher Pod requests for `cpu` vCPUs at allocation ratio `ratio`:
+/// ceil(cpu × 1000 / ratio) millicores, written in whole CPUs when it is whole (ratio 1: `"2"`
+/// for 2 vCPUs, as before the ratio existed; ratio 10: `"200m"`). QEMU still gets `cpu` vCPUs,
+/// and no CPU limit is set: a ratio above 1 overcommits the node's CPUs, as KubeVirt's
+/// `cpuAllocationRatio` does.
+pub fn launcher_cpu_request(cpu: i32, ratio: u32) -> Quantity {
+    let millis = (u64::from(cpu.max(0).unsigned_abs()) * 1000).div_ceil(u64::from(ratio.max(1)));
+    match millis % 1000 {
+        0 => Quantity((millis / 1000).to_string()),
+        _ => Quantity(format!("{millis}m")),
+    }
+}
+
+/// The launcher Pod: runs `vmkeep launch` (QEMU) on every disk PVC, requests the VM's cpu
+/// (divided by its [`LauncherInputs::cpu_allocation_ratio`]) and memory plus the launcher's overhead, readiness
+/// from QMP `query-status`, a grace period longer than the launcher's stop deadline, restricted
+/// Pod Security settings, owned by the VM.
 pub fn launcher_pod(vm: &VirtualMachine, inputs: &LauncherInputs) -> Pod {
     let vm_name = vm.name_any();
     let settings = inputs.settings.cloned().unwrap_or_default();
@@ -614,7 +632,7 @@ pub fn launcher_pod(vm: &VirtualMachine, inputs: &LauncherInputs) -> Pod {
         args.push(format!("--disk={launch}"));
     }
     let memory = Quantity(format!("{}Mi", memory_mib + launcher_overhead_mib(inputs.cpu, memory_bytes)));
-    let cpu = Quantity(inputs.cpu.to_string());
+    let cpu = launcher_cpu_request(inputs.cpu, inputs.cpu_allocation_ratio);
     // The VM's name and uid: how fencing finds the Pod even once an orphaning deletion removed
     // its owner reference.
     let labels = labels(&[
@@ -820,5 +838,59 @@ pub fn claim_lease(namespace: &str, image: &str, vm_name: &str, vm_uid: &str, no
             acquire_time: Some(now),
             ..Default::default()
         }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cpu_request_is_the_vcpus_divided_by_the_allocation_ratio_rounded_up_to_a_millicore() {
+        let request = |cpu, ratio| launcher_cpu_request(cpu, ratio).0;
+        // Ratio 1 (the default): whole CPUs, as before the setting existed.
+        assert_eq!(request(1, 1), "1");
+        assert_eq!(request(2, 1), "2");
+        // KubeVirt's default ratio 10: a tenth of a CPU per vCPU.
+        assert_eq!(request(1, 10), "100m");
+        assert_eq!(request(4, 10), "400m");
+        assert_eq!(request(10, 10), "1");
+        // Rounded up: never 0 for a VM with a vCPU.
+        assert_eq!(request(1, 3), "334m");
+        assert_eq!(request(2, 3), "667m");
+        assert_eq!(request(1, 1000), "1m");
+        assert_eq!(request(1, 4000), "1m");
+        // 0 counts as 1.
+        assert_eq!(request(2, 0), "2");
+    }
+
+    #[test]
+    fn the_launcher_pod_requests_its_share_of_a_cpu_and_qemu_still_gets_every_vcpu() {
+        let vm: VirtualMachine = serde_json::from_value(serde_json::json!({
+            "apiVersion": "vmkeep.io/v1alpha1",
+            "kind": "VirtualMachine",
+            "metadata": {"name": "vm-a", "namespace": "ns", "uid": "u-1"},
+            "spec": {"templateRef": {"name": "t"}},
+        }))
+        .expect("a VirtualMachine");
+        let memory = Quantity("256Mi".into());
+        for (ratio, want) in [(1, "2"), (10, "200m"), (3, "667m")] {
+            let inputs = LauncherInputs {
+                image: "vmkeep:test",
+                cpu: 2,
+                cpu_allocation_ratio: ratio,
+                memory: &memory,
+                disks: &[],
+                settings: None,
+            };
+            let pod = launcher_pod(&vm, &inputs);
+            let container = &pod.spec.as_ref().expect("spec").containers[0];
+            let resources = container.resources.as_ref().expect("resources");
+            let requests = resources.requests.as_ref().expect("requests");
+            assert_eq!(requests.get("cpu").map(|q| q.0.as_str()), Some(want), "ratio {ratio}");
+            assert!(resources.limits.as_ref().expect("limits").get("cpu").is_none(), "no CPU limit at ratio {ratio}");
+            let args = container.args.as_ref().expect("args");
+            assert!(args.contains(&"--cpu=2".to_owned()), "QEMU gets every vCPU at ratio {ratio}: {args:?}");
+        }
     }
 }

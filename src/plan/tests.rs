@@ -1820,7 +1820,14 @@ fn launcher(vm: &VirtualMachine, disks: &[VirtualMachineDiskStatus], settings: O
         })
         .collect();
     let memory = q("4Gi");
-    let inputs = LauncherInputs { image: "vmkeep:test", cpu: 2, memory: &memory, disks: &disks, settings };
+    let inputs = LauncherInputs {
+        image: "vmkeep:test",
+        cpu: 2,
+        cpu_allocation_ratio: 1,
+        memory: &memory,
+        disks: &disks,
+        settings,
+    };
     to_json(&build::launcher_pod(vm, &inputs))
 }
 
@@ -2202,6 +2209,7 @@ fn observed<'a>(
         saving: Vec::new(),
         taken: Default::default(),
         launcher_image: "vmkeep:test",
+        cpu_allocation_ratio: 1,
         access_mode: "ReadWriteOnce",
         now: at(1000),
     }

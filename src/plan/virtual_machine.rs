@@ -825,6 +825,8 @@ pub struct Observed<'a> {
     pub taken: BTreeSet<(&'static str, String)>,
     /// The container image of launcher Pods.
     pub launcher_image: &'a str,
+    /// vCPUs per requested CPU of launcher Pods (`--cpu-allocation-ratio`).
+    pub cpu_allocation_ratio: u32,
     /// The access mode of PVCs vmkeep creates.
     pub access_mode: &'a str,
     /// The time of this observation (for condition transitions).
@@ -1201,6 +1203,7 @@ fn provision(obs: &Observed, mut plan: VmPlan, mut resolved: Resolved) -> VmPlan
                 let inputs = build::LauncherInputs {
                     image: obs.launcher_image,
                     cpu: resolved.cpu,
+                    cpu_allocation_ratio: obs.cpu_allocation_ratio,
                     memory: &resolved.memory,
                     disks: &disks,
                     settings: obs.template.and_then(|t| t.spec.launcher.as_ref()),
