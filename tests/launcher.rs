@@ -17,7 +17,7 @@ use std::{
 
 use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim, Pod};
 use kube::{Api, ResourceExt};
-use support::{env::*, node::*, *};
+use support::{env::*, host, node::*, *};
 use vmkeep::{
     api::{Image, virtual_machine::VirtualMachinePhase as P},
     plan::names,
@@ -67,39 +67,13 @@ impl HostDisks {
     async fn guest_image(&self, env: &Env, name: &str, variant: &str, persistent: bool) {
         let pv = format!("{}-{name}", env.ns.name);
         let dir = std::env::temp_dir().join("vmkeep-e2e").join(&pv);
-        std::fs::create_dir_all(&dir).expect("the volume's folder");
-        let disk = dir.join("disk.img");
-        let copied = Command::new("cp")
-            .args(["--sparse=always"])
-            .arg(guest_image().parent().expect("the guest's folder").join(variant))
-            .arg(&disk)
-            .status()
-            .expect("cp");
-        assert!(copied.success(), "cannot copy the guest disk");
-        // The launcher runs as a non-root user: the volume is its to write, as a provisioner's.
-        for (path, mode) in [(&dir, 0o777), (&disk, 0o666)] {
-            std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(mode)).expect("chmod");
-        }
+        let source = guest_image().parent().expect("the guest's folder").join(variant);
+        host::stage_guest_disk(&source, &dir).unwrap_or_else(|e| panic!("{e}"));
         self.dirs.lock().unwrap().push((pv.clone(), dir.clone()));
-        let ns = &env.ns.name;
-        kubectl_ok(
-            &["apply", "-f", "-"],
-            Some(&format!(
-                "apiVersion: v1\nkind: PersistentVolume\nmetadata: {{name: {pv}}}\n\
-                 spec: {{capacity: {{storage: 64Mi}}, accessModes: [ReadWriteOnce], storageClassName: {STORAGE_CLASS},\n\
-                 persistentVolumeReclaimPolicy: Retain, hostPath: {{path: {}}}, claimRef: {{namespace: {ns}, name: {name}-disk}}}}\n",
-                dir.display()
-            )),
-        );
-        apply(
-            &env.ns,
-            &format!(
-                "apiVersion: v1\nkind: PersistentVolumeClaim\nmetadata: {{name: {name}-disk}}\n\
-                 spec: {{accessModes: [ReadWriteOnce], storageClassName: {STORAGE_CLASS}, volumeName: {pv}, resources: {{requests: {{storage: 64Mi}}}}}}\n---\n\
-                 apiVersion: vmkeep.io/v1alpha1\nkind: Image\nmetadata: {{name: {name}}}\n\
-                 spec: {{persistent: {persistent}, source: {{pvc: {{name: {name}-disk}}}}}}\n"
-            ),
-        );
+        let (volume, claim_and_image) =
+            host::guest_volume_manifests(&pv, &dir, &env.ns.name, name, persistent, STORAGE_CLASS);
+        kubectl_ok(&["apply", "-f", "-"], Some(&volume));
+        apply(&env.ns, &claim_and_image);
         env.wait_image(name, "Ready", |i| i.status.as_ref().and_then(|s| s.capacity.as_ref()).is_some()).await;
     }
 }
@@ -237,47 +211,6 @@ fn markers(disk: &Path) -> String {
         .to_owned()
 }
 
-/// The memory of the launcher Pod of `vm`, MiB: QEMU's resident set outside the guest's RAM,
-/// the guest RAM QEMU touched, and `vmkeep launch`'s resident set (from /proc on this machine).
-fn launcher_memory(pod_uid: &str, guest_mib: u64) -> Option<(u64, u64, u64)> {
-    let needle = format!("pod{pod_uid}");
-    let mut qemu = None;
-    let mut launch = None;
-    for entry in std::fs::read_dir("/proc").ok()?.filter_map(Result::ok) {
-        let Ok(cgroup) = std::fs::read_to_string(entry.path().join("cgroup")) else { continue };
-        if !cgroup.contains(&needle) {
-            continue;
-        }
-        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
-        if cmdline.starts_with(b"qemu-system") {
-            qemu = Some(entry.path());
-        } else if cmdline.windows(6).any(|w| w == b"launch") {
-            launch = Some(entry.path());
-        }
-    }
-    let rss = |status: &Path| -> Option<u64> {
-        let text = std::fs::read_to_string(status.join("status")).ok()?;
-        let line = text.lines().find(|l| l.starts_with("VmRSS:"))?;
-        line.split_whitespace().nth(1)?.parse::<u64>().ok().map(|kb| kb / 1024)
-    };
-    let qemu = qemu?;
-    // The guest's RAM is one anonymous mapping of its size: its Rss is what the guest touched.
-    let smaps = std::fs::read_to_string(qemu.join("smaps")).ok()?;
-    let mut size = 0;
-    let mut guest = 0;
-    for line in smaps.lines() {
-        if let Some(v) = line.strip_prefix("Size:") {
-            size = v.trim().trim_end_matches(" kB").parse::<u64>().unwrap_or(0);
-        } else if let Some(v) = line.strip_prefix("Rss:")
-            && size == guest_mib * 1024
-        {
-            guest = v.trim().trim_end_matches(" kB").parse::<u64>().unwrap_or(0) / 1024;
-        }
-    }
-    let total = rss(&qemu)?;
-    Some((total.saturating_sub(guest), guest, rss(&launch?)?))
-}
-
 #[tokio::test]
 async fn a_vm_boots_its_guest_powers_off_on_halted_and_boots_again_with_its_disk() {
     let Some(OnNode { _node, disks, env }) = on_node("launcher-boot").await else { return };
@@ -310,7 +243,7 @@ async fn a_vm_boots_its_guest_powers_off_on_halted_and_boots_again_with_its_disk
     let console = console_until(&env, "a", "vmkeep-guest: ready", Duration::from_secs(30));
     assert!(console.contains("vmkeep-guest: up as a"), "kubectl vmkeep console:\n{console}");
     let pod: Pod = env.api().get(&names::launcher_pod(&env.ns.name, "a")).await.expect("launcher");
-    let memory = launcher_memory(&pod.uid().expect("uid"), 256);
+    let memory = host::launcher_memory(&pod.uid().expect("uid"), 256);
 
     // Halted: the power button; the guest flushes and powers off; disks and claim stay.
     let follow = Follow::start(&env, "a");
@@ -341,7 +274,7 @@ async fn a_vm_boots_its_guest_powers_off_on_halted_and_boots_again_with_its_disk
     assert!(log.contains("disk vdb markers: a"), "the second boot did not see the first's marker:\n{log}");
     eprintln!(
         "created -> Running {:.1} s, -> guest ready {:.1} s; Halted -> launcher Pod gone {:.1} s; \
-         launcher memory (QEMU outside guest RAM, guest RAM touched, vmkeep launch) MiB: {memory:?}",
+         launcher memory (MiB): {memory:?}",
         to_running.as_secs_f64(),
         to_ready.as_secs_f64(),
         to_gone.as_secs_f64()

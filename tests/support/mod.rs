@@ -14,6 +14,7 @@ use std::{
 
 pub mod chart;
 pub mod env;
+pub mod host;
 pub mod kubevirt;
 pub mod node;
 
@@ -302,15 +303,7 @@ impl Drop for Operator {
 /// only): a BIOS-bootable raw disk. Its variants lie beside it.
 pub fn guest_image() -> &'static Path {
     static IMAGE: OnceLock<PathBuf> = OnceLock::new();
-    IMAGE.get_or_init(|| {
-        let out = std::process::Command::new("bash")
-            .arg(repo().join("hack/guest.sh"))
-            .stderr(std::process::Stdio::inherit())
-            .output()
-            .expect("hack/guest.sh");
-        assert!(out.status.success(), "hack/guest.sh failed");
-        PathBuf::from(String::from_utf8_lossy(&out.stdout).trim().lines().last().unwrap_or_default())
-    })
+    IMAGE.get_or_init(|| host::build_guest(repo()).unwrap_or_else(|e| panic!("{e}")))
 }
 
 /// Asserts that `pvc` is a clone of the image PVC `source`, made as the cluster's storage allows

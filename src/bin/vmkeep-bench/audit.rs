@@ -46,9 +46,7 @@ pub struct Write {
     pub code: u16,
     /// When the API server received the request.
     pub at: Option<jiff::Timestamp>,
-    /// When it answered (`stageTimestamp` of `ResponseComplete`); read by the fault suite
-    /// (tests/chaos.rs includes this module).
-    #[allow(dead_code)]
+    /// When it answered (`stageTimestamp` of `ResponseComplete`).
     pub done: Option<jiff::Timestamp>,
 }
 

@@ -16,7 +16,10 @@
 //! It writes a JSON results file and prints a summary; `--svg` draws time to `Starting` against
 //! N. `--smoke` is the quick CI check (exit 1 when a VM does not reach `Starting`, a VM writes
 //! more than its PVC creates + 4 until `Starting` (with an audit log), or the resync writes
-//! anything); `--memory` is the large run for the RSS figure.
+//! anything); `--memory` is the large run for the RSS figure. `--boot N` (boot.rs) is the run on
+//! the local cluster's node: N VMs booting the test guest of `hack/guest.sh` at once under
+//! `vmkeep run --cpu-allocation-ratio 10`, time from create to `Running` and to the guest's
+//! `vmkeep-guest: ready` console line, and each launcher Pod's memory beside its guest's.
 //!
 //! Run it against your own control plane, e.g.
 //! `VMKEEP_CLUSTER_DIR=$HOME/.cache/vmkeep/bench-cluster VMKEEP_API_PORT=26443
@@ -24,8 +27,13 @@
 //! `cargo run --release --bin vmkeep-bench -- --kubeconfig ~/.cache/vmkeep/bench-cluster/kubeconfig --vms 100`.
 
 mod audit;
+mod boot;
+/// The test guest, host-path volumes and launcher memory, shared with the tests.
+#[path = "../../../tests/support/host.rs"]
+mod host;
 mod operator;
 mod report;
+mod stages;
 mod workload;
 
 use std::{
@@ -95,6 +103,8 @@ struct Args {
     /// Memory mode: 10000 VMs by default and no floor, for the RSS figure.
     #[arg(long)]
     memory: bool,
+    #[command(flatten)]
+    boot: boot::BootArgs,
 }
 
 struct Bench {
@@ -152,6 +162,9 @@ async fn run(mut args: Args) -> anyhow::Result<ExitCode> {
         None => std::env::current_exe()?.parent().context("no folder of the bench binary")?.join("vmkeep"),
     };
     anyhow::ensure!(operator_bin.exists(), "no vmkeep binary at {} (cargo build --release)", operator_bin.display());
+    if let Some(n) = args.boot.vms {
+        return boot::run(&args, n, &kubeconfig, &operator_bin).await;
+    }
     // 5 s also in the smoke run: on a node whose Pods run, the scheduler retries the launcher
     // Pods it cannot place with a back-off of up to 10 s, and each retry may change a VM's
     // status; 2 s of quiet once ended the batch early and counted those writes as the resync's.
@@ -464,6 +477,7 @@ impl Bench {
                 "max": round3(p.max), "mean": round3(p.mean),
             },
             "batch_seconds": round3(batch_secs),
+            "stages_seconds": stages::stages(&batch_writes, |w| attribution.vm_of(w), &batch.starting_at),
             "creates_seconds": round3(batch.creates.as_secs_f64()),
             "vms_per_second": round3(n as f64 / batch_secs.max(1e-9)),
             "settled": settled,
@@ -709,6 +723,13 @@ fn summary(r: &Value) -> String {
         "batch               {}s ({} VMs/s; creates sent in {}s)\n",
         r["batch_seconds"], r["vms_per_second"], r["creates_seconds"]
     );
+    if let Some(stages) = r["stages_seconds"].as_object().filter(|s| !s.is_empty()) {
+        s += "stages p50/p95 s   ";
+        for (k, v) in stages {
+            s += &format!(" {k} {}/{}", v["p50"], v["p95"]);
+        }
+        s += "\n";
+    }
     if let Some(f) = r["floor"].as_object() {
         s += &format!(
             "floor               {}s for the same {} PVCs and {} Pods -> vmkeep / floor = {}  (target <= 1.5 at 1000 VMs: {})\n",

@@ -79,11 +79,25 @@ fn free_port() -> anyhow::Result<u16> {
 
 impl Operator {
     /// Starts `vmkeep run` for `namespace` with the given kubeconfig; its output goes to `log`.
+    /// The figures are those of the csi-clone path (most CSI storage); where storage cannot
+    /// clone, a copy adds four writes per clone (docs/clones.md).
     pub fn start(
         binary: &Path,
         kubeconfig: &Path,
         namespace: &str,
         concurrency: u16,
+        log: PathBuf,
+    ) -> anyhow::Result<Self> {
+        Self::start_with(binary, kubeconfig, namespace, concurrency, &["--clone-strategy", "csi-clone"], log)
+    }
+
+    /// [`Operator::start`] with the operator's other settings `args` (e.g. `--cpu-allocation-ratio`).
+    pub fn start_with(
+        binary: &Path,
+        kubeconfig: &Path,
+        namespace: &str,
+        concurrency: u16,
+        args: &[&str],
         log: PathBuf,
     ) -> anyhow::Result<Self> {
         let http: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
@@ -94,9 +108,7 @@ impl Operator {
         let child = Command::new(binary)
             .args(["run", "--http-addr", &http.to_string(), "--namespace", namespace])
             .args(["--concurrency", &concurrency.to_string()])
-            // The figures are those of the csi-clone path (most CSI storage); where storage
-            // cannot clone, a copy adds four writes per clone (docs/clones.md).
-            .args(["--clone-strategy", "csi-clone"])
+            .args(args)
             .env("KUBECONFIG", kubeconfig)
             .env("RUST_LOG", "info")
             .env_remove("VMKEEP_LEADER_ELECT")
