@@ -338,12 +338,16 @@ impl WebhookArgs {
     }
 }
 
-/// `--cpu-allocation-ratio`: an integer of at least 1.
+/// `--cpu-allocation-ratio`: a whole number of at least 1 (at most `u32::MAX`).
 fn parse_cpu_allocation_ratio(arg: &str) -> Result<u32, String> {
+    use std::num::IntErrorKind;
     match arg.trim().parse::<u32>() {
         Ok(0) => Err("must be at least 1 (vCPUs per requested CPU; 1 requests a whole CPU per vCPU)".into()),
         Ok(ratio) => Ok(ratio),
-        Err(_) => Err(format!("'{arg}' is not a whole number of vCPUs per requested CPU (1, 2, ... 10)")),
+        Err(e) if *e.kind() == IntErrorKind::PosOverflow => Err(format!("'{arg}' is too large (at most {})", u32::MAX)),
+        Err(_) => Err(format!(
+            "'{arg}' is not a whole number of vCPUs per requested CPU (at least 1; KubeVirt's default is 10)"
+        )),
     }
 }
 

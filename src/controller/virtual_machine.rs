@@ -736,7 +736,7 @@ pub fn vms_of_lease(stores: &Stores, lease: &Lease) -> Vec<ObjectRef<VirtualMach
     let holder = claim::holder(lease);
     vms_in(stores, lease.namespace(), |vm| {
         rules::waits_for(vm, &image)
-            || holder.as_ref().is_some_and(|h| Some(h.uid.as_str()) == vm.uid().as_deref())
+            || holder.as_ref().is_some_and(|h| Some(h.uid.as_str()) == vm.metadata.uid.as_deref())
             || rejected_for(vm, &image)
     })
 }

@@ -42,9 +42,9 @@ use vmkeep::{
 };
 
 use super::{
-    Args, audit, git, host, loadavg, machine,
+    Args, Provenance, audit, host,
     operator::{Operator, round3},
-    report, workload,
+    report, workload, write_results,
 };
 
 /// The local cluster's StorageClass (`hack/cluster.sh`), in which the guest's volume is made.
@@ -95,10 +95,9 @@ pub async fn run(args: &Args, n: usize, kubeconfig: &Path, operator_bin: &Path) 
     let guest = host::build_guest(repo).map_err(|e| anyhow!(e))?;
     let timeout = Duration::from_secs(args.timeout.unwrap_or(600));
 
-    let started = jiff::Timestamp::now();
-    let commit = git(&["rev-parse", "--short", "HEAD"]);
-    let dirty = git(&["status", "--porcelain", "--untracked-files=no"]).is_some_and(|s| !s.is_empty());
-    let load_start = loadavg();
+    let provenance = Provenance::now();
+    let load_start = provenance.load_start.clone();
+    let started = provenance.started;
     let nonce = started.as_second() % 100_000;
     let ns = format!("vmkeep-bench-boot-{n}-{nonce}");
     eprintln!(
@@ -109,15 +108,20 @@ pub async fn run(args: &Args, n: usize, kubeconfig: &Path, operator_bin: &Path) 
     workload::create_namespace(&client, &ns).await?;
     let ratio = boot.boot_cpu_allocation_ratio.to_string();
     let log = args.out_dir.join("logs").join(format!("{ns}-operator.log"));
-    let mut op = Operator::start_with(
-        operator_bin,
-        kubeconfig,
-        &ns,
-        args.concurrency,
-        &["--cpu-allocation-ratio", &ratio],
-        log,
-    )?;
-    op.ready(Duration::from_secs(60)).await?;
+    let started_op =
+        Operator::start_with(operator_bin, kubeconfig, &ns, args.concurrency, &["--cpu-allocation-ratio", &ratio], log);
+    let mut op = match started_op {
+        Ok(op) => op,
+        Err(e) => {
+            let _ = workload::delete_namespace(&client, &ns).await;
+            return Err(e);
+        }
+    };
+    if let Err(e) = op.ready(Duration::from_secs(60)).await {
+        let _ = op.stop().await;
+        let _ = workload::delete_namespace(&client, &ns).await;
+        return Err(e);
+    }
 
     let pv = format!("{ns}-guest");
     let dir = std::env::temp_dir().join("vmkeep-bench").join(&pv);
@@ -132,26 +136,19 @@ pub async fn run(args: &Args, n: usize, kubeconfig: &Path, operator_bin: &Path) 
             Err(e) => json!({"error": format!("{e:#}")}),
         }
     };
-    let operator = op.stop().await?;
+    let operator = op.stop().await;
     if !args.keep {
         let _ = Api::<PersistentVolume>::all(client.clone()).delete(&pv, &DeleteParams::default()).await;
         let _ = std::fs::remove_dir_all(&dir);
     }
+    let operator = operator?;
     let mut result = outcome?;
     result["cleanup"] = cleanup;
     result["operator"] = operator.json();
 
-    let results = json!({
-        "tool": "vmkeep-bench",
-        "mode": "boot",
-        "version": env!("CARGO_PKG_VERSION"),
-        "commit": commit,
-        "dirty": dirty,
-        "started": started.to_string(),
-        "finished": jiff::Timestamp::now().to_string(),
-        "command": std::env::args().collect::<Vec<_>>().join(" "),
-        "machine": machine(load_start),
-        "settings": {
+    let results = provenance.results(
+        "boot",
+        json!({
             "vms": n,
             "template_cpu": 1,
             "guest_memory_mib": boot.boot_memory_mib,
@@ -163,14 +160,11 @@ pub async fn run(args: &Args, n: usize, kubeconfig: &Path, operator_bin: &Path) 
             "timeout_seconds": timeout.as_secs(),
             "kubeconfig": kubeconfig,
             "operator": operator_bin,
-        },
-        "runs": [result],
-    });
+        }),
+        json!([result]),
+    );
     let out = args.out.clone().unwrap_or_else(|| args.out_dir.join("boot.json"));
-    if let Some(dir) = out.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    std::fs::write(&out, serde_json::to_string_pretty(&results)? + "\n")?;
+    write_results(&out, &results)?;
     let run = &results["runs"][0];
     print!("{}", summary(run, &results["machine"]));
     eprintln!("bench: results in {}", out.display());

@@ -178,11 +178,8 @@ async fn run(mut args: Args) -> anyhow::Result<ExitCode> {
     }
     let bench = Bench { args, kubeconfig, audit_path, operator_bin, client, floor_client, quiet };
 
-    let started = jiff::Timestamp::now();
     // The commit measured is the one checked out when the run starts.
-    let commit = git(&["rev-parse", "--short", "HEAD"]);
-    let dirty = git(&["status", "--porcelain", "--untracked-files=no"]).is_some_and(|s| !s.is_empty());
-    let load_start = loadavg();
+    let provenance = Provenance::now();
     let mut runs = Vec::new();
     let mut verdicts = Vec::new();
     let mut points = Vec::new();
@@ -195,16 +192,10 @@ async fn run(mut args: Args) -> anyhow::Result<ExitCode> {
         verdicts.push(verdict);
         points.push(point);
     }
-    let results = json!({
-        "tool": "vmkeep-bench",
-        "version": env!("CARGO_PKG_VERSION"),
-        "commit": commit,
-        "dirty": dirty,
-        "started": started.to_string(),
-        "finished": jiff::Timestamp::now().to_string(),
-        "command": std::env::args().collect::<Vec<_>>().join(" "),
-        "machine": machine(load_start),
-        "settings": {
+    let (commit, dirty) = (provenance.commit.clone(), provenance.dirty);
+    let results = provenance.results(
+        "batch",
+        json!({
             "concurrency": bench.args.concurrency,
             "persistent_every": bench.args.persistent_every,
             "quiet_seconds": bench.quiet.as_secs_f64(),
@@ -214,14 +205,11 @@ async fn run(mut args: Args) -> anyhow::Result<ExitCode> {
             "kubeconfig": bench.kubeconfig,
             "audit_log": bench.audit_path,
             "operator": bench.operator_bin,
-        },
-        "runs": runs,
-    });
+        }),
+        json!(runs),
+    );
     let out = bench.args.out.clone().unwrap_or_else(|| bench.args.out_dir.join("results.json"));
-    if let Some(dir) = out.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    std::fs::write(&out, serde_json::to_string_pretty(&results)? + "\n")?;
+    write_results(&out, &results)?;
     eprintln!("bench: results in {}", out.display());
     if let Some(svg) = &bench.args.svg {
         let title = "vmkeep: time from VirtualMachine create to phase Starting";
@@ -654,6 +642,53 @@ fn by_vm_kind(per_vm: &BTreeMap<String, VmWrites>) -> Value {
         );
     }
     Value::Object(out)
+}
+
+/// Where and when a results file was made: the commit checked out, whether tracked files
+/// differed from it, the start, and the load average then.
+struct Provenance {
+    commit: Option<String>,
+    dirty: bool,
+    started: jiff::Timestamp,
+    load_start: String,
+}
+
+impl Provenance {
+    fn now() -> Self {
+        Self {
+            commit: git(&["rev-parse", "--short", "HEAD"]),
+            dirty: git(&["status", "--porcelain", "--untracked-files=no"]).is_some_and(|s| !s.is_empty()),
+            started: jiff::Timestamp::now(),
+            load_start: loadavg(),
+        }
+    }
+
+    /// A results file of `mode` (`batch`, `boot`): the provenance, the machine, then
+    /// `settings` and `runs`.
+    fn results(self, mode: &str, settings: Value, runs: Value) -> Value {
+        json!({
+            "tool": "vmkeep-bench",
+            "mode": mode,
+            "version": env!("CARGO_PKG_VERSION"),
+            "commit": self.commit,
+            "dirty": self.dirty,
+            "started": self.started.to_string(),
+            "finished": jiff::Timestamp::now().to_string(),
+            "command": std::env::args().collect::<Vec<_>>().join(" "),
+            "machine": machine(self.load_start),
+            "settings": settings,
+            "runs": runs,
+        })
+    }
+}
+
+/// Writes `results` to `out` as pretty JSON, making its folder.
+fn write_results(out: &std::path::Path, results: &Value) -> anyhow::Result<()> {
+    if let Some(dir) = out.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(out, serde_json::to_string_pretty(results)? + "\n")?;
+    Ok(())
 }
 
 fn git(args: &[&str]) -> Option<String> {
