@@ -494,13 +494,12 @@ fn summary(r: &Value, machine: &Value) -> String {
     s
 }
 
-/// Nearest-rank p50, p95, max and the mean of `values` (MiB).
-fn mib_figures(mut values: Vec<u64>) -> Value {
-    values.sort_unstable();
-    let rank = |p: f64| {
-        let i = ((p / 100.0 * values.len() as f64).ceil() as usize).clamp(1, values.len().max(1)) - 1;
-        values.get(i).copied()
-    };
-    let mean = values.iter().sum::<u64>() as f64 / values.len().max(1) as f64;
-    json!({"count": values.len(), "p50": rank(50.0), "p95": rank(95.0), "max": values.last(), "mean": round3(mean)})
+/// Nearest-rank p50, p95, max (whole MiB, as measured) and the mean of `values` (MiB), by
+/// [`report::percentiles_of`]; no figures when empty.
+fn mib_figures(values: Vec<u64>) -> Value {
+    if values.is_empty() {
+        return json!({"count": 0, "p50": null, "p95": null, "max": null, "mean": 0.0});
+    }
+    let p = report::percentiles_of(values.iter().map(|&v| v as f64));
+    json!({"count": values.len(), "p50": p.p50 as u64, "p95": p.p95 as u64, "max": p.max as u64, "mean": round3(p.mean)})
 }

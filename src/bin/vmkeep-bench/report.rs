@@ -13,9 +13,14 @@ pub struct Percentiles {
     pub mean: f64,
 }
 
-/// Nearest-rank percentiles of `samples` (zeros when empty).
+/// Nearest-rank percentiles of `samples`, in seconds (zeros when empty).
 pub fn percentiles(samples: impl IntoIterator<Item = Duration>) -> Percentiles {
-    let mut s: Vec<f64> = samples.into_iter().map(|d| d.as_secs_f64()).collect();
+    percentiles_of(samples.into_iter().map(|d| d.as_secs_f64()))
+}
+
+/// Nearest-rank percentiles of `samples`, in their unit (zeros when empty).
+pub fn percentiles_of(samples: impl IntoIterator<Item = f64>) -> Percentiles {
+    let mut s: Vec<f64> = samples.into_iter().collect();
     if s.is_empty() {
         return Percentiles::default();
     }
